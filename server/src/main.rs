@@ -1,0 +1,152 @@
+//! The `keyserver` command: serve the API, manage the schema, mint tokens.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use keyserver::auth::TokenAuthority;
+use keyserver::config::{DatabaseArgs, SecretArgs, ServeArgs};
+use keyserver::secret;
+use keyserver::server::{self, ServerParts};
+use keyserver::shutdown::{self, CancellationToken};
+use keyserver::store::migrations;
+use keyserver::store::postgres::PgStore;
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(name = "keyserver", version, about = "Signal-protocol key server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC API (applies pending migrations first).
+    Serve(ServeArgs),
+    /// Apply, revert or list schema migrations.
+    Migrate {
+        #[command(subcommand)]
+        action: MigrateAction,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Mint a bearer token for a user, signed with the server's secret.
+    Token {
+        /// The user id (UUID) the token speaks for.
+        #[arg(long)]
+        user: Uuid,
+        /// How long the token is valid, for example 30m, 12h, 7d.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum MigrateAction {
+    /// Apply every pending migration.
+    Up,
+    /// Revert the newest applied migration, or all newer than --to.
+    Down {
+        /// Revert every migration newer than this version (0 reverts all).
+        #[arg(long)]
+        to: Option<i64>,
+    },
+    /// List migrations and whether each is applied.
+    Status,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KEYSERVER_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+        Command::Migrate { action, database } => migrate(action, database).await,
+        Command::Token { user, ttl, secret } => {
+            let key = secret::load_or_create(secret.token_secret.as_deref(), &secret.data_dir)?;
+            println!("{}", TokenAuthority::new(&key)?.mint(user, ttl));
+            Ok(())
+        }
+    }
+}
+
+async fn connect(database: &DatabaseArgs) -> anyhow::Result<PgStore> {
+    PgStore::connect(&database.database_url, database.max_connections)
+        .await
+        .context("connecting to DATABASE_URL")
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let store = connect(&args.database).await?;
+    migrations::up(store.pool())
+        .await
+        .context("the database schema cannot be used")?;
+    let key = secret::load_or_create(args.secret.token_secret.as_deref(), &args.secret.data_dir)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let stop = CancellationToken::new();
+    shutdown::cancel_on_signal(stop.clone());
+    server::run(
+        listener,
+        ServerParts {
+            store: Arc::new(store),
+            tokens: TokenAuthority::new(&key)?,
+            bundle_view_refresh: args.bundle_view_refresh,
+        },
+        stop,
+    )
+    .await
+}
+
+async fn migrate(action: MigrateAction, database: DatabaseArgs) -> anyhow::Result<()> {
+    let store = connect(&database).await?;
+    let pool = store.pool();
+    match action {
+        MigrateAction::Up => {
+            migrations::up(pool).await?;
+            println!(
+                "schema is at version {:?}",
+                migrations::current_version(pool).await?
+            );
+        }
+        MigrateAction::Down { to } => {
+            let target = match to {
+                Some(version) => version,
+                None => {
+                    let applied: Vec<i64> = migrations::status(pool)
+                        .await?
+                        .into_iter()
+                        .filter(|m| m.applied)
+                        .map(|m| m.version)
+                        .collect();
+                    match applied.len() {
+                        0 => anyhow::bail!("no migration is applied"),
+                        n if n == 1 => 0,
+                        n => applied[n - 2],
+                    }
+                }
+            };
+            migrations::down_to(pool, target).await?;
+            println!(
+                "schema is at version {:?}",
+                migrations::current_version(pool).await?
+            );
+        }
+        MigrateAction::Status => {
+            for m in migrations::status(pool).await? {
+                let state = if m.applied { "applied" } else { "pending" };
+                println!("{:>4}  {state:<8} {}", m.version, m.description);
+            }
+        }
+    }
+    Ok(())
+}

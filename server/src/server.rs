@@ -1,0 +1,74 @@
+//! Assembles the gRPC server: the key service behind token authentication, the standard health
+//! service, and server reflection (v1 and v1alpha), served until shutdown is requested.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyserver_proto::pb;
+use keyserver_proto::pb::key_service_server::KeyServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::auth::TokenAuthority;
+use crate::bundle_view;
+use crate::service::keys::KeyApi;
+use crate::shutdown::CancellationToken;
+use crate::store::KeyStore;
+
+/// Largest request accepted: a registration with 100 keys is about 20 KiB.
+const MAX_REQUEST_BYTES: usize = 256 * 1024;
+
+/// What the server needs beyond its listener.
+pub struct ServerParts {
+    pub store: Arc<dyn KeyStore>,
+    pub tokens: TokenAuthority,
+    /// How long the bundle-view refresher gathers changes before refreshing; zero disables it.
+    pub bundle_view_refresh: Duration,
+}
+
+/// Serves on `listener` until `shutdown` is cancelled, then finishes requests in flight.
+pub async fn run(
+    listener: TcpListener,
+    parts: ServerParts,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (view, refresher) = bundle_view::spawn(
+        parts.store.clone(),
+        parts.bundle_view_refresh,
+        shutdown.clone(),
+    );
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<KeyServiceServer<KeyApi>>().await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let keys = tonic::service::interceptor::InterceptedService::new(
+        KeyServiceServer::new(KeyApi::new(parts.store, view))
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        parts.tokens,
+    );
+
+    tracing::info!(addr = %listener.local_addr()?, "serving keyserver.v1.KeyService");
+    let stopping = shutdown.clone();
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(keys)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            stopping.cancelled().await;
+            health.set_not_serving::<KeyServiceServer<KeyApi>>().await;
+        })
+        .await?;
+    if let Some(task) = refresher {
+        task.await?;
+    }
+    Ok(())
+}

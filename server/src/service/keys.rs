@@ -1,0 +1,242 @@
+//! `keyserver.v1.KeyService`: validates each request, calls the store, shapes the answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyserver_proto::pb;
+use keyserver_proto::pb::key_service_server::KeyService;
+use time::OffsetDateTime;
+use tonic::{Request, Response, Status};
+
+use super::validate;
+use crate::auth::caller;
+use crate::bundle_view::ViewChanges;
+use crate::store::{DeviceBundle, KeyStore, NewDevice, RegisterOutcome};
+
+/// A signed prekey older than this is due for rotation (the nchat design's weekly rotation).
+pub const ROTATION_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Below this many one-time prekeys a device should upload more (what Signal clients do).
+pub const REPLENISH_BELOW: u32 = 10;
+
+/// The key service over a store.
+pub struct KeyApi {
+    store: Arc<dyn KeyStore>,
+    view: ViewChanges,
+}
+
+impl KeyApi {
+    pub fn new(store: Arc<dyn KeyStore>, view: ViewChanges) -> Self {
+        Self { store, view }
+    }
+
+    async fn fetch(
+        &self,
+        targets: &[crate::store::BundleTarget],
+    ) -> Result<Vec<Vec<DeviceBundle>>, Status> {
+        let results = self.store.fetch_bundles(targets).await?;
+        if results
+            .iter()
+            .flatten()
+            .any(|b| b.one_time_prekey.is_some())
+        {
+            self.view.mark();
+        }
+        Ok(results)
+    }
+}
+
+fn bundle_message(b: DeviceBundle) -> pb::DevicePreKeyBundle {
+    pb::DevicePreKeyBundle {
+        device_id: b.device_id,
+        registration_id: b.registration_id,
+        identity_key: b.identity_key.serialize().to_vec(),
+        signed_prekey: Some(pb::SignedPreKey {
+            key_id: b.signed_prekey.key_id,
+            public_key: b.signed_prekey.public.serialize().to_vec(),
+            signature: b.signed_prekey.signature.to_vec(),
+        }),
+        one_time_prekey: b.one_time_prekey.map(|(key_id, public)| pb::OneTimePreKey {
+            key_id,
+            public_key: public.serialize().to_vec(),
+        }),
+    }
+}
+
+fn outcome_message(outcome: RegisterOutcome) -> pb::RegistrationOutcome {
+    match outcome {
+        RegisterOutcome::Created => pb::RegistrationOutcome::Created,
+        RegisterOutcome::Updated => pb::RegistrationOutcome::Updated,
+        RegisterOutcome::Replaced => pb::RegistrationOutcome::Replaced,
+    }
+}
+
+#[tonic::async_trait]
+impl KeyService for KeyApi {
+    async fn register_device(
+        &self,
+        request: Request<pb::RegisterDeviceRequest>,
+    ) -> Result<Response<pb::RegisterDeviceResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let identity_key = validate::public_key("identity_key", &r.identity_key)?;
+        let device = NewDevice {
+            user_id: caller.user_id,
+            device_id: validate::device_id("device_id", &r.device_id)?,
+            registration_id: validate::registration_id("registration_id", r.registration_id)?,
+            identity_key,
+            encrypted_identity_private: validate::encrypted_blob(
+                "encrypted_identity_private_key",
+                r.encrypted_identity_private_key,
+            )?,
+            signed_prekey: validate::signed_prekey(
+                "signed_prekey",
+                r.signed_prekey,
+                &identity_key,
+            )?,
+            one_time_prekeys: validate::one_time_prekeys(
+                "one_time_prekeys",
+                r.one_time_prekeys,
+                0,
+            )?,
+        };
+        let device_id = device.device_id.clone();
+        let registered = self.store.register_device(device).await?;
+        self.view.mark();
+        tracing::info!(%device_id, outcome = registered.outcome.as_str(), "device registered");
+        Ok(Response::new(pb::RegisterDeviceResponse {
+            outcome: outcome_message(registered.outcome).into(),
+            one_time_prekeys_available: registered.available,
+        }))
+    }
+
+    async fn upload_one_time_pre_keys(
+        &self,
+        request: Request<pb::UploadOneTimePreKeysRequest>,
+    ) -> Result<Response<pb::UploadOneTimePreKeysResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let device_id = validate::device_id("device_id", &r.device_id)?;
+        let keys = validate::one_time_prekeys("one_time_prekeys", r.one_time_prekeys, 1)?;
+        let report = self
+            .store
+            .upload_one_time_prekeys(caller.user_id, &device_id, keys)
+            .await?;
+        if !report.stored.is_empty() {
+            self.view.mark();
+        }
+        tracing::debug!(
+            %device_id,
+            stored = report.stored.len(),
+            refused = report.refused_consumed.len(),
+            "one-time prekeys uploaded"
+        );
+        Ok(Response::new(pb::UploadOneTimePreKeysResponse {
+            stored_key_ids: report.stored,
+            unchanged_key_ids: report.unchanged,
+            refused_consumed_key_ids: report.refused_consumed,
+            one_time_prekeys_available: report.available,
+        }))
+    }
+
+    async fn rotate_signed_pre_key(
+        &self,
+        request: Request<pb::RotateSignedPreKeyRequest>,
+    ) -> Result<Response<pb::RotateSignedPreKeyResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let device_id = validate::device_id("device_id", &r.device_id)?;
+        let identity = self
+            .store
+            .device_identity(caller.user_id, &device_id)
+            .await?;
+        let key = validate::signed_prekey("signed_prekey", r.signed_prekey, &identity)?;
+        let rotated = self
+            .store
+            .rotate_signed_prekey(caller.user_id, &device_id, identity, key)
+            .await?;
+        if rotated.rotated {
+            self.view.mark();
+            tracing::info!(%device_id, "signed prekey rotated");
+        }
+        Ok(Response::new(pb::RotateSignedPreKeyResponse {
+            rotated: rotated.rotated,
+            previous_key_id: rotated.previous_key_id,
+        }))
+    }
+
+    async fn get_key_status(
+        &self,
+        request: Request<pb::GetKeyStatusRequest>,
+    ) -> Result<Response<pb::GetKeyStatusResponse>, Status> {
+        let caller = caller(&request)?;
+        let device_id = validate::device_id("device_id", &request.get_ref().device_id)?;
+        let status = self.store.key_status(caller.user_id, &device_id).await?;
+        let now = OffsetDateTime::now_utc();
+        let (id, created_at, age) = match status.active_signed_prekey {
+            Some((id, at)) => (Some(id), Some(at), (now - at).whole_seconds().max(0) as u64),
+            None => (None, None, 0),
+        };
+        Ok(Response::new(pb::GetKeyStatusResponse {
+            one_time_prekeys_available: status.available,
+            active_signed_prekey_id: id,
+            active_signed_prekey_created_at: created_at.map(|at| prost_types::Timestamp {
+                seconds: at.unix_timestamp(),
+                nanos: at.nanosecond() as i32,
+            }),
+            active_signed_prekey_age_seconds: age,
+            rotation_due: id.is_none() || age > ROTATION_AGE.as_secs(),
+            replenish_recommended: status.available < REPLENISH_BELOW,
+        }))
+    }
+
+    async fn fetch_pre_key_bundle(
+        &self,
+        request: Request<pb::FetchPreKeyBundleRequest>,
+    ) -> Result<Response<pb::FetchPreKeyBundleResponse>, Status> {
+        caller(&request)?;
+        let target = validate::target("target", request.into_inner().target)?;
+        let bundles = self
+            .fetch(std::slice::from_ref(&target))
+            .await?
+            .pop()
+            .unwrap_or_default();
+        if bundles.is_empty() {
+            return Err(Status::not_found(match &target.device_id {
+                Some(device) => format!(
+                    "target: device {device} of user {} has no bundle",
+                    target.user_id
+                ),
+                None => format!("target: no device of user {} has a bundle", target.user_id),
+            }));
+        }
+        Ok(Response::new(pb::FetchPreKeyBundleResponse {
+            devices: bundles.into_iter().map(bundle_message).collect(),
+        }))
+    }
+
+    async fn fetch_pre_key_bundles(
+        &self,
+        request: Request<pb::FetchPreKeyBundlesRequest>,
+    ) -> Result<Response<pb::FetchPreKeyBundlesResponse>, Status> {
+        caller(&request)?;
+        let requested = request.into_inner().targets;
+        let targets = validate::targets("targets", requested.clone())?;
+        let results = self.fetch(&targets).await?;
+        Ok(Response::new(pb::FetchPreKeyBundlesResponse {
+            results: requested
+                .into_iter()
+                .zip(results)
+                .map(|(target, bundles)| pb::TargetResult {
+                    target: Some(target),
+                    status: if bundles.is_empty() {
+                        pb::TargetStatus::NotFound
+                    } else {
+                        pb::TargetStatus::Found
+                    }
+                    .into(),
+                    devices: bundles.into_iter().map(bundle_message).collect(),
+                })
+                .collect(),
+        }))
+    }
+}

@@ -1,0 +1,56 @@
+//! Maps the lower layers' errors to gRPC statuses. Messages name the field or the rule that was
+//! broken and never carry key material; database details are logged, not returned.
+
+use tonic::Status;
+
+use super::validate::InvalidField;
+use crate::store::StoreError;
+
+impl From<InvalidField> for Status {
+    fn from(e: InvalidField) -> Self {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::DeviceNotFound => Status::not_found("device_id: no such device"),
+            StoreError::NotYourDevice => {
+                Status::permission_denied("device_id: the device belongs to another user")
+            }
+            StoreError::DeviceTaken => {
+                Status::already_exists("device_id: registered to another user")
+            }
+            StoreError::UnknownUser => {
+                Status::failed_precondition("the caller's user is not known to the chat database")
+            }
+            StoreError::OneTimePreKeyConflict { key_id } => Status::already_exists(format!(
+                "one_time_prekeys: key id {key_id} is already stored with a different public key"
+            )),
+            StoreError::SignedPreKeyConflict { key_id } => Status::already_exists(format!(
+                "signed_prekey.key_id: {key_id} is already stored with a different public key"
+            )),
+            StoreError::SignedPreKeySuperseded { key_id } => Status::failed_precondition(format!(
+                "signed_prekey.key_id: {key_id} was already replaced by a newer signed prekey"
+            )),
+            StoreError::IdentityChanged => Status::aborted(
+                "the device's identity key changed while the request ran; sign with the new one",
+            ),
+            StoreError::Database(e) => database(e),
+        }
+    }
+}
+
+fn database(e: sqlx::Error) -> Status {
+    match e {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+            tracing::warn!(error = %e, "database unavailable");
+            Status::unavailable("the database is unavailable; retry later")
+        }
+        e => {
+            tracing::error!(error = %e, "database error");
+            Status::internal("internal storage error")
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! Turns request messages into the store's domain types, or says precisely which field is wrong
+//! and why. Nothing reaches the store before it passes here.
+
+use keyserver_proto::pb;
+use keyserver_proto::wire::{self, PublicKey};
+use keyserver_proto::xeddsa;
+use uuid::Uuid;
+
+use crate::store::{BundleTarget, NewOneTimePreKey, NewSignedPreKey};
+
+/// Signal-Server's cap on one-time prekeys per upload.
+pub const MAX_ONE_TIME_PREKEYS: usize = 100;
+/// Most targets one bulk fetch may name.
+pub const MAX_TARGETS: usize = 256;
+/// Signal clients keep prekey ids below 2^24.
+pub const MAX_KEY_ID: u32 = 0xFF_FFFF;
+/// libsignal's registration ids are 14 bits.
+pub const MAX_REGISTRATION_ID: u32 = 0x3FFF;
+/// Largest encrypted private-key blob accepted (an AES-GCM sealed 32-byte key is about 60).
+pub const MAX_ENCRYPTED_BLOB: usize = 512;
+/// Longest device id.
+pub const MAX_DEVICE_ID_LEN: usize = 64;
+
+/// A field that failed validation, named by its path in the request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidField {
+    pub field: String,
+    pub reason: String,
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> InvalidField {
+    InvalidField {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+pub type Result<T> = std::result::Result<T, InvalidField>;
+
+pub fn device_id(field: &str, value: &str) -> Result<String> {
+    if value.is_empty() || value.len() > MAX_DEVICE_ID_LEN {
+        return Err(invalid(
+            field,
+            format!("must be 1 to {MAX_DEVICE_ID_LEN} characters"),
+        ));
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+    {
+        return Err(invalid(
+            field,
+            "may hold only A-Z, a-z, 0-9, '.', '_', '-' and ':'",
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+pub fn user_id(field: &str, value: &str) -> Result<Uuid> {
+    Uuid::parse_str(value).map_err(|_| invalid(field, "must be a UUID"))
+}
+
+pub fn registration_id(field: &str, value: u32) -> Result<u16> {
+    if !(1..=MAX_REGISTRATION_ID).contains(&value) {
+        return Err(invalid(
+            field,
+            format!("must be 1 to {MAX_REGISTRATION_ID}"),
+        ));
+    }
+    Ok(value as u16)
+}
+
+fn key_id(field: &str, value: u32) -> Result<u32> {
+    if value > MAX_KEY_ID {
+        return Err(invalid(field, format!("must be at most {MAX_KEY_ID}")));
+    }
+    Ok(value)
+}
+
+pub fn public_key(field: &str, bytes: &[u8]) -> Result<PublicKey> {
+    PublicKey::from_serialized(bytes).map_err(|e| invalid(field, e.to_string()))
+}
+
+pub fn encrypted_blob(field: &str, bytes: Vec<u8>) -> Result<Vec<u8>> {
+    if bytes.is_empty() || bytes.len() > MAX_ENCRYPTED_BLOB {
+        return Err(invalid(
+            field,
+            format!(
+                "must be 1 to {MAX_ENCRYPTED_BLOB} bytes, got {}",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// A signed prekey whose signature by `identity` verifies over its serialized public key.
+pub fn signed_prekey(
+    field: &str,
+    upload: Option<pb::SignedPreKeyUpload>,
+    identity: &PublicKey,
+) -> Result<NewSignedPreKey> {
+    let upload = upload.ok_or_else(|| invalid(field, "is required"))?;
+    let key = NewSignedPreKey {
+        key_id: key_id(&format!("{field}.key_id"), upload.key_id)?,
+        public: public_key(&format!("{field}.public_key"), &upload.public_key)?,
+        signature: wire::parse_signature(&upload.signature)
+            .map_err(|e| invalid(format!("{field}.signature"), e.to_string()))?,
+        encrypted_private: encrypted_blob(
+            &format!("{field}.encrypted_private_key"),
+            upload.encrypted_private_key,
+        )?,
+    };
+    if !xeddsa::verify(identity, &key.public.serialize(), &key.signature) {
+        return Err(invalid(
+            format!("{field}.signature"),
+            "does not verify with the device's identity key",
+        ));
+    }
+    Ok(key)
+}
+
+/// One-time prekeys: between `min` and 100 of them, with distinct ids.
+pub fn one_time_prekeys(
+    field: &str,
+    uploads: Vec<pb::OneTimePreKeyUpload>,
+    min: usize,
+) -> Result<Vec<NewOneTimePreKey>> {
+    if uploads.len() < min || uploads.len() > MAX_ONE_TIME_PREKEYS {
+        return Err(invalid(
+            field,
+            format!(
+                "must hold {min} to {MAX_ONE_TIME_PREKEYS} keys, got {}",
+                uploads.len()
+            ),
+        ));
+    }
+    let mut first_index = std::collections::HashMap::with_capacity(uploads.len());
+    uploads
+        .into_iter()
+        .enumerate()
+        .map(|(i, upload)| {
+            let at = format!("{field}[{i}]");
+            let id = key_id(&format!("{at}.key_id"), upload.key_id)?;
+            if let Some(first) = first_index.insert(id, i) {
+                return Err(invalid(
+                    format!("{at}.key_id"),
+                    format!("duplicates {field}[{first}].key_id ({id})"),
+                ));
+            }
+            Ok(NewOneTimePreKey {
+                key_id: id,
+                public: public_key(&format!("{at}.public_key"), &upload.public_key)?,
+                encrypted_private: encrypted_blob(
+                    &format!("{at}.encrypted_private_key"),
+                    upload.encrypted_private_key,
+                )?,
+            })
+        })
+        .collect()
+}
+
+pub fn target(field: &str, target: Option<pb::Target>) -> Result<BundleTarget> {
+    let target = target.ok_or_else(|| invalid(field, "is required"))?;
+    Ok(BundleTarget {
+        user_id: user_id(&format!("{field}.user_id"), &target.user_id)?,
+        device_id: target
+            .device_id
+            .map(|d| device_id(&format!("{field}.device_id"), &d))
+            .transpose()?,
+    })
+}
+
+/// 1 to [`MAX_TARGETS`] distinct targets.
+pub fn targets(field: &str, targets: Vec<pb::Target>) -> Result<Vec<BundleTarget>> {
+    if targets.is_empty() || targets.len() > MAX_TARGETS {
+        return Err(invalid(
+            field,
+            format!(
+                "must hold 1 to {MAX_TARGETS} targets, got {}",
+                targets.len()
+            ),
+        ));
+    }
+    let mut first_index = std::collections::HashMap::with_capacity(targets.len());
+    targets
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let at = format!("{field}[{i}]");
+            let parsed = target(&at, Some(t))?;
+            if let Some(first) = first_index.insert(parsed.clone(), i) {
+                return Err(invalid(at, format!("duplicates {field}[{first}]")));
+            }
+            Ok(parsed)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn otk(id: u32) -> pb::OneTimePreKeyUpload {
+        let mut public_key = vec![0x05];
+        public_key.extend([id as u8; 32]);
+        pb::OneTimePreKeyUpload {
+            key_id: id,
+            public_key,
+            encrypted_private_key: vec![1; 60],
+        }
+    }
+
+    #[test]
+    fn names_the_offending_field() {
+        let err = one_time_prekeys("keys", vec![otk(1), otk(2), otk(1)], 1).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "keys[2].key_id: duplicates keys[0].key_id (1)"
+        );
+
+        let mut short = otk(3);
+        short.public_key.pop();
+        let err = one_time_prekeys("keys", vec![otk(1), short], 1).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "keys[1].public_key: must be 33 bytes, got 32"
+        );
+
+        let err = one_time_prekeys("keys", (0..101).map(otk).collect(), 1).unwrap_err();
+        assert_eq!(err.field, "keys");
+        assert!(one_time_prekeys("keys", vec![], 1).is_err());
+        assert!(one_time_prekeys("keys", vec![], 0).unwrap().is_empty());
+        assert!(one_time_prekeys("keys", vec![otk(MAX_KEY_ID + 1)], 1).is_err());
+    }
+
+    #[test]
+    fn checks_ids_and_names() {
+        assert!(device_id("d", "phone-1.a_b:c").is_ok());
+        assert!(device_id("d", "").is_err());
+        assert!(device_id("d", "has space").is_err());
+        assert!(device_id("d", &"x".repeat(65)).is_err());
+        assert!(registration_id("r", 0).is_err());
+        assert_eq!(registration_id("r", 16383).unwrap(), 16383);
+        assert!(registration_id("r", 16384).is_err());
+        assert!(encrypted_blob("b", vec![]).is_err());
+        assert!(encrypted_blob("b", vec![0; 513]).is_err());
+    }
+}

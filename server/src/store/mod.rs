@@ -1,0 +1,195 @@
+//! The storage interface of the key server, in domain terms.
+//!
+//! Handlers validate requests into the types here and call a [`KeyStore`]; SQL lives only in
+//! the backends below this module. Every write method is one transaction that includes its audit
+//! event, so a failed call writes nothing. The PostgreSQL backend is [`postgres::PgStore`]; an
+//! embedded backend implements the same trait.
+
+pub mod migrations;
+pub mod postgres;
+
+use async_trait::async_trait;
+use keyserver_proto::wire::PublicKey;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// A signed prekey as a device uploads it; its signature is verified before it gets here.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NewSignedPreKey {
+    pub key_id: u32,
+    pub public: PublicKey,
+    pub signature: [u8; 64],
+    pub encrypted_private: Vec<u8>,
+}
+
+/// A one-time prekey as a device uploads it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NewOneTimePreKey {
+    pub key_id: u32,
+    pub public: PublicKey,
+    pub encrypted_private: Vec<u8>,
+}
+
+/// Everything a device publishes when it registers.
+#[derive(Clone)]
+pub struct NewDevice {
+    pub user_id: Uuid,
+    pub device_id: String,
+    pub registration_id: u16,
+    pub identity_key: PublicKey,
+    pub encrypted_identity_private: Vec<u8>,
+    pub signed_prekey: NewSignedPreKey,
+    pub one_time_prekeys: Vec<NewOneTimePreKey>,
+}
+
+/// What a registration did to the stored device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegisterOutcome {
+    /// The device was new.
+    Created,
+    /// Same identity key: the signed prekey and one-time prekeys were merged in.
+    Updated,
+    /// Another identity key: every key of the device was replaced.
+    Replaced,
+}
+
+impl RegisterOutcome {
+    /// The name used in audit metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Updated => "updated",
+            Self::Replaced => "replaced",
+        }
+    }
+}
+
+/// The result of [`KeyStore::register_device`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub outcome: RegisterOutcome,
+    pub available: u32,
+}
+
+/// Where each uploaded one-time prekey went.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UploadReport {
+    pub stored: Vec<u32>,
+    pub unchanged: Vec<u32>,
+    pub refused_consumed: Vec<u32>,
+    pub available: u32,
+}
+
+/// The result of [`KeyStore::rotate_signed_prekey`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotated {
+    /// False when the key was already the active one (a retried rotation).
+    pub rotated: bool,
+    pub previous_key_id: Option<u32>,
+}
+
+/// A device's keys on the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStatus {
+    pub available: u32,
+    /// Id and installation time of the active signed prekey.
+    pub active_signed_prekey: Option<(u32, OffsetDateTime)>,
+}
+
+/// One fetch target: a user, and one device or all of them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BundleTarget {
+    pub user_id: Uuid,
+    pub device_id: Option<String>,
+}
+
+/// A signed prekey as peers receive it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedSignedPreKey {
+    pub key_id: u32,
+    pub public: PublicKey,
+    pub signature: [u8; 64],
+}
+
+/// What a peer needs to start a session with one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceBundle {
+    pub device_id: String,
+    pub registration_id: u32,
+    pub identity_key: PublicKey,
+    pub signed_prekey: PublishedSignedPreKey,
+    /// The one-time prekey handed to this caller, if the device had one left.
+    pub one_time_prekey: Option<(u32, PublicKey)>,
+}
+
+/// Why a store call failed, in terms a handler can map to a status.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no such device")]
+    DeviceNotFound,
+    #[error("the device belongs to another user")]
+    NotYourDevice,
+    #[error("the device id is registered to another user")]
+    DeviceTaken,
+    #[error("the user is not known to the chat database")]
+    UnknownUser,
+    #[error("one-time prekey {key_id} is already stored with different bytes")]
+    OneTimePreKeyConflict { key_id: u32 },
+    #[error("signed prekey {key_id} is already stored with different bytes")]
+    SignedPreKeyConflict { key_id: u32 },
+    #[error("signed prekey {key_id} was already superseded by a newer one")]
+    SignedPreKeySuperseded { key_id: u32 },
+    #[error("the device's identity key changed during the call")]
+    IdentityChanged,
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// The key server's storage. Implementations must hand out each one-time prekey at most once,
+/// even to concurrent callers in several processes.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// Registers or re-registers a device of `device.user_id`.
+    async fn register_device(&self, device: NewDevice) -> Result<Registered, StoreError>;
+
+    /// The identity key of `device_id`, which must belong to `user_id`.
+    async fn device_identity(
+        &self,
+        user_id: Uuid,
+        device_id: &str,
+    ) -> Result<PublicKey, StoreError>;
+
+    /// Appends one-time prekeys: identical stored keys are left alone, consumed ids refused.
+    async fn upload_one_time_prekeys(
+        &self,
+        user_id: Uuid,
+        device_id: &str,
+        keys: Vec<NewOneTimePreKey>,
+    ) -> Result<UploadReport, StoreError>;
+
+    /// Makes `key` the device's only active signed prekey. Fails with
+    /// [`StoreError::IdentityChanged`] when the device's identity key is no longer
+    /// `signed_by` (the signature was checked against that key).
+    async fn rotate_signed_prekey(
+        &self,
+        user_id: Uuid,
+        device_id: &str,
+        signed_by: PublicKey,
+        key: NewSignedPreKey,
+    ) -> Result<Rotated, StoreError>;
+
+    /// The device's key counts; the device must belong to `user_id`.
+    async fn key_status(&self, user_id: Uuid, device_id: &str) -> Result<KeyStatus, StoreError>;
+
+    /// One result per target, in order, each with the bundles of the target's devices that have
+    /// an active signed prekey, ordered by device id. Takes one one-time prekey per device, and
+    /// a device named by several targets gets one key, shared by their results. One round trip.
+    async fn fetch_bundles(
+        &self,
+        targets: &[BundleTarget],
+    ) -> Result<Vec<Vec<DeviceBundle>>, StoreError>;
+
+    /// Refreshes the `nchat_prekey_bundles` read model. Returns false without waiting when
+    /// another process is refreshing it.
+    async fn refresh_bundle_view(&self) -> Result<bool, StoreError>;
+}
