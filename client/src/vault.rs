@@ -89,7 +89,10 @@ impl VaultKey {
     /// Opens a blob that holds a 32-byte private key.
     pub fn open_key(&self, blob: &[u8], label: &str) -> Result<Zeroizing<[u8; 32]>, VaultError> {
         let plain = self.open(blob, label)?;
-        let key: [u8; 32] = plain.as_slice().try_into().map_err(|_| VaultError::Malformed)?;
+        let key: [u8; 32] = plain
+            .as_slice()
+            .try_into()
+            .map_err(|_| VaultError::Malformed)?;
         Ok(Zeroizing::new(key))
     }
 }
@@ -132,7 +135,10 @@ mod tests {
         let vault = VaultKey::derive(b"correct horse", &salt, 1000);
         let blob = vault.seal(&[42u8; 32], "identity:phone");
         assert_eq!(blob.len(), 1 + 12 + 32 + 16);
-        assert_eq!(*vault.open_key(&blob, "identity:phone").unwrap(), [42u8; 32]);
+        assert_eq!(
+            *vault.open_key(&blob, "identity:phone").unwrap(),
+            [42u8; 32]
+        );
         assert_eq!(
             vault.open(&blob, "signed:1").unwrap_err(),
             VaultError::Unauthentic
@@ -145,6 +151,9 @@ mod tests {
         let mut tampered = blob.clone();
         tampered[20] ^= 1;
         assert!(vault.open(&tampered, "identity:phone").is_err());
-        assert_eq!(vault.open(&blob[..20], "x").unwrap_err(), VaultError::Malformed);
+        assert_eq!(
+            vault.open(&blob[..20], "x").unwrap_err(),
+            VaultError::Malformed
+        );
     }
 }

@@ -1,1 +1,359 @@
+//! Test harness shared by the server's and the client's integration tests: a real PostgreSQL
+//! and a real server on a loopback port.
+//!
+//! The database comes from `DATABASE_URL` when it is set; otherwise a throwaway cluster is
+//! started from the installed PostgreSQL binaries (as the `postgres` user when running as root,
+//! since initdb refuses root) and killed with the test process. Each test gets a database of its
+//! own, dropped when the test ends.
 
+use std::net::TcpListener as StdListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use sqlx::{Connection, Executor, PgConnection};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use crate::auth::TokenAuthority;
+use crate::server::{self, ServerParts};
+use crate::shutdown::CancellationToken;
+use crate::store::migrations;
+use crate::store::postgres::PgStore;
+
+/// The PostgreSQL server the tests of this process use: its admin URL.
+fn admin_url() -> &'static str {
+    static ADMIN: OnceLock<Result<String, String>> = OnceLock::new();
+    match ADMIN.get_or_init(|| match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Ok(url),
+        _ => start_cluster(),
+    }) {
+        Ok(url) => url,
+        Err(why) => panic!(
+            "integration tests need PostgreSQL: set DATABASE_URL to a server where the user may \
+             CREATE DATABASE, or install the PostgreSQL server binaries (initdb, postgres) so a \
+             throwaway cluster can be started. Starting one failed: {why}"
+        ),
+    }
+}
+
+fn find_bindir() -> Result<PathBuf, String> {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() && dir.join("postgres").exists() {
+            return Ok(dir);
+        }
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| entries.flatten().map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    candidates.sort();
+    candidates
+        .into_iter()
+        .rev()
+        .find(|dir| dir.join("initdb").exists() && dir.join("postgres").exists())
+        .ok_or_else(|| {
+            "no initdb/postgres found (pg_config --bindir, /usr/lib/postgresql/*/bin)".into()
+        })
+}
+
+/// The uid and gid to run PostgreSQL as: `postgres` when we are root, ourselves otherwise.
+fn run_as() -> Result<Option<(u32, u32)>, String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let name = std::ffi::CString::new("postgres").expect("no NUL");
+    // SAFETY: getpwnam returns NULL or a pointer to static storage, read at once.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        return Err("running as root and there is no `postgres` user to run initdb as".into());
+    }
+    // SAFETY: pw is non-null and points to a valid passwd record.
+    Ok(Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) }))
+}
+
+/// Runs the command as `user` (if given) and has the kernel send it `death_signal` when the
+/// thread that spawned it ends.
+fn prepare(cmd: &mut Command, user: Option<(u32, u32)>, death_signal: Option<i32>) {
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some((uid, gid)) = user {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(signal) = death_signal {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+fn remove_stale_clusters(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("keyserver-test-pg-") else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks whether the process exists.
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+fn start_cluster() -> Result<String, String> {
+    let bindir = find_bindir()?;
+    let user = run_as()?;
+    let parent = std::env::temp_dir();
+    remove_stale_clusters(&parent);
+    let dir = parent.join(format!("keyserver-test-pg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+            .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+    }
+    let data = dir.join("data");
+    let mut initdb = Command::new(bindir.join("initdb"));
+    initdb
+        .args(["-D"])
+        .arg(&data)
+        .args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+            "--no-locale",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    prepare(&mut initdb, user, None);
+    let out = initdb
+        .output()
+        .map_err(|e| format!("running initdb: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+
+    let port = StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("finding a free port: {e}"))?
+        .port();
+    let mut postgres = Command::new(bindir.join("postgres"));
+    postgres
+        .arg("-D")
+        .arg(&data)
+        .args(["-p", &port.to_string(), "-k"])
+        .arg(&dir)
+        .args([
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "max_connections=300",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+        ])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("postgres.log")).map_err(|e| e.to_string())?);
+    // SIGQUIT is PostgreSQL's immediate shutdown: the postmaster takes its backends with it.
+    prepare(&mut postgres, user, Some(libc::SIGQUIT));
+    // The death signal fires when the spawning thread ends, so spawn from a thread that lives
+    // as long as the test process.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("test-postgres".into())
+        .spawn(move || {
+            let spawned = postgres.spawn();
+            let failed = spawned.is_err();
+            let _ = tx.send(spawned.map(|_| ()));
+            if !failed {
+                loop {
+                    std::thread::park();
+                }
+            }
+        })
+        .map_err(|e| e.to_string())?;
+    rx.recv()
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("starting postgres: {e}"))?;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
+            return Err(format!(
+                "postgres did not accept connections within 30 s: {log}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+}
+
+fn with_database(url: &str, name: &str) -> String {
+    let mut parsed = url::Url::parse(url).expect("DATABASE_URL is a URL");
+    parsed.set_path(&format!("/{name}"));
+    parsed.to_string()
+}
+
+async fn admin() -> PgConnection {
+    let url = admin_url();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match PgConnection::connect(url).await {
+            Ok(conn) => return conn,
+            // A fresh cluster may still be starting up.
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("connecting to the test PostgreSQL: {e}"),
+        }
+    }
+}
+
+/// A database of one test's own, dropped when this value is.
+pub struct TestDb {
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    /// An empty database (no migrations applied).
+    pub async fn empty() -> Self {
+        let name = format!("keyserver_test_{}", Uuid::new_v4().simple());
+        admin()
+            .await
+            .execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .expect("CREATE DATABASE");
+        let url = with_database(admin_url(), &name);
+        Self { name, url }
+    }
+
+    /// A database with every migration applied.
+    pub async fn migrated() -> Self {
+        let db = Self::empty().await;
+        let store = db.store(2).await;
+        migrations::up(store.pool())
+            .await
+            .expect("migrations apply");
+        store.pool().close().await;
+        db
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A store on this database with a pool of `connections`.
+    pub async fn store(&self, connections: u32) -> PgStore {
+        PgStore::connect(&self.url, connections)
+            .await
+            .expect("connecting to the test database")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside async context; use a runtime of its own on a plain thread.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                if let Ok(mut conn) = PgConnection::connect(admin_url()).await {
+                    let _ = conn
+                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A key server serving on a loopback port until stopped.
+pub struct TestServer {
+    /// The server's address, for example `http://127.0.0.1:40123`.
+    pub url: String,
+    /// A store on the server's database, for checking what the server wrote.
+    pub store: PgStore,
+    tokens: TokenAuthority,
+    stop: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// The token secret test servers share, so a token works on every server of a test.
+pub const TEST_SECRET: &[u8] = b"keyserver test secret, 32+ bytes long";
+
+impl TestServer {
+    /// Starts a server on `db` (which must be migrated).
+    pub async fn start(db: &TestDb) -> Self {
+        let store = db.store(16).await;
+        let tokens = TokenAuthority::new(TEST_SECRET).expect("secret");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding a loopback port");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let stop = CancellationToken::new();
+        let parts = ServerParts {
+            store: Arc::new(store.clone()),
+            tokens: tokens.clone(),
+            bundle_view_refresh: Duration::from_millis(200),
+        };
+        let task = tokio::spawn(server::run(listener, parts, stop.clone()));
+        Self {
+            url,
+            store,
+            tokens,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// A valid token for `user`.
+    pub fn token(&self, user: Uuid) -> String {
+        self.tokens.mint(user, Duration::from_secs(3600))
+    }
+
+    /// Stops the server gracefully and reports how it ended.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.task.take().expect("running").await?
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

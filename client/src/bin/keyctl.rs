@@ -1,1 +1,234 @@
-fn main() {}
+//! `keyctl`: a device's command line for the key server.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use keyserver_client::api;
+use keyserver_client::device::{self, Device, ONE_TIME_PREKEY_TARGET, REPLENISH_BELOW};
+use keyserver_client::vault;
+use keyserver_client::x3dh::InitialMessage;
+use zeroize::Zeroizing;
+
+#[derive(Parser)]
+#[command(name = "keyctl", version, about = "A device's keys on the key server")]
+struct Cli {
+    /// The device's state file (public keys and passphrase-sealed private keys).
+    #[arg(
+        long,
+        env = "KEYCTL_STATE",
+        default_value = "keyctl-state.json",
+        global = true
+    )]
+    state: PathBuf,
+    /// The key server's address.
+    #[arg(
+        long,
+        env = "KEYSERVER_URL",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    server: String,
+    /// Bearer token for the user (see `keyserver token`).
+    #[arg(long, env = "KEYSERVER_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+    /// Read the passphrase from this file instead of KEYCTL_PASSPHRASE or a prompt.
+    #[arg(long, global = true)]
+    passphrase_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create this device's identity key and state file.
+    Init {
+        /// The device id to register under (unique across all users).
+        #[arg(long)]
+        device_id: String,
+        /// PBKDF2-HMAC-SHA256 iterations for the passphrase.
+        #[arg(long, default_value_t = vault::DEFAULT_ITERATIONS)]
+        iterations: u32,
+    },
+    /// Register the device with its signed prekey and 100 one-time prekeys.
+    Register,
+    /// Show the device's keys on the server.
+    Status,
+    /// Upload one-time prekeys when the server has fewer than --below left.
+    Replenish {
+        #[arg(long, default_value_t = REPLENISH_BELOW)]
+        below: u32,
+        /// Top up to this many.
+        #[arg(long, default_value_t = ONE_TIME_PREKEY_TARGET)]
+        to: u32,
+    },
+    /// Rotate the signed prekey when it is due (older than 7 days), or now with --force.
+    Rotate {
+        #[arg(long)]
+        force: bool,
+    },
+    /// Fetch and verify a peer's prekey bundles (takes one one-time prekey per device).
+    Fetch {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Agree on a session secret with X3DH through the server.
+    X3dh {
+        #[command(subcommand)]
+        step: X3dhStep,
+    },
+}
+
+#[derive(Subcommand)]
+enum X3dhStep {
+    /// Fetch the peer's bundle and write the initial message for it.
+    Initiate {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        device: Option<String>,
+        /// Where to write the initial message (JSON).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Derive the secret from a peer's initial message.
+    Respond {
+        /// The initial message (JSON) the peer wrote.
+        #[arg(long)]
+        message: PathBuf,
+    },
+}
+
+fn passphrase(cli: &Cli) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    if let Some(file) = &cli.passphrase_file {
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        return Ok(Zeroizing::new(
+            text.trim_end_matches('\n').as_bytes().to_vec(),
+        ));
+    }
+    if let Ok(value) = std::env::var("KEYCTL_PASSPHRASE") {
+        return Ok(Zeroizing::new(value.into_bytes()));
+    }
+    let value = rpassword::prompt_password("passphrase: ").context("reading the passphrase")?;
+    Ok(Zeroizing::new(value.into_bytes()))
+}
+
+async fn client(cli: &Cli) -> anyhow::Result<api::KeyClient> {
+    let token = cli
+        .token
+        .as_deref()
+        .context("a bearer token is needed: --token or KEYSERVER_TOKEN (see `keyserver token`)")?;
+    api::connect(&cli.server, token).await
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Init {
+            device_id,
+            iterations,
+        } => {
+            let device = Device::create(&cli.state, device_id, &passphrase(&cli)?, *iterations)?;
+            println!(
+                "created device {} (registration id {}) in {}",
+                device.state().device_id,
+                device.state().registration_id,
+                cli.state.display()
+            );
+        }
+        Command::Register => {
+            let mut device = Device::open(&cli.state, &passphrase(&cli)?)?;
+            let response = device.register(&mut client(&cli).await?).await?;
+            println!(
+                "registered {}: {:?}, {} one-time prekeys on the server",
+                device.state().device_id,
+                response.outcome(),
+                response.one_time_prekeys_available
+            );
+        }
+        Command::Status => {
+            let device = Device::open(&cli.state, &passphrase(&cli)?)?;
+            let s = device.status(&mut client(&cli).await?).await?;
+            println!(
+                "one-time prekeys available: {}",
+                s.one_time_prekeys_available
+            );
+            match s.active_signed_prekey_id {
+                Some(id) => println!(
+                    "active signed prekey: {id}, {} s old",
+                    s.active_signed_prekey_age_seconds
+                ),
+                None => println!("active signed prekey: none"),
+            }
+            println!("rotation due: {}", s.rotation_due);
+            println!("replenish recommended: {}", s.replenish_recommended);
+        }
+        Command::Replenish { below, to } => {
+            let mut device = Device::open(&cli.state, &passphrase(&cli)?)?;
+            match device
+                .replenish(&mut client(&cli).await?, *below, *to)
+                .await?
+            {
+                Some(r) => println!(
+                    "uploaded {} one-time prekeys; {} available",
+                    r.stored_key_ids.len(),
+                    r.one_time_prekeys_available
+                ),
+                None => println!("enough one-time prekeys on the server; nothing uploaded"),
+            }
+        }
+        Command::Rotate { force } => {
+            let mut device = Device::open(&cli.state, &passphrase(&cli)?)?;
+            match device.rotate(&mut client(&cli).await?, *force).await? {
+                Some(r) => println!(
+                    "rotated the signed prekey (previous: {:?})",
+                    r.previous_key_id
+                ),
+                None => println!("signed prekey is not due for rotation; nothing done"),
+            }
+        }
+        Command::Fetch { user, device } => {
+            let bundles =
+                device::fetch_verified(&mut client(&cli).await?, user, device.as_deref()).await?;
+            for b in bundles {
+                println!(
+                    "device {} (registration id {}): identity {}, signed prekey {} (signature verified), one-time prekey {}",
+                    b.device_id,
+                    b.registration_id,
+                    hex::encode(b.keys.identity_key.serialize()),
+                    b.keys.signed_prekey_id,
+                    b.keys
+                        .one_time_prekey
+                        .map_or("none left".to_owned(), |(id, _)| id.to_string())
+                );
+            }
+        }
+        Command::X3dh { step } => match step {
+            X3dhStep::Initiate { user, device, out } => {
+                let me = Device::open(&cli.state, &passphrase(&cli)?)?;
+                let bundles =
+                    device::fetch_verified(&mut client(&cli).await?, user, device.as_deref())
+                        .await?;
+                let bundle = bundles.first().context("the server returned no bundle")?;
+                let (secret, message) = me.initiate(bundle)?;
+                std::fs::write(out, serde_json::to_string_pretty(&message)?)
+                    .with_context(|| format!("writing {}", out.display()))?;
+                println!("initiated X3DH with device {}", bundle.device_id);
+                println!("shared secret fingerprint: {}", secret.fingerprint());
+            }
+            X3dhStep::Respond { message } => {
+                let mut me = Device::open(&cli.state, &passphrase(&cli)?)?;
+                let text = std::fs::read_to_string(message)
+                    .with_context(|| format!("reading {}", message.display()))?;
+                let message: InitialMessage = serde_json::from_str(&text)?;
+                let secret = me.respond(&message)?;
+                println!("shared secret fingerprint: {}", secret.fingerprint());
+            }
+        },
+    }
+    Ok(())
+}

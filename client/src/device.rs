@@ -1,0 +1,357 @@
+//! A device: its local state opened with the passphrase, and what it does with the server
+//! (register, replenish, rotate, report status, fetch peers, run X3DH).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use keyserver_proto::pb;
+use keyserver_proto::wire::PublicKey;
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+use crate::api::{self, KeyClient, VerifiedBundle};
+use crate::keys::{KeyPair, random_bytes};
+use crate::state::{
+    DeviceState, Kdf, STATE_VERSION, StoredIdentity, StoredPreKey, StoredSignedPreKey,
+};
+use crate::vault::{self, VaultKey};
+use crate::x3dh::{self, InitialMessage, SessionSecret};
+
+/// One-time prekeys a device keeps on the server (Signal's batch size).
+pub const ONE_TIME_PREKEY_TARGET: u32 = 100;
+/// Below this many on the server, replenish (what Signal clients do).
+pub const REPLENISH_BELOW: u32 = 10;
+/// Rotate the signed prekey when it is this old (the nchat design's weekly rotation).
+pub const ROTATION_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Prekey ids stay below 2^24, as Signal clients keep them.
+const MAX_KEY_ID: u32 = 0xFF_FFFF;
+
+fn identity_label(device_id: &str) -> String {
+    format!("identity:{device_id}")
+}
+fn signed_label(id: u32) -> String {
+    format!("signed-prekey:{id}")
+}
+fn one_time_label(id: u32) -> String {
+    format!("one-time-prekey:{id}")
+}
+
+/// The id after `id`, wrapping below 2^24 and skipping 0.
+fn next_id(id: u32) -> u32 {
+    if id >= MAX_KEY_ID { 1 } else { id + 1 }
+}
+
+/// A random starting id in 1..2^24, so ids of a reinstalled device rarely collide.
+fn random_start_id() -> u32 {
+    u32::from_le_bytes(random_bytes()) % MAX_KEY_ID + 1
+}
+
+/// A device with its state file open and its vault key derived.
+pub struct Device {
+    path: PathBuf,
+    state: DeviceState,
+    vault: VaultKey,
+}
+
+impl Device {
+    /// Creates a new device: identity key, registration id, salt; writes the state file.
+    pub fn create(
+        path: &Path,
+        device_id: &str,
+        passphrase: &[u8],
+        iterations: u32,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            iterations >= vault::MIN_ITERATIONS,
+            "PBKDF2 iterations must be at least {}",
+            vault::MIN_ITERATIONS
+        );
+        anyhow::ensure!(
+            !path.exists(),
+            "{} already exists; it holds a device's keys and is never overwritten",
+            path.display()
+        );
+        let salt = random_bytes();
+        let vault = VaultKey::derive(passphrase, &salt, iterations);
+        let identity = KeyPair::generate();
+        let registration_id = u16::from_le_bytes(random_bytes()) % 0x3FFF + 1;
+        let state = DeviceState {
+            version: STATE_VERSION,
+            device_id: device_id.to_owned(),
+            registration_id,
+            kdf: Kdf { salt, iterations },
+            identity: StoredIdentity {
+                public: identity.public().serialize().to_vec(),
+                sealed_private: vault.seal(&*identity.private_bytes(), &identity_label(device_id)),
+            },
+            signed_prekeys: Vec::new(),
+            one_time_prekeys: Vec::new(),
+            next_signed_prekey_id: random_start_id(),
+            next_one_time_prekey_id: random_start_id(),
+        };
+        state.save(path)?;
+        Ok(Self {
+            path: path.to_owned(),
+            state,
+            vault,
+        })
+    }
+
+    /// Opens an existing device; fails on a wrong passphrase.
+    pub fn open(path: &Path, passphrase: &[u8]) -> anyhow::Result<Self> {
+        let state = DeviceState::load(path)?;
+        let vault = VaultKey::derive(passphrase, &state.kdf.salt, state.kdf.iterations);
+        let device = Self {
+            path: path.to_owned(),
+            state,
+            vault,
+        };
+        device.identity().context("opening the identity key")?;
+        Ok(device)
+    }
+
+    pub fn state(&self) -> &DeviceState {
+        &self.state
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        self.state.save(&self.path)
+    }
+
+    fn open_pair(&self, sealed: &[u8], label: &str) -> anyhow::Result<KeyPair> {
+        let private: Zeroizing<[u8; 32]> = self.vault.open_key(sealed, label)?;
+        Ok(KeyPair::from_private(*private))
+    }
+
+    /// The identity key pair.
+    pub fn identity(&self) -> anyhow::Result<KeyPair> {
+        self.open_pair(
+            &self.state.identity.sealed_private,
+            &identity_label(&self.state.device_id),
+        )
+    }
+
+    /// Generates, signs and stores a new signed prekey, which becomes the active one.
+    fn new_signed_prekey(&mut self) -> anyhow::Result<StoredSignedPreKey> {
+        let identity = self.identity()?;
+        let id = self.state.next_signed_prekey_id;
+        self.state.next_signed_prekey_id = next_id(id);
+        let pair = KeyPair::generate();
+        let public = pair.public().serialize();
+        let key = StoredSignedPreKey {
+            id,
+            public: public.to_vec(),
+            signature: identity.sign(&public).to_vec(),
+            sealed_private: self.vault.seal(&*pair.private_bytes(), &signed_label(id)),
+            created_at: OffsetDateTime::now_utc().unix_timestamp(),
+        };
+        self.state.signed_prekeys.push(key.clone());
+        Ok(key)
+    }
+
+    /// Generates and stores `count` one-time prekeys.
+    fn new_one_time_prekeys(&mut self, count: u32) -> Vec<StoredPreKey> {
+        let keys: Vec<StoredPreKey> = (0..count)
+            .map(|_| {
+                let id = self.state.next_one_time_prekey_id;
+                self.state.next_one_time_prekey_id = next_id(id);
+                let pair = KeyPair::generate();
+                StoredPreKey {
+                    id,
+                    public: pair.public().serialize().to_vec(),
+                    sealed_private: self.vault.seal(&*pair.private_bytes(), &one_time_label(id)),
+                }
+            })
+            .collect();
+        self.state.one_time_prekeys.extend(keys.iter().cloned());
+        keys
+    }
+
+    fn active_signed_prekey(&self) -> Option<&StoredSignedPreKey> {
+        self.state.signed_prekeys.last()
+    }
+
+    /// Registers the device: its identity, its active signed prekey (made if it has none) and
+    /// up to 100 one-time prekeys (made if it has none). Safe to repeat.
+    pub async fn register(
+        &mut self,
+        client: &mut KeyClient,
+    ) -> anyhow::Result<pb::RegisterDeviceResponse> {
+        let signed = match self.active_signed_prekey() {
+            Some(key) => key.clone(),
+            None => self.new_signed_prekey()?,
+        };
+        if self.state.one_time_prekeys.is_empty() {
+            self.new_one_time_prekeys(ONE_TIME_PREKEY_TARGET);
+        }
+        self.save()?;
+        let skip = self
+            .state
+            .one_time_prekeys
+            .len()
+            .saturating_sub(ONE_TIME_PREKEY_TARGET as usize);
+        let request = pb::RegisterDeviceRequest {
+            device_id: self.state.device_id.clone(),
+            registration_id: u32::from(self.state.registration_id),
+            identity_key: self.state.identity.public.clone(),
+            encrypted_identity_private_key: self.state.identity.sealed_private.clone(),
+            signed_prekey: Some(signed_upload(&signed)),
+            one_time_prekeys: self.state.one_time_prekeys[skip..]
+                .iter()
+                .map(one_time_upload)
+                .collect(),
+        };
+        Ok(client.register_device(request).await?.into_inner())
+    }
+
+    pub async fn status(&self, client: &mut KeyClient) -> anyhow::Result<pb::GetKeyStatusResponse> {
+        Ok(client
+            .get_key_status(pb::GetKeyStatusRequest {
+                device_id: self.state.device_id.clone(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Tops the server up to `target` one-time prekeys when fewer than `below` are left.
+    /// Returns the upload's answer, or None when nothing was needed.
+    pub async fn replenish(
+        &mut self,
+        client: &mut KeyClient,
+        below: u32,
+        target: u32,
+    ) -> anyhow::Result<Option<pb::UploadOneTimePreKeysResponse>> {
+        let available = self.status(client).await?.one_time_prekeys_available;
+        if available >= below || available >= target {
+            return Ok(None);
+        }
+        let keys = self.new_one_time_prekeys((target - available).min(ONE_TIME_PREKEY_TARGET));
+        self.save()?;
+        let response = client
+            .upload_one_time_pre_keys(pb::UploadOneTimePreKeysRequest {
+                device_id: self.state.device_id.clone(),
+                one_time_prekeys: keys.iter().map(one_time_upload).collect(),
+            })
+            .await?
+            .into_inner();
+        Ok(Some(response))
+    }
+
+    /// Rotates the signed prekey when the server says it is due, or always with `force`.
+    /// Returns the rotation's answer, or None when it was not due.
+    pub async fn rotate(
+        &mut self,
+        client: &mut KeyClient,
+        force: bool,
+    ) -> anyhow::Result<Option<pb::RotateSignedPreKeyResponse>> {
+        if !force && !self.status(client).await?.rotation_due {
+            return Ok(None);
+        }
+        let key = self.new_signed_prekey()?;
+        self.save()?;
+        let response = client
+            .rotate_signed_pre_key(pb::RotateSignedPreKeyRequest {
+                device_id: self.state.device_id.clone(),
+                signed_prekey: Some(signed_upload(&key)),
+            })
+            .await?
+            .into_inner();
+        Ok(Some(response))
+    }
+
+    /// Starts a session with one of the peer's verified bundles: returns the secret and the
+    /// message the peer needs to derive it too.
+    pub fn initiate(
+        &self,
+        bundle: &VerifiedBundle,
+    ) -> anyhow::Result<(SessionSecret, InitialMessage)> {
+        Ok(x3dh::initiate(&self.identity()?, &bundle.keys))
+    }
+
+    /// Derives the secret a peer's initial message established, and forgets the one-time
+    /// prekey it used (it must never serve twice).
+    pub fn respond(&mut self, message: &InitialMessage) -> anyhow::Result<SessionSecret> {
+        let parse = |hex_key: &str, what: &str| -> anyhow::Result<PublicKey> {
+            let bytes = hex::decode(hex_key).with_context(|| format!("{what} is not hex"))?;
+            Ok(PublicKey::from_serialized(&bytes).with_context(|| format!("{what}"))?)
+        };
+        let their_identity = parse(&message.identity_key, "identity_key")?;
+        let their_ephemeral = parse(&message.ephemeral_key, "ephemeral_key")?;
+        let signed = self
+            .state
+            .signed_prekeys
+            .iter()
+            .find(|k| k.id == message.signed_prekey_id)
+            .with_context(|| {
+                format!(
+                    "no signed prekey {} on this device",
+                    message.signed_prekey_id
+                )
+            })?;
+        let signed = self.open_pair(&signed.sealed_private, &signed_label(signed.id))?;
+        let one_time = match message.one_time_prekey_id {
+            Some(id) => {
+                let key = self
+                    .state
+                    .one_time_prekeys
+                    .iter()
+                    .find(|k| k.id == id)
+                    .with_context(|| format!("one-time prekey {id} is unknown or already used"))?;
+                Some(self.open_pair(&key.sealed_private, &one_time_label(id))?)
+            }
+            None => None,
+        };
+        let secret = x3dh::respond(
+            &self.identity()?,
+            &signed,
+            one_time.as_ref(),
+            &their_identity,
+            &their_ephemeral,
+        );
+        if let Some(id) = message.one_time_prekey_id {
+            self.state.one_time_prekeys.retain(|k| k.id != id);
+            self.save()?;
+        }
+        Ok(secret)
+    }
+}
+
+fn signed_upload(key: &StoredSignedPreKey) -> pb::SignedPreKeyUpload {
+    pb::SignedPreKeyUpload {
+        key_id: key.id,
+        public_key: key.public.clone(),
+        signature: key.signature.clone(),
+        encrypted_private_key: key.sealed_private.clone(),
+    }
+}
+
+fn one_time_upload(key: &StoredPreKey) -> pb::OneTimePreKeyUpload {
+    pb::OneTimePreKeyUpload {
+        key_id: key.id,
+        public_key: key.public.clone(),
+        encrypted_private_key: key.sealed_private.clone(),
+    }
+}
+
+/// Fetches a peer's bundles and verifies every one; any bad signature fails the whole fetch.
+pub async fn fetch_verified(
+    client: &mut KeyClient,
+    user_id: &str,
+    device_id: Option<&str>,
+) -> anyhow::Result<Vec<VerifiedBundle>> {
+    let response = client
+        .fetch_pre_key_bundle(pb::FetchPreKeyBundleRequest {
+            target: Some(pb::Target {
+                user_id: user_id.to_owned(),
+                device_id: device_id.map(str::to_owned),
+            }),
+        })
+        .await?
+        .into_inner();
+    response
+        .devices
+        .iter()
+        .map(|b| api::verify_bundle(b).map_err(anyhow::Error::from))
+        .collect()
+}

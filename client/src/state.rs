@@ -1,0 +1,103 @@
+//! The device's local state file: public keys, sealed private keys and id counters. It never
+//! holds a private key in plaintext; opening any key needs the passphrase. It is written
+//! atomically with owner-only permissions.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// Format version of the state file.
+pub const STATE_VERSION: u32 = 1;
+
+/// How the vault key is derived from the passphrase.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Kdf {
+    #[serde(with = "hex::serde")]
+    pub salt: [u8; 32],
+    pub iterations: u32,
+}
+
+/// The identity key pair.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredIdentity {
+    /// Serialized public key (33 bytes).
+    #[serde(with = "hex::serde")]
+    pub public: Vec<u8>,
+    #[serde(with = "hex::serde")]
+    pub sealed_private: Vec<u8>,
+}
+
+/// A signed prekey pair and its signature.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredSignedPreKey {
+    pub id: u32,
+    #[serde(with = "hex::serde")]
+    pub public: Vec<u8>,
+    #[serde(with = "hex::serde")]
+    pub signature: Vec<u8>,
+    #[serde(with = "hex::serde")]
+    pub sealed_private: Vec<u8>,
+    /// Unix seconds when it was generated.
+    pub created_at: i64,
+}
+
+/// A one-time prekey pair, kept until a peer's first message uses it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredPreKey {
+    pub id: u32,
+    #[serde(with = "hex::serde")]
+    pub public: Vec<u8>,
+    #[serde(with = "hex::serde")]
+    pub sealed_private: Vec<u8>,
+}
+
+/// Everything a device keeps locally.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceState {
+    pub version: u32,
+    pub device_id: String,
+    pub registration_id: u16,
+    pub kdf: Kdf,
+    pub identity: StoredIdentity,
+    /// Newest last; the last one is the active key.
+    pub signed_prekeys: Vec<StoredSignedPreKey>,
+    pub one_time_prekeys: Vec<StoredPreKey>,
+    pub next_signed_prekey_id: u32,
+    pub next_one_time_prekey_id: u32,
+}
+
+impl DeviceState {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = fs::read_to_string(path)
+            .with_context(|| format!("reading {} (run `keyctl init` first)", path.display()))?;
+        let state: Self =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        anyhow::ensure!(
+            state.version == STATE_VERSION,
+            "{} has format version {}, this keyctl reads {STATE_VERSION}",
+            path.display(),
+            state.version
+        );
+        Ok(state)
+    }
+
+    /// Writes the state to a temporary file and renames it over `path`.
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let tmp = path.with_extension("tmp");
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        file.write_all(serde_json::to_string_pretty(self)?.as_bytes())?;
+        file.sync_all()?;
+        fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+        Ok(())
+    }
+}

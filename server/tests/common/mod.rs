@@ -1,0 +1,112 @@
+//! Helpers shared by the integration tests: devices with real keys and real signatures, and
+//! authenticated clients.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use keyserver::testing::TestServer;
+use keyserver_client::api::{self, KeyClient};
+use keyserver_client::keys::KeyPair;
+use keyserver_proto::pb;
+use uuid::Uuid;
+
+/// A device's key material, generated for a test.
+pub struct TestDevice {
+    pub user: Uuid,
+    pub device_id: String,
+    pub registration_id: u32,
+    pub identity: KeyPair,
+    pub signed: KeyPair,
+    pub signed_id: u32,
+    pub one_time: Vec<(u32, KeyPair)>,
+}
+
+impl TestDevice {
+    pub fn new(user: Uuid, device_id: &str, one_time_prekeys: u32) -> Self {
+        Self {
+            user,
+            device_id: device_id.to_owned(),
+            registration_id: 4242,
+            identity: KeyPair::generate(),
+            signed: KeyPair::generate(),
+            signed_id: 1,
+            one_time: (1..=one_time_prekeys)
+                .map(|id| (id, KeyPair::generate()))
+                .collect(),
+        }
+    }
+
+    pub fn signed_upload(&self, id: u32, pair: &KeyPair) -> pb::SignedPreKeyUpload {
+        let public = pair.public().serialize();
+        pb::SignedPreKeyUpload {
+            key_id: id,
+            public_key: public.to_vec(),
+            signature: self.identity.sign(&public).to_vec(),
+            encrypted_private_key: vec![0xAA; 61],
+        }
+    }
+
+    pub fn register_request(&self) -> pb::RegisterDeviceRequest {
+        pb::RegisterDeviceRequest {
+            device_id: self.device_id.clone(),
+            registration_id: self.registration_id,
+            identity_key: self.identity.public().serialize().to_vec(),
+            encrypted_identity_private_key: vec![0xBB; 61],
+            signed_prekey: Some(self.signed_upload(self.signed_id, &self.signed)),
+            one_time_prekeys: self.one_time.iter().map(|(id, k)| otk(*id, k)).collect(),
+        }
+    }
+}
+
+pub fn otk(id: u32, pair: &KeyPair) -> pb::OneTimePreKeyUpload {
+    pb::OneTimePreKeyUpload {
+        key_id: id,
+        public_key: pair.public().serialize().to_vec(),
+        encrypted_private_key: vec![0xCC; 61],
+    }
+}
+
+pub fn fresh_otks(ids: std::ops::RangeInclusive<u32>) -> Vec<pb::OneTimePreKeyUpload> {
+    ids.map(|id| otk(id, &KeyPair::generate())).collect()
+}
+
+/// A client of `server` authenticated as `user`.
+pub async fn client(server: &TestServer, user: Uuid) -> KeyClient {
+    api::connect(&server.url, &server.token(user))
+        .await
+        .expect("connecting to the test server")
+}
+
+pub fn target(user: Uuid, device: Option<&str>) -> pb::Target {
+    pb::Target {
+        user_id: user.to_string(),
+        device_id: device.map(str::to_owned),
+    }
+}
+
+pub async fn fetch(
+    client: &mut KeyClient,
+    user: Uuid,
+    device: Option<&str>,
+) -> Result<pb::FetchPreKeyBundleResponse, tonic::Status> {
+    client
+        .fetch_pre_key_bundle(pb::FetchPreKeyBundleRequest {
+            target: Some(target(user, device)),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Asserts a call failed with `code` and a message that starts with `prefix`.
+pub fn assert_status<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: tonic::Code,
+    prefix: &str,
+) {
+    let status = result.expect_err("the call should have failed");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(
+        status.message().starts_with(prefix),
+        "message {:?} should start with {prefix:?}",
+        status.message()
+    );
+}
