@@ -1,0 +1,158 @@
+//! `keyctl` end to end: two devices register through the real binary, Alice fetches Bob's
+//! bundle, and both derive the same X3DH secret through the server.
+
+use std::path::Path;
+
+use keyserver::testing::{TestDb, TestServer};
+use keyserver_client::device::Device;
+use uuid::Uuid;
+
+const PASSPHRASE: &str = "correct horse battery staple";
+
+struct Keyctl<'a> {
+    server: &'a TestServer,
+    user: Uuid,
+    state: std::path::PathBuf,
+}
+
+impl Keyctl<'_> {
+    async fn run(&self, args: &[&str]) -> String {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyctl"))
+            .args(args)
+            .env("KEYCTL_STATE", &self.state)
+            .env("KEYSERVER_URL", &self.server.url)
+            .env("KEYSERVER_TOKEN", self.server.token(self.user))
+            .env("KEYCTL_PASSPHRASE", PASSPHRASE)
+            .output()
+            .await
+            .expect("running keyctl");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "keyctl {args:?} failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+}
+
+fn fingerprint(output: &str) -> &str {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix("shared secret fingerprint: "))
+        .expect("a fingerprint line")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alice_and_bob_agree_on_an_x3dh_secret_through_the_server() {
+    let db = TestDb::migrated().await;
+    let server = TestServer::start(&db).await;
+    let dir = std::env::temp_dir().join(format!("keyctl-e2e-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bob = Keyctl {
+        server: &server,
+        user: Uuid::new_v4(),
+        state: dir.join("bob.json"),
+    };
+    let alice = Keyctl {
+        server: &server,
+        user: Uuid::new_v4(),
+        state: dir.join("alice.json"),
+    };
+
+    for (who, device) in [(&bob, "bob-phone"), (&alice, "alice-laptop")] {
+        who.run(&["init", "--device-id", device, "--iterations", "100000"])
+            .await;
+        let out = who.run(&["register"]).await;
+        assert!(
+            out.contains("Created, 100 one-time prekeys on the server"),
+            "{out}"
+        );
+    }
+
+    let fetched = alice.run(&["fetch", "--user", &bob.user.to_string()]).await;
+    assert!(fetched.contains("device bob-phone"), "{fetched}");
+    assert!(fetched.contains("signature verified"), "{fetched}");
+
+    let message = dir.join("initial-message.json");
+    let sent = alice
+        .run(&[
+            "x3dh",
+            "initiate",
+            "--user",
+            &bob.user.to_string(),
+            "--out",
+            message.to_str().unwrap(),
+        ])
+        .await;
+    let received = bob
+        .run(&["x3dh", "respond", "--message", message.to_str().unwrap()])
+        .await;
+    assert_eq!(
+        fingerprint(&sent),
+        fingerprint(&received),
+        "both sides derive the same secret"
+    );
+
+    // The one-time prekey Alice used is gone from Bob's device: a replay cannot derive it again.
+    let replay = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyctl"))
+        .args(["x3dh", "respond", "--message", message.to_str().unwrap()])
+        .env("KEYCTL_STATE", &bob.state)
+        .env("KEYCTL_PASSPHRASE", PASSPHRASE)
+        .output()
+        .await
+        .unwrap();
+    assert!(!replay.status.success());
+    assert!(String::from_utf8_lossy(&replay.stderr).contains("unknown or already used"));
+
+    let status = bob.run(&["status"]).await;
+    assert!(
+        status.contains("one-time prekeys available: 98"),
+        "{status}"
+    );
+    assert!(status.contains("rotation due: false"), "{status}");
+    let out = bob.run(&["replenish"]).await;
+    assert!(out.contains("nothing uploaded"), "{out}");
+    let out = bob.run(&["replenish", "--below", "99"]).await;
+    assert!(
+        out.contains("uploaded 2 one-time prekeys; 100 available"),
+        "{out}"
+    );
+    let out = bob.run(&["rotate"]).await;
+    assert!(out.contains("not due"), "{out}");
+    let out = bob.run(&["rotate", "--force"]).await;
+    assert!(out.contains("rotated the signed prekey"), "{out}");
+
+    // After rotation Alice's next session uses the new signed prekey, and still agrees.
+    let sent = alice
+        .run(&[
+            "x3dh",
+            "initiate",
+            "--user",
+            &bob.user.to_string(),
+            "--out",
+            message.to_str().unwrap(),
+        ])
+        .await;
+    let received = bob
+        .run(&["x3dh", "respond", "--message", message.to_str().unwrap()])
+        .await;
+    assert_eq!(fingerprint(&sent), fingerprint(&received));
+
+    assert_no_plaintext_private_keys(&bob.state);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The state file holds sealed blobs only: no private key appears in it in the clear.
+fn assert_no_plaintext_private_keys(state: &Path) {
+    let text = std::fs::read_to_string(state).unwrap();
+    let device = Device::open(state, PASSPHRASE.as_bytes()).unwrap();
+    let identity = device.identity().unwrap();
+    assert!(!text.contains(&hex::encode(*identity.private_bytes())));
+    assert!(Device::open(state, b"wrong passphrase").is_err());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(state).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}

@@ -1,0 +1,130 @@
+//! "Each one-time prekey is handed out at most once", tested the way it can fail: many
+//! concurrent fetchers spread over two server processes' worth of servers on one database.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use keyserver::testing::{TestDb, TestServer};
+use keyserver_proto::pb;
+use uuid::Uuid;
+
+const PREKEYS: u32 = 50;
+const FETCHERS: usize = 32;
+const FETCHES_EACH: usize = 4;
+
+/// Counts how often each key id was served, and how many bundles came without one.
+fn tally(served: Vec<Option<u32>>) -> (HashMap<u32, usize>, usize) {
+    let mut times = HashMap::new();
+    let mut without = 0;
+    for key in served {
+        match key {
+            Some(id) => *times.entry(id).or_insert(0) += 1,
+            None => without += 1,
+        }
+    }
+    (times, without)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thirty_two_fetchers_on_two_servers_get_each_of_fifty_prekeys_exactly_once() {
+    let db = TestDb::migrated().await;
+    let servers = [TestServer::start(&db).await, TestServer::start(&db).await];
+    let bob = TestDevice::new(Uuid::new_v4(), "bob-phone", PREKEYS);
+    client(&servers[0], bob.user)
+        .await
+        .register_device(bob.register_request())
+        .await
+        .unwrap();
+
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(FETCHERS));
+    let mut tasks = Vec::new();
+    for i in 0..FETCHERS {
+        let mut c = client(&servers[i % 2], Uuid::new_v4()).await;
+        let start = start.clone();
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let mut got = Vec::new();
+            for _ in 0..FETCHES_EACH {
+                let bundle = fetch(&mut c, bob.user, Some("bob-phone")).await.unwrap();
+                got.push(bundle.devices[0].one_time_prekey.as_ref().map(|k| k.key_id));
+            }
+            got
+        }));
+    }
+    let mut served = Vec::new();
+    for task in tasks {
+        served.extend(task.await.unwrap());
+    }
+    let (times, without) = tally(served);
+    assert_eq!(times.len(), PREKEYS as usize, "every prekey was handed out");
+    assert!(
+        times.values().all(|&n| n == 1),
+        "a prekey was served twice: {times:?}"
+    );
+    assert_eq!(without, FETCHERS * FETCHES_EACH - PREKEYS as usize);
+    let consumed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM nchat_one_time_prekeys WHERE is_consumed AND consumed_at IS NOT NULL",
+    )
+    .fetch_one(servers[0].store.pool())
+    .await
+    .unwrap();
+    assert_eq!(consumed, i64::from(PREKEYS));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_bulk_and_single_fetches_never_share_a_prekey() {
+    let db = TestDb::migrated().await;
+    let servers = [TestServer::start(&db).await, TestServer::start(&db).await];
+    let users: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    for (i, user) in users.iter().enumerate() {
+        let mut c = client(&servers[0], *user).await;
+        for d in 0..2 {
+            c.register_device(TestDevice::new(*user, &format!("u{i}-d{d}"), 20).register_request())
+                .await
+                .unwrap();
+        }
+    }
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let mut c = client(&servers[i % 2], Uuid::new_v4()).await;
+        let users = users.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for round in 0..5 {
+                if (i + round) % 2 == 0 {
+                    let targets = users.iter().map(|u| target(*u, None)).collect();
+                    let results = c
+                        .fetch_pre_key_bundles(pb::FetchPreKeyBundlesRequest { targets })
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .results;
+                    for d in results.into_iter().flat_map(|r| r.devices) {
+                        got.push(d.one_time_prekey.map(|k| (d.device_id.clone(), k.key_id)));
+                    }
+                } else {
+                    let user = users[(i + round) % users.len()];
+                    for d in fetch(&mut c, user, None).await.unwrap().devices {
+                        got.push(d.one_time_prekey.map(|k| (d.device_id.clone(), k.key_id)));
+                    }
+                }
+            }
+            got
+        }));
+    }
+    let mut times: HashMap<(String, u32), usize> = HashMap::new();
+    let mut without = 0;
+    for task in tasks {
+        for key in task.await.unwrap() {
+            match key {
+                Some(k) => *times.entry(k).or_insert(0) += 1,
+                None => without += 1,
+            }
+        }
+    }
+    assert!(times.values().all(|&n| n == 1), "a prekey was served twice");
+    assert_eq!(times.len(), 6 * 20, "all 120 prekeys were handed out");
+    assert!(without > 0);
+}
