@@ -274,7 +274,7 @@ impl Device {
     pub fn respond(&mut self, message: &InitialMessage) -> anyhow::Result<SessionSecret> {
         let parse = |hex_key: &str, what: &str| -> anyhow::Result<PublicKey> {
             let bytes = hex::decode(hex_key).with_context(|| format!("{what} is not hex"))?;
-            Ok(PublicKey::from_serialized(&bytes).with_context(|| format!("{what}"))?)
+            PublicKey::from_serialized(&bytes).with_context(|| what.to_owned())
         };
         let their_identity = parse(&message.identity_key, "identity_key")?;
         let their_ephemeral = parse(&message.ephemeral_key, "ephemeral_key")?;

@@ -18,7 +18,7 @@ pub struct SessionSecret(Zeroizing<[u8; 64]>);
 impl SessionSecret {
     /// A short public fingerprint of the secret, to compare two sides without revealing it.
     pub fn fingerprint(&self) -> String {
-        hex::encode(&Sha256::digest(&*self.0)[..16])
+        hex::encode(&Sha256::digest(*self.0)[..16])
     }
 }
 

@@ -128,11 +128,9 @@ async fn migrate(action: MigrateAction, database: DatabaseArgs) -> anyhow::Resul
                         .filter(|m| m.applied)
                         .map(|m| m.version)
                         .collect();
-                    match applied.len() {
-                        0 => anyhow::bail!("no migration is applied"),
-                        n if n == 1 => 0,
-                        n => applied[n - 2],
-                    }
+                    anyhow::ensure!(!applied.is_empty(), "no migration is applied");
+                    // The version before the newest applied one; 0 reverts the only one.
+                    applied.iter().rev().nth(1).copied().unwrap_or(0)
                 }
             };
             migrations::down_to(pool, target).await?;

@@ -30,6 +30,28 @@ pub struct NewOneTimePreKey {
     pub encrypted_private: Vec<u8>,
 }
 
+/// Debug output names the key and the size of its encrypted private blob, never the blob, so
+/// a logged request cannot leak it.
+impl std::fmt::Debug for NewSignedPreKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewSignedPreKey")
+            .field("key_id", &self.key_id)
+            .field("public", &self.public)
+            .field("encrypted_private_len", &self.encrypted_private.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for NewOneTimePreKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewOneTimePreKey")
+            .field("key_id", &self.key_id)
+            .field("public", &self.public)
+            .field("encrypted_private_len", &self.encrypted_private.len())
+            .finish()
+    }
+}
+
 /// Everything a device publishes when it registers.
 #[derive(Clone)]
 pub struct NewDevice {
