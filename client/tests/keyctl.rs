@@ -36,11 +36,24 @@ impl Keyctl<'_> {
     }
 }
 
-fn fingerprint(output: &str) -> &str {
+fn fingerprint(output: &str) -> String {
     output
         .lines()
         .find_map(|l| l.strip_prefix("shared secret fingerprint: "))
         .expect("a fingerprint line")
+        .to_owned()
+}
+
+/// Alice fetches Bob's bundle and writes her initial message to `message`; Bob answers it.
+/// Returns the fingerprints each side printed.
+async fn x3dh_round_trip(alice: &Keyctl<'_>, bob: &Keyctl<'_>, message: &Path) -> (String, String) {
+    let path = message.to_str().unwrap();
+    let bob_user = bob.user.to_string();
+    let sent = alice
+        .run(&["x3dh", "initiate", "--user", &bob_user, "--out", path])
+        .await;
+    let received = bob.run(&["x3dh", "respond", "--message", path]).await;
+    (fingerprint(&sent), fingerprint(&received))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,24 +88,8 @@ async fn alice_and_bob_agree_on_an_x3dh_secret_through_the_server() {
     assert!(fetched.contains("signature verified"), "{fetched}");
 
     let message = dir.join("initial-message.json");
-    let sent = alice
-        .run(&[
-            "x3dh",
-            "initiate",
-            "--user",
-            &bob.user.to_string(),
-            "--out",
-            message.to_str().unwrap(),
-        ])
-        .await;
-    let received = bob
-        .run(&["x3dh", "respond", "--message", message.to_str().unwrap()])
-        .await;
-    assert_eq!(
-        fingerprint(&sent),
-        fingerprint(&received),
-        "both sides derive the same secret"
-    );
+    let (sent, received) = x3dh_round_trip(&alice, &bob, &message).await;
+    assert_eq!(sent, received, "both sides derive the same secret");
 
     // The one-time prekey Alice used is gone from Bob's device: a replay cannot derive it again.
     let replay = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyctl"))
@@ -124,20 +121,8 @@ async fn alice_and_bob_agree_on_an_x3dh_secret_through_the_server() {
     assert!(out.contains("rotated the signed prekey"), "{out}");
 
     // After rotation Alice's next session uses the new signed prekey, and still agrees.
-    let sent = alice
-        .run(&[
-            "x3dh",
-            "initiate",
-            "--user",
-            &bob.user.to_string(),
-            "--out",
-            message.to_str().unwrap(),
-        ])
-        .await;
-    let received = bob
-        .run(&["x3dh", "respond", "--message", message.to_str().unwrap()])
-        .await;
-    assert_eq!(fingerprint(&sent), fingerprint(&received));
+    let (sent, received) = x3dh_round_trip(&alice, &bob, &message).await;
+    assert_eq!(sent, received);
 
     assert_no_plaintext_private_keys(&bob.state);
     std::fs::remove_dir_all(&dir).unwrap();

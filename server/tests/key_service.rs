@@ -32,6 +32,14 @@ async fn audit_events(server: &TestServer, event: &str) -> Vec<serde_json::Value
         .collect()
 }
 
+/// (one-time prekey rows, signed prekey rows) in the database.
+async fn key_rows(server: &TestServer) -> (i64, i64) {
+    (
+        count(server, "SELECT count(*) FROM nchat_one_time_prekeys").await,
+        count(server, "SELECT count(*) FROM nchat_signed_prekeys").await,
+    )
+}
+
 /// Rows in every table the key path writes, to show a refused call wrote nothing.
 async fn row_counts(server: &TestServer) -> Vec<i64> {
     let mut counts = Vec::new();
@@ -360,14 +368,7 @@ async fn re_registration_is_idempotent_and_a_new_identity_replaces_every_key() {
         .into_inner();
     assert_eq!(again.outcome(), pb::RegistrationOutcome::Updated);
     assert_eq!(again.one_time_prekeys_available, 3);
-    assert_eq!(
-        count(&server, "SELECT count(*) FROM nchat_one_time_prekeys").await,
-        3
-    );
-    assert_eq!(
-        count(&server, "SELECT count(*) FROM nchat_signed_prekeys").await,
-        1
-    );
+    assert_eq!(key_rows(&server).await, (3, 1));
 
     let mut peer = client(&server, Uuid::new_v4()).await;
     fetch(&mut peer, first.user, Some("phone")).await.unwrap();
@@ -381,14 +382,7 @@ async fn re_registration_is_idempotent_and_a_new_identity_replaces_every_key() {
         .into_inner();
     assert_eq!(replaced.outcome(), pb::RegistrationOutcome::Replaced);
     assert_eq!(replaced.one_time_prekeys_available, 2);
-    assert_eq!(
-        count(&server, "SELECT count(*) FROM nchat_one_time_prekeys").await,
-        2
-    );
-    assert_eq!(
-        count(&server, "SELECT count(*) FROM nchat_signed_prekeys").await,
-        1
-    );
+    assert_eq!(key_rows(&server).await, (2, 1));
 
     let bundle = fetch(&mut peer, first.user, Some("phone"))
         .await

@@ -1,0 +1,43 @@
+-- One single-device bundle fetch: the statement the server runs (store/postgres.rs,
+-- fetch_bundles), for a random device of the seed.
+--   pgbench -n -f loadtest/pgbench/fetch.sql -D devices=1000 -c 16 -j 2 -T 30 "$DATABASE_URL"
+\set d random(1, :devices)
+WITH targets AS (
+    SELECT * FROM unnest(ARRAY[0]::int4[],
+                         ARRAY[('00000000-0000-4000-8000-' || lpad(to_hex(:d), 12, '0'))::uuid],
+                         ARRAY['dev-' || :d]::text[]) AS t(ord, user_id, device_id)
+),
+devices AS (
+    SELECT DISTINCT ik.device_id, ik.user_id, ik.registration_id, ik.identity_key_public,
+           sp.signed_prekey_id, sp.signed_prekey_public, sp.signature
+    FROM targets t
+    JOIN nchat_identity_keys ik
+      ON ik.user_id = t.user_id AND (t.device_id IS NULL OR ik.device_id = t.device_id)
+    JOIN nchat_signed_prekeys sp ON sp.device_id = ik.device_id AND sp.is_active = TRUE
+),
+picked AS (
+    SELECT next.id
+    FROM devices d
+    CROSS JOIN LATERAL (
+        SELECT o.id FROM nchat_one_time_prekeys o
+        WHERE o.device_id = d.device_id AND o.is_consumed = FALSE
+        ORDER BY o.id
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    ) next
+),
+taken AS (
+    UPDATE nchat_one_time_prekeys o
+    SET is_consumed = TRUE, consumed_at = NOW()
+    FROM picked
+    WHERE o.id = picked.id AND o.is_consumed = FALSE
+    RETURNING o.device_id, o.prekey_id, o.prekey_public
+)
+SELECT t.ord, d.device_id, COALESCE(d.registration_id, 0) AS registration_id,
+       d.identity_key_public, d.signed_prekey_id, d.signed_prekey_public, d.signature,
+       k.prekey_id, k.prekey_public
+FROM targets t
+JOIN devices d
+  ON d.user_id = t.user_id AND (t.device_id IS NULL OR d.device_id = t.device_id)
+LEFT JOIN taken k ON k.device_id = d.device_id
+ORDER BY t.ord, d.device_id;
