@@ -3,7 +3,7 @@
 --   psql "$DATABASE_URL" -v devices=1000 -f loadtest/pgbench/seed.sql
 -- Run on a migrated database (keyserver migrate up); it empties the key tables first.
 \set ON_ERROR_STOP on
-TRUNCATE nchat_one_time_prekeys, nchat_signed_prekeys, nchat_identity_keys, nchat_e2ee_audit_log;
+TRUNCATE nchat_identity_keys, nchat_e2ee_audit_log CASCADE;
 CREATE TEMP TABLE seed_devices AS
 SELECT n, 'dev-' || n AS device_id,
        ('00000000-0000-4000-8000-' || lpad(to_hex(n), 12, '0'))::uuid AS user_id
