@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use keyserver::testing::{TestDb, TestServer};
+use keyserver::testing::{Backend, TestDb, TestServer};
 use keyserver_client::device::Device;
 use uuid::Uuid;
 
@@ -57,8 +57,17 @@ async fn x3dh_round_trip(alice: &Keyctl<'_>, bob: &Keyctl<'_>, message: &Path) -
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn alice_and_bob_agree_on_an_x3dh_secret_through_the_server() {
-    let db = TestDb::migrated().await;
+async fn on_postgres() {
+    alice_and_bob_agree_on_an_x3dh_secret_through_the_server(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite() {
+    alice_and_bob_agree_on_an_x3dh_secret_through_the_server(Backend::Sqlite).await;
+}
+
+async fn alice_and_bob_agree_on_an_x3dh_secret_through_the_server(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let dir = std::env::temp_dir().join(format!("keyctl-e2e-{}", Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -1,17 +1,16 @@
 //! The `keyserver` command: serve the API, manage the schema, mint tokens.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keyserver::auth::TokenAuthority;
-use keyserver::config::{DatabaseArgs, SecretArgs, ServeArgs};
+use keyserver::config::{DataDirArgs, DatabaseArgs, SecretArgs, ServeArgs};
 use keyserver::secret;
 use keyserver::server::{self, ServerParts};
 use keyserver::shutdown::{self, CancellationToken};
+use keyserver::store::database::Database;
 use keyserver::store::migrations;
-use keyserver::store::postgres::PgStore;
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -30,6 +29,8 @@ enum Command {
         #[command(subcommand)]
         action: MigrateAction,
         #[command(flatten)]
+        data: DataDirArgs,
+        #[command(flatten)]
         database: DatabaseArgs,
     },
     /// Mint a bearer token for a user, signed with the server's secret.
@@ -40,6 +41,8 @@ enum Command {
         /// How long the token is valid, for example 30m, 12h, 7d.
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        #[command(flatten)]
+        data: DataDirArgs,
         #[command(flatten)]
         secret: SecretArgs,
     },
@@ -69,27 +72,41 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
-        Command::Migrate { action, database } => migrate(action, database).await,
-        Command::Token { user, ttl, secret } => {
-            let key = secret::load_or_create(secret.token_secret.as_deref(), &secret.data_dir)?;
+        Command::Migrate {
+            action,
+            data,
+            database,
+        } => migrate(action, &connect(&database, &data).await?).await,
+        Command::Token {
+            user,
+            ttl,
+            data,
+            secret,
+        } => {
+            let key = secret::load_or_create(secret.token_secret.as_deref(), &data)?;
             println!("{}", TokenAuthority::new(&key)?.mint(user, ttl));
             Ok(())
         }
     }
 }
 
-async fn connect(database: &DatabaseArgs) -> anyhow::Result<PgStore> {
-    PgStore::connect(&database.database_url, database.max_connections)
+async fn connect(database: &DatabaseArgs, data: &DataDirArgs) -> anyhow::Result<Database> {
+    let url = database.url(data)?;
+    let db = Database::connect(&url, database.max_connections)
         .await
-        .context("connecting to DATABASE_URL")
+        .context(
+            "opening the database (DATABASE_URL, or the embedded one in the data directory)",
+        )?;
+    tracing::info!(backend = db.backend(), "database open");
+    Ok(db)
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let store = connect(&args.database).await?;
-    migrations::up(store.pool())
+    let db = connect(&args.database, &args.data).await?;
+    migrations::up(&db)
         .await
         .context("the database schema cannot be used")?;
-    let key = secret::load_or_create(args.secret.token_secret.as_deref(), &args.secret.data_dir)?;
+    let key = secret::load_or_create(args.secret.token_secret.as_deref(), &args.data)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -98,7 +115,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     server::run(
         listener,
         ServerParts {
-            store: Arc::new(store),
+            store: db.store(),
             tokens: TokenAuthority::new(&key)?,
             bundle_view_refresh: args.bundle_view_refresh,
         },
@@ -107,22 +124,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     .await
 }
 
-async fn migrate(action: MigrateAction, database: DatabaseArgs) -> anyhow::Result<()> {
-    let store = connect(&database).await?;
-    let pool = store.pool();
+async fn migrate(action: MigrateAction, db: &Database) -> anyhow::Result<()> {
     match action {
         MigrateAction::Up => {
-            migrations::up(pool).await?;
+            migrations::up(db).await?;
             println!(
                 "schema is at version {:?}",
-                migrations::current_version(pool).await?
+                migrations::current_version(db).await?
             );
         }
         MigrateAction::Down { to } => {
             let target = match to {
                 Some(version) => version,
                 None => {
-                    let applied: Vec<i64> = migrations::status(pool)
+                    let applied: Vec<i64> = migrations::status(db)
                         .await?
                         .into_iter()
                         .filter(|m| m.applied)
@@ -133,14 +148,14 @@ async fn migrate(action: MigrateAction, database: DatabaseArgs) -> anyhow::Resul
                     applied.iter().rev().nth(1).copied().unwrap_or(0)
                 }
             };
-            migrations::down_to(pool, target).await?;
+            migrations::down_to(db, target).await?;
             println!(
                 "schema is at version {:?}",
-                migrations::current_version(pool).await?
+                migrations::current_version(db).await?
             );
         }
         MigrateAction::Status => {
-            for m in migrations::status(pool).await? {
+            for m in migrations::status(db).await? {
                 let state = if m.applied { "applied" } else { "pending" };
                 println!("{:>4}  {state:<8} {}", m.version, m.description);
             }

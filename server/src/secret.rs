@@ -4,18 +4,19 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
 
 use anyhow::Context;
 
 use crate::auth::MIN_SECRET_LEN;
+use crate::config::DataDirArgs;
 
 /// File name of the generated secret inside the data directory.
 pub const SECRET_FILE: &str = "token-secret";
 
 /// The configured secret if there is one, otherwise the data directory's (created if absent).
-pub fn load_or_create(configured: Option<&str>, data_dir: &Path) -> anyhow::Result<Vec<u8>> {
+pub fn load_or_create(configured: Option<&str>, data: &DataDirArgs) -> anyhow::Result<Vec<u8>> {
     if let Some(secret) = configured {
         anyhow::ensure!(
             secret.len() >= MIN_SECRET_LEN,
@@ -23,7 +24,7 @@ pub fn load_or_create(configured: Option<&str>, data_dir: &Path) -> anyhow::Resu
         );
         return Ok(secret.as_bytes().to_vec());
     }
-    let path = data_dir.join(SECRET_FILE);
+    let path = data.data_dir.join(SECRET_FILE);
     match fs::read_to_string(&path) {
         Ok(text) => {
             let mode = fs::metadata(&path)?.permissions().mode();
@@ -41,17 +42,13 @@ pub fn load_or_create(configured: Option<&str>, data_dir: &Path) -> anyhow::Resu
             );
             Ok(secret)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(data_dir, &path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(data, &path),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
 }
 
-fn create(data_dir: &Path, path: &PathBuf) -> anyhow::Result<Vec<u8>> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
+fn create(data: &DataDirArgs, path: &Path) -> anyhow::Result<Vec<u8>> {
+    data.ensure()?;
     let mut raw = [0u8; 32];
     getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
     let secret = hex::encode(raw);
@@ -68,7 +65,7 @@ fn create(data_dir: &Path, path: &PathBuf) -> anyhow::Result<Vec<u8>> {
             Ok(secret.into_bytes())
         }
         // Another process created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_or_create(None, data_dir),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_or_create(None, data),
         Err(e) => Err(e).with_context(|| format!("writing {}", path.display())),
     }
 }
@@ -80,9 +77,12 @@ mod tests {
     #[test]
     fn generates_once_keeps_it_private_and_configured_wins() {
         let dir = std::env::temp_dir().join(format!("ks-secret-{}", uuid::Uuid::new_v4()));
-        let first = load_or_create(None, &dir).unwrap();
+        let data = DataDirArgs {
+            data_dir: dir.clone(),
+        };
+        let first = load_or_create(None, &data).unwrap();
         assert_eq!(first.len(), 64);
-        assert_eq!(load_or_create(None, &dir).unwrap(), first);
+        assert_eq!(load_or_create(None, &data).unwrap(), first);
         let mode = fs::metadata(dir.join(SECRET_FILE))
             .unwrap()
             .permissions()
@@ -91,13 +91,13 @@ mod tests {
 
         let configured = "x".repeat(40);
         assert_eq!(
-            load_or_create(Some(&configured), &dir).unwrap(),
+            load_or_create(Some(&configured), &data).unwrap(),
             configured.as_bytes()
         );
-        assert!(load_or_create(Some("short"), &dir).is_err());
+        assert!(load_or_create(Some("short"), &data).is_err());
 
         fs::set_permissions(dir.join(SECRET_FILE), fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(load_or_create(None, &dir).is_err());
+        assert!(load_or_create(None, &data).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,16 +1,16 @@
-//! Test harness shared by the server's and the client's integration tests: a real PostgreSQL
-//! and a real server on a loopback port.
+//! Test harness shared by the server's and the client's integration tests: real databases of
+//! both backends and a real server on a loopback port.
 //!
-//! The database comes from `DATABASE_URL` when it is set; otherwise a throwaway cluster is
+//! PostgreSQL comes from `DATABASE_URL` when it is set; otherwise a throwaway cluster is
 //! started from the installed PostgreSQL binaries (as the `postgres` user when running as root,
-//! since initdb refuses root) and killed with the test process. Each test gets a database of its
-//! own, dropped when the test ends.
+//! since initdb refuses root) and killed with the test process. SQLite databases are files in a
+//! temporary directory. Each test gets a database of its own, removed when the test ends.
 
 use std::net::TcpListener as StdListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use sqlx::{Connection, Executor, PgConnection};
@@ -20,8 +20,8 @@ use uuid::Uuid;
 use crate::auth::TokenAuthority;
 use crate::server::{self, ServerParts};
 use crate::shutdown::CancellationToken;
+use crate::store::database::Database;
 use crate::store::migrations;
-use crate::store::postgres::PgStore;
 
 /// The PostgreSQL server the tests of this process use: its admin URL.
 fn admin_url() -> &'static str {
@@ -238,51 +238,85 @@ async fn admin() -> PgConnection {
     }
 }
 
-/// A database of one test's own, dropped when this value is.
+/// Which store a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// A database of one test's own, removed when this value is dropped.
 pub struct TestDb {
-    name: String,
+    backend: Backend,
     url: String,
+    /// The PostgreSQL database's name, or the SQLite file's directory.
+    place: String,
 }
 
 impl TestDb {
     /// An empty database (no migrations applied).
-    pub async fn empty() -> Self {
-        let name = format!("keyserver_test_{}", Uuid::new_v4().simple());
-        admin()
-            .await
-            .execute(format!("CREATE DATABASE {name}").as_str())
-            .await
-            .expect("CREATE DATABASE");
-        let url = with_database(admin_url(), &name);
-        Self { name, url }
+    pub async fn empty(backend: Backend) -> Self {
+        let id = Uuid::new_v4().simple().to_string();
+        match backend {
+            Backend::Postgres => {
+                let name = format!("keyserver_test_{id}");
+                admin()
+                    .await
+                    .execute(format!("CREATE DATABASE {name}").as_str())
+                    .await
+                    .expect("CREATE DATABASE");
+                let url = with_database(admin_url(), &name);
+                Self {
+                    backend,
+                    url,
+                    place: name,
+                }
+            }
+            Backend::Sqlite => {
+                let dir = std::env::temp_dir().join(format!("keyserver-test-sqlite-{id}"));
+                std::fs::create_dir_all(&dir).expect("creating the SQLite test directory");
+                let url = format!("sqlite://{}", dir.join("keyserver.db").display());
+                Self {
+                    backend,
+                    url,
+                    place: dir.display().to_string(),
+                }
+            }
+        }
     }
 
     /// A database with every migration applied.
-    pub async fn migrated() -> Self {
-        let db = Self::empty().await;
-        let store = db.store(2).await;
-        migrations::up(store.pool())
-            .await
-            .expect("migrations apply");
-        store.pool().close().await;
+    pub async fn migrated(backend: Backend) -> Self {
+        let db = Self::empty(backend).await;
+        let open = db.open().await;
+        migrations::up(&open).await.expect("migrations apply");
+        open.close().await;
         db
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     pub fn url(&self) -> &str {
         &self.url
     }
 
-    /// A store on this database with a pool of `connections`.
-    pub async fn store(&self, connections: u32) -> PgStore {
-        PgStore::connect(&self.url, connections)
+    /// Opens the database with a pool of its own.
+    pub async fn open(&self) -> Database {
+        Database::connect(&self.url, 16)
             .await
-            .expect("connecting to the test database")
+            .expect("opening the test database")
     }
 }
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let name = self.name.clone();
+        if self.backend == Backend::Sqlite {
+            let _ = std::fs::remove_dir_all(&self.place);
+            return;
+        }
+        let name = self.place.clone();
         // Drop runs outside async context; use a runtime of its own on a plain thread.
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -301,12 +335,97 @@ impl Drop for TestDb {
     }
 }
 
+/// Queries the tests make to check what the server wrote, on either backend. SQL given once
+/// must mean the same on both (booleans as `WHERE is_consumed`, no casts).
+impl Database {
+    /// Runs `sql` (no parameters).
+    pub async fn execute(&self, sql: &str) {
+        match self {
+            Database::Postgres(s) => drop(sqlx::raw_sql(sql).execute(s.pool()).await.expect(sql)),
+            Database::Sqlite(s) => drop(sqlx::raw_sql(sql).execute(s.pool()).await.expect(sql)),
+        }
+    }
+
+    /// Runs `postgres` or `sqlite`, whichever fits this database.
+    pub async fn execute_either(&self, postgres: &str, sqlite: &str) {
+        match self {
+            Database::Postgres(_) => self.execute(postgres).await,
+            Database::Sqlite(_) => self.execute(sqlite).await,
+        }
+    }
+
+    /// The single integer `sql` selects, if it selects a row.
+    pub async fn integer(&self, sql: &str) -> Option<i64> {
+        match self {
+            Database::Postgres(s) => sqlx::query_scalar::<_, Option<i64>>(sql)
+                .fetch_optional(s.pool())
+                .await
+                .expect(sql)
+                .flatten(),
+            Database::Sqlite(s) => sqlx::query_scalar::<_, Option<i64>>(sql)
+                .fetch_optional(s.pool())
+                .await
+                .expect(sql)
+                .flatten(),
+        }
+    }
+
+    /// `SELECT count(*) …` as a number.
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.integer(sql).await.unwrap_or(0)
+    }
+
+    /// The metadata of every audit event of `event_type`, oldest first.
+    pub async fn audit_metadata(&self, event_type: &str) -> Vec<serde_json::Value> {
+        let sql = "SELECT metadata FROM nchat_e2ee_audit_log WHERE event_type = $1 ORDER BY id";
+        match self {
+            Database::Postgres(s) => sqlx::query_scalar(sql)
+                .bind(event_type)
+                .fetch_all(s.pool())
+                .await
+                .expect(sql),
+            Database::Sqlite(s) => sqlx::query_scalar::<_, String>(sql)
+                .bind(event_type)
+                .fetch_all(s.pool())
+                .await
+                .expect(sql)
+                .iter()
+                .map(|text| serde_json::from_str(text).expect("metadata is JSON"))
+                .collect(),
+        }
+    }
+
+    /// Names of the tables, views and `idx_` indexes, sorted.
+    pub async fn schema_objects(&self) -> Vec<String> {
+        match self {
+            Database::Postgres(s) => sqlx::query_scalar(
+                "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = 'public'
+                   AND ((c.relkind IN ('r', 'm', 'v') AND c.relname LIKE 'nchat\\_%')
+                        OR (c.relkind = 'i' AND c.relname LIKE 'idx\\_%'))
+                 ORDER BY 1",
+            )
+            .fetch_all(s.pool())
+            .await
+            .expect("listing the schema"),
+            Database::Sqlite(s) => sqlx::query_scalar(
+                "SELECT name FROM sqlite_master
+                 WHERE name LIKE 'nchat\\_%' ESCAPE '\\' OR name LIKE 'idx\\_%' ESCAPE '\\'
+                 ORDER BY 1",
+            )
+            .fetch_all(s.pool())
+            .await
+            .expect("listing the schema"),
+        }
+    }
+}
+
 /// A key server serving on a loopback port until stopped.
 pub struct TestServer {
     /// The server's address, for example `http://127.0.0.1:40123`.
     pub url: String,
-    /// A store on the server's database, for checking what the server wrote.
-    pub store: PgStore,
+    /// The server's database, for checking what the server wrote.
+    pub db: Database,
     tokens: TokenAuthority,
     stop: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -318,7 +437,7 @@ pub const TEST_SECRET: &[u8] = b"keyserver test secret, 32+ bytes long";
 impl TestServer {
     /// Starts a server on `db` (which must be migrated).
     pub async fn start(db: &TestDb) -> Self {
-        let store = db.store(16).await;
+        let db = db.open().await;
         let tokens = TokenAuthority::new(TEST_SECRET).expect("secret");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -326,14 +445,14 @@ impl TestServer {
         let url = format!("http://{}", listener.local_addr().expect("address"));
         let stop = CancellationToken::new();
         let parts = ServerParts {
-            store: Arc::new(store.clone()),
+            store: db.store(),
             tokens: tokens.clone(),
             bundle_view_refresh: Duration::from_millis(200),
         };
         let task = tokio::spawn(server::run(listener, parts, stop.clone()));
         Self {
             url,
-            store,
+            db,
             tokens,
             stop,
             task: Some(task),

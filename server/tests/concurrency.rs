@@ -1,12 +1,14 @@
 //! "Each one-time prekey is handed out at most once", tested the way it can fail: many
-//! concurrent fetchers spread over two server processes' worth of servers on one database.
+//! concurrent fetchers spread over two servers, each with its own connection pool, on one
+//! database (one PostgreSQL database, or one SQLite file), as two processes would be.
 
+#[macro_use]
 mod common;
 
 use std::collections::HashMap;
 
 use common::*;
-use keyserver::testing::{TestDb, TestServer};
+use keyserver::testing::{Backend, TestDb, TestServer};
 use keyserver_proto::pb;
 use uuid::Uuid;
 
@@ -27,9 +29,10 @@ fn tally(served: Vec<Option<u32>>) -> (HashMap<u32, usize>, usize) {
     (times, without)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn thirty_two_fetchers_on_two_servers_get_each_of_fifty_prekeys_exactly_once() {
-    let db = TestDb::migrated().await;
+async fn thirty_two_fetchers_on_two_servers_get_each_of_fifty_prekeys_exactly_once(
+    backend: Backend,
+) {
+    let db = TestDb::migrated(backend).await;
     let servers = [TestServer::start(&db).await, TestServer::start(&db).await];
     let bob = TestDevice::new(Uuid::new_v4(), "bob-phone", PREKEYS);
     client(&servers[0], bob.user)
@@ -64,18 +67,15 @@ async fn thirty_two_fetchers_on_two_servers_get_each_of_fifty_prekeys_exactly_on
         "a prekey was served twice: {times:?}"
     );
     assert_eq!(without, FETCHERS * FETCHES_EACH - PREKEYS as usize);
-    let consumed: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM nchat_one_time_prekeys WHERE is_consumed AND consumed_at IS NOT NULL",
-    )
-    .fetch_one(servers[0].store.pool())
-    .await
-    .unwrap();
+    let consumed = servers[0]
+        .db
+        .count("SELECT count(*) FROM nchat_one_time_prekeys WHERE is_consumed AND consumed_at IS NOT NULL")
+        .await;
     assert_eq!(consumed, i64::from(PREKEYS));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_bulk_and_single_fetches_never_share_a_prekey() {
-    let db = TestDb::migrated().await;
+async fn concurrent_bulk_and_single_fetches_never_share_a_prekey(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
     let servers = [TestServer::start(&db).await, TestServer::start(&db).await];
     let users: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
     for (i, user) in users.iter().enumerate() {
@@ -128,3 +128,6 @@ async fn concurrent_bulk_and_single_fetches_never_share_a_prekey() {
     assert_eq!(times.len(), 6 * 20, "all 120 prekeys were handed out");
     assert!(without > 0);
 }
+
+conformance!(multi_thread; thirty_two_fetchers_on_two_servers_get_each_of_fifty_prekeys_exactly_once);
+conformance!(multi_thread; concurrent_bulk_and_single_fetches_never_share_a_prekey);

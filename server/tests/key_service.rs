@@ -1,35 +1,25 @@
 //! The key service over a real PostgreSQL and a real gRPC server on a loopback port: every
 //! call, every rejection, and what each leaves in the database.
 
+#[macro_use]
 mod common;
 
 use std::time::Duration;
 
 use common::*;
-use keyserver::testing::{TestDb, TestServer};
+use keyserver::testing::{Backend, TestDb, TestServer};
 use keyserver_client::api::verify_bundle;
 use keyserver_client::keys::KeyPair;
 use keyserver_proto::pb;
-use sqlx::Row;
 use tonic::Code;
 use uuid::Uuid;
 
 async fn count(server: &TestServer, sql: &str) -> i64 {
-    sqlx::query_scalar(sql)
-        .fetch_one(server.store.pool())
-        .await
-        .expect(sql)
+    server.db.count(sql).await
 }
 
 async fn audit_events(server: &TestServer, event: &str) -> Vec<serde_json::Value> {
-    sqlx::query("SELECT metadata FROM nchat_e2ee_audit_log WHERE event_type = $1 ORDER BY id")
-        .bind(event)
-        .fetch_all(server.store.pool())
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.get("metadata"))
-        .collect()
+    server.db.audit_metadata(event).await
 }
 
 /// (one-time prekey rows, signed prekey rows) in the database.
@@ -61,9 +51,10 @@ async fn row_counts(server: &TestServer) -> Vec<i64> {
     counts
 }
 
-#[tokio::test]
-async fn register_then_fetch_serves_verified_bundles_taking_prekeys_in_upload_order() {
-    let db = TestDb::migrated().await;
+async fn register_then_fetch_serves_verified_bundles_taking_prekeys_in_upload_order(
+    backend: Backend,
+) {
+    let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let bob = TestDevice::new(Uuid::new_v4(), "bob-phone", 3);
     let mut bob_client = client(&server, bob.user).await;
@@ -128,9 +119,8 @@ async fn register_then_fetch_serves_verified_bundles_taking_prekeys_in_upload_or
     assert_eq!(events[0]["one_time_prekeys_uploaded"], 3);
 }
 
-#[tokio::test]
-async fn fetch_all_devices_leaves_out_devices_without_an_active_signed_prekey() {
-    let db = TestDb::migrated().await;
+async fn fetch_all_devices_leaves_out_devices_without_an_active_signed_prekey(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let user = Uuid::new_v4();
     let mut owner = client(&server, user).await;
@@ -141,15 +131,21 @@ async fn fetch_all_devices_leaves_out_devices_without_an_active_signed_prekey() 
             .unwrap();
     }
     // A device row with no signed prekey, as a chat database could hold.
-    sqlx::query(
-        "INSERT INTO nchat_identity_keys (device_id, user_id, identity_key_public, identity_key_private_encrypted)
-         VALUES ('laptop', $1, $2, '\\x00')",
-    )
-    .bind(user)
-    .bind([9u8; 32].as_slice())
-    .execute(server.store.pool())
-    .await
-    .unwrap();
+    let insert = |blob: &str| {
+        format!(
+            "INSERT INTO nchat_identity_keys
+                 (device_id, user_id, identity_key_public, identity_key_private_encrypted)
+             VALUES ('laptop', '{user}', {blob}, {blob})"
+        )
+    };
+    let key = "09".repeat(32);
+    server
+        .db
+        .execute_either(
+            &insert(&format!("'\\x{key}'::bytea")),
+            &insert(&format!("X'{key}'")),
+        )
+        .await;
 
     let mut peer = client(&server, Uuid::new_v4()).await;
     let all = fetch(&mut peer, user, None).await.unwrap();
@@ -171,9 +167,8 @@ async fn fetch_all_devices_leaves_out_devices_without_an_active_signed_prekey() 
     assert!(again.devices.iter().all(|d| d.one_time_prekey.is_none()));
 }
 
-#[tokio::test]
-async fn every_bad_registration_is_refused_precisely_and_writes_nothing() {
-    let db = TestDb::migrated().await;
+async fn every_bad_registration_is_refused_precisely_and_writes_nothing(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let dev = TestDevice::new(Uuid::new_v4(), "dev-1", 3);
     let mut c = client(&server, dev.user).await;
@@ -293,9 +288,8 @@ async fn every_bad_registration_is_refused_precisely_and_writes_nothing() {
         .expect("the unmodified request is fine");
 }
 
-#[tokio::test]
-async fn a_device_id_of_another_user_is_never_taken_over_or_written() {
-    let db = TestDb::migrated().await;
+async fn a_device_id_of_another_user_is_never_taken_over_or_written(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let bob = TestDevice::new(Uuid::new_v4(), "shared-id", 2);
     client(&server, bob.user)
@@ -354,9 +348,8 @@ async fn a_device_id_of_another_user_is_never_taken_over_or_written() {
     );
 }
 
-#[tokio::test]
-async fn re_registration_is_idempotent_and_a_new_identity_replaces_every_key() {
-    let db = TestDb::migrated().await;
+async fn re_registration_is_idempotent_and_a_new_identity_replaces_every_key(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let first = TestDevice::new(Uuid::new_v4(), "phone", 3);
     let mut c = client(&server, first.user).await;
@@ -405,9 +398,8 @@ async fn re_registration_is_idempotent_and_a_new_identity_replaces_every_key() {
     assert_eq!(outcomes, ["created", "updated", "replaced"]);
 }
 
-#[tokio::test]
-async fn uploads_are_retry_safe_and_never_restore_a_consumed_key() {
-    let db = TestDb::migrated().await;
+async fn uploads_are_retry_safe_and_never_restore_a_consumed_key(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let dev = TestDevice::new(Uuid::new_v4(), "phone", 0);
     let mut c = client(&server, dev.user).await;
@@ -498,9 +490,8 @@ async fn uploads_are_retry_safe_and_never_restore_a_consumed_key() {
     assert_eq!(events[0]["stored"], 2);
 }
 
-#[tokio::test]
-async fn rotation_keeps_exactly_one_active_key_and_refuses_reused_ids() {
-    let db = TestDb::migrated().await;
+async fn rotation_keeps_exactly_one_active_key_and_refuses_reused_ids(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let dev = TestDevice::new(Uuid::new_v4(), "phone", 1);
     let mut c = client(&server, dev.user).await;
@@ -576,9 +567,8 @@ async fn rotation_keeps_exactly_one_active_key_and_refuses_reused_ids() {
     assert_eq!(events[0]["previous_signed_prekey_id"], 1);
 }
 
-#[tokio::test]
-async fn concurrent_rotations_of_one_device_leave_exactly_one_active_key() {
-    let db = TestDb::migrated().await;
+async fn concurrent_rotations_of_one_device_leave_exactly_one_active_key(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let dev = TestDevice::new(Uuid::new_v4(), "phone", 0);
     client(&server, dev.user)
@@ -621,9 +611,8 @@ async fn concurrent_rotations_of_one_device_leave_exactly_one_active_key() {
     );
 }
 
-#[tokio::test]
-async fn status_reports_rotation_due_after_seven_days() {
-    let db = TestDb::migrated().await;
+async fn status_reports_rotation_due_after_seven_days(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let dev = TestDevice::new(Uuid::new_v4(), "phone", 12);
     let mut c = client(&server, dev.user).await;
@@ -644,17 +633,22 @@ async fn status_reports_rotation_due_after_seven_days() {
     assert!(!fresh.replenish_recommended && !fresh.rotation_due);
     assert!(fresh.active_signed_prekey_created_at.is_some());
 
-    sqlx::query(
-        "UPDATE nchat_signed_prekeys SET rotation_date = NOW() - INTERVAL '6 days 23 hours'",
-    )
-    .execute(server.store.pool())
-    .await
-    .unwrap();
+    let age = |pg: &'static str, sqlite: &'static str| {
+        let db = server.db.clone();
+        async move {
+            db.execute_either(
+                &format!("UPDATE nchat_signed_prekeys SET rotation_date = NOW() - INTERVAL '{pg}'"),
+                &format!(
+                    "UPDATE nchat_signed_prekeys SET rotation_date = \
+                     strftime('%Y-%m-%dT%H:%M:%fZ', 'now', {sqlite})"
+                ),
+            )
+            .await
+        }
+    };
+    age("6 days 23 hours", "'-6 days', '-23 hours'").await;
     assert!(!status(&mut c).await.rotation_due);
-    sqlx::query("UPDATE nchat_signed_prekeys SET rotation_date = NOW() - INTERVAL '7 days 1 hour'")
-        .execute(server.store.pool())
-        .await
-        .unwrap();
+    age("7 days 1 hour", "'-7 days', '-1 hours'").await;
     let old = status(&mut c).await;
     assert!(old.rotation_due);
     assert!(old.active_signed_prekey_age_seconds > 7 * 24 * 3600);
@@ -668,9 +662,8 @@ async fn status_reports_rotation_due_after_seven_days() {
     assert!(low.replenish_recommended);
 }
 
-#[tokio::test]
-async fn bulk_fetch_answers_each_target_in_order_and_never_shares_a_key_twice() {
-    let db = TestDb::migrated().await;
+async fn bulk_fetch_answers_each_target_in_order_and_never_shares_a_key_twice(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let bob = Uuid::new_v4();
     let carol = Uuid::new_v4();
@@ -779,9 +772,8 @@ async fn bulk_fetch_answers_each_target_in_order_and_never_shares_a_key_twice() 
     );
 }
 
-#[tokio::test]
-async fn calls_without_a_valid_token_are_unauthenticated() {
-    let db = TestDb::migrated().await;
+async fn calls_without_a_valid_token_are_unauthenticated(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let user = Uuid::new_v4();
     let request = || pb::GetKeyStatusRequest {
@@ -831,12 +823,11 @@ async fn calls_without_a_valid_token_are_unauthenticated() {
     );
 }
 
-#[tokio::test]
-async fn health_and_reflection_are_served() {
+async fn health_and_reflection_are_served(backend: Backend) {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
-    let db = TestDb::migrated().await;
+    let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
         .unwrap()
@@ -899,9 +890,8 @@ async fn health_and_reflection_are_served() {
     server.stop().await.expect("graceful stop");
 }
 
-#[tokio::test]
-async fn the_bundle_view_is_refreshed_off_the_request_path() {
-    let db = TestDb::migrated().await;
+async fn the_bundle_view_is_refreshed_off_the_request_path(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let dev = TestDevice::new(Uuid::new_v4(), "phone", 2);
     client(&server, dev.user)
@@ -914,13 +904,14 @@ async fn the_bundle_view_is_refreshed_off_the_request_path() {
     // The view shows the device's next unconsumed key (id 2) once the refresher has run.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let row: Option<Option<i32>> = sqlx::query_scalar(
-            "SELECT one_time_prekey_id FROM nchat_prekey_bundles WHERE device_id = 'phone'",
-        )
-        .fetch_optional(server.store.pool())
-        .await
-        .unwrap();
-        if row == Some(Some(2)) {
+        let row = server
+            .db
+            .integer(
+                "SELECT CAST(one_time_prekey_id AS BIGINT) FROM nchat_prekey_bundles
+                 WHERE device_id = 'phone'",
+            )
+            .await;
+        if row == Some(2) {
             break;
         }
         assert!(
@@ -930,3 +921,17 @@ async fn the_bundle_view_is_refreshed_off_the_request_path() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+conformance!(register_then_fetch_serves_verified_bundles_taking_prekeys_in_upload_order);
+conformance!(fetch_all_devices_leaves_out_devices_without_an_active_signed_prekey);
+conformance!(every_bad_registration_is_refused_precisely_and_writes_nothing);
+conformance!(a_device_id_of_another_user_is_never_taken_over_or_written);
+conformance!(re_registration_is_idempotent_and_a_new_identity_replaces_every_key);
+conformance!(uploads_are_retry_safe_and_never_restore_a_consumed_key);
+conformance!(rotation_keeps_exactly_one_active_key_and_refuses_reused_ids);
+conformance!(concurrent_rotations_of_one_device_leave_exactly_one_active_key);
+conformance!(status_reports_rotation_due_after_seven_days);
+conformance!(bulk_fetch_answers_each_target_in_order_and_never_shares_a_key_twice);
+conformance!(calls_without_a_valid_token_are_unauthenticated);
+conformance!(health_and_reflection_are_served);
+conformance!(the_bundle_view_is_refreshed_off_the_request_path);

@@ -1,16 +1,18 @@
-//! Schema migrations on real PostgreSQL databases: up, down and up again; refusing a database
-//! migrated by an unknown version; adopting a chat database that already has the nchat schema.
+//! Schema migrations on real databases of both backends: up, down and up again, empty and with
+//! data; refusing a database migrated by an unknown version; the same schema objects on both;
+//! adopting a PostgreSQL chat database that already has the nchat schema.
 
+#[macro_use]
 mod common;
 
 use common::*;
 use keyserver::store::migrations::{self, MigrationError};
-use keyserver::testing::{TestDb, TestServer};
-use sqlx::PgPool;
+use keyserver::testing::{Backend, TestDb, TestServer};
 use tonic::Code;
 use uuid::Uuid;
 
-const E2EE_TABLES: [&str; 7] = [
+const TABLES: [&str; 9] = [
+    "nchat_users",
     "nchat_user_master_keys",
     "nchat_identity_keys",
     "nchat_signed_prekeys",
@@ -18,114 +20,157 @@ const E2EE_TABLES: [&str; 7] = [
     "nchat_signal_sessions",
     "nchat_safety_numbers",
     "nchat_e2ee_audit_log",
+    "nchat_prekey_bundles",
 ];
 
-async fn relations(pool: &PgPool) -> Vec<String> {
-    sqlx::query_scalar(
-        "SELECT c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-         WHERE n.nspname = 'public' AND c.relkind IN ('r', 'm') AND c.relname LIKE 'nchat_%'
-         ORDER BY 1",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap()
-}
+async fn migrations_go_up_down_and_up_again_on_an_empty_database(backend: Backend) {
+    let test_db = TestDb::empty(backend).await;
+    let db = test_db.open().await;
+    assert!(db.schema_objects().await.is_empty());
 
-async fn indexes(pool: &PgPool) -> Vec<String> {
-    sqlx::query_scalar(
-        "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'public' AND indexname LIKE 'idx_%' ORDER BY 1",
-    )
-    .fetch_all(pool)
-    .await
-    .unwrap()
-}
-
-#[tokio::test]
-async fn migrations_go_up_down_and_up_again_on_an_empty_database() {
-    let db = TestDb::empty().await;
-    let store = db.store(2).await;
-    let pool = store.pool();
-    assert!(relations(pool).await.is_empty());
-
-    migrations::up(pool).await.unwrap();
-    let schema = relations(pool).await;
-    for table in E2EE_TABLES
+    migrations::up(&db).await.unwrap();
+    let schema = db.schema_objects().await;
+    for name in TABLES
         .iter()
-        .chain(&["nchat_users", "nchat_prekey_bundles"])
+        .chain(&["idx_one_time_prekeys_next", "idx_signed_prekeys_one_active"])
     {
         assert!(
-            schema.contains(&table.to_string()),
-            "{table} missing from {schema:?}"
+            schema.contains(&name.to_string()),
+            "{name} missing from {schema:?}"
         );
     }
-    let all_indexes = indexes(pool).await;
-    assert!(all_indexes.contains(&"idx_one_time_prekeys_next".to_string()));
-    assert!(all_indexes.contains(&"idx_signed_prekeys_one_active".to_string()));
     assert!(
-        migrations::status(pool)
+        migrations::status(&db)
             .await
             .unwrap()
             .iter()
             .all(|m| m.applied)
     );
 
-    migrations::down_to(pool, 1).await.unwrap();
+    migrations::down_to(&db, 1).await.unwrap();
+    let at_one = db.schema_objects().await;
+    assert!(!at_one.contains(&"idx_one_time_prekeys_next".to_string()));
+    assert!(at_one.contains(&"nchat_one_time_prekeys".to_string()));
+    migrations::down_to(&db, 0).await.unwrap();
     assert!(
-        !indexes(pool)
-            .await
-            .contains(&"idx_one_time_prekeys_next".to_string())
-    );
-    migrations::down_to(pool, 0).await.unwrap();
-    assert!(
-        relations(pool).await.is_empty(),
+        db.schema_objects().await.is_empty(),
         "down removes everything up created"
     );
     assert!(
-        migrations::status(pool)
+        migrations::status(&db)
             .await
             .unwrap()
             .iter()
             .all(|m| !m.applied)
     );
 
-    migrations::up(pool).await.unwrap();
-    assert_eq!(relations(pool).await, schema);
-    assert_eq!(indexes(pool).await, all_indexes);
-    assert_eq!(migrations::current_version(pool).await.unwrap(), Some(2));
+    migrations::up(&db).await.unwrap();
+    assert_eq!(db.schema_objects().await, schema);
+    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(2));
 }
+conformance!(migrations_go_up_down_and_up_again_on_an_empty_database);
 
-#[tokio::test]
-async fn a_database_with_unknown_migrations_is_refused() {
-    let db = TestDb::migrated().await;
-    let store = db.store(2).await;
-    sqlx::query(
-        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
-         VALUES (9999, 'from the future', TRUE, '\\x00', 0)",
-    )
-    .execute(store.pool())
-    .await
-    .unwrap();
-    let err = migrations::up(store.pool()).await.unwrap_err();
+async fn both_backends_have_the_same_schema_objects(backend: Backend) {
+    // Table for table, index for index: what differs between the backends is types, and the
+    // two indexes of the materialized view, which SQLite's plain view cannot have.
+    let view_only =
+        |name: &String| backend == Backend::Sqlite && name.starts_with("idx_prekey_bundles_");
+    let mut postgres = TestDb::migrated(Backend::Postgres)
+        .await
+        .open()
+        .await
+        .schema_objects()
+        .await;
+    postgres.retain(|name| !view_only(name));
+    let other = TestDb::migrated(backend)
+        .await
+        .open()
+        .await
+        .schema_objects()
+        .await;
+    assert_eq!(postgres, other);
+}
+conformance!(both_backends_have_the_same_schema_objects);
+
+async fn migrating_down_and_up_keeps_the_data(backend: Backend) {
+    let test_db = TestDb::migrated(backend).await;
+    let server = TestServer::start(&test_db).await;
+    let bob = TestDevice::new(Uuid::new_v4(), "bob-phone", 5);
+    client(&server, bob.user)
+        .await
+        .register_device(bob.register_request())
+        .await
+        .unwrap();
+    let mut alice = client(&server, Uuid::new_v4()).await;
+    fetch(&mut alice, bob.user, None).await.unwrap();
+    server.stop().await.unwrap();
+
+    let db = test_db.open().await;
+    let snapshot = |db: keyserver::store::database::Database| async move {
+        let mut counts = Vec::new();
+        for sql in [
+            "SELECT count(*) FROM nchat_users",
+            "SELECT count(*) FROM nchat_identity_keys",
+            "SELECT count(*) FROM nchat_signed_prekeys WHERE is_active",
+            "SELECT count(*) FROM nchat_one_time_prekeys",
+            "SELECT count(*) FROM nchat_one_time_prekeys WHERE is_consumed AND consumed_at IS NOT NULL",
+            "SELECT count(*) FROM nchat_e2ee_audit_log",
+        ] {
+            counts.push(db.count(sql).await);
+        }
+        counts
+    };
+    let before = snapshot(db.clone()).await;
+    assert_eq!(before, [1, 1, 1, 5, 1, 1]);
+    migrations::down_to(&db, 1).await.unwrap();
+    assert_eq!(
+        snapshot(db.clone()).await,
+        before,
+        "reverting 0002 keeps every row"
+    );
+    migrations::up(&db).await.unwrap();
+    assert_eq!(snapshot(db.clone()).await, before);
+
+    // The server carries on where it stopped: the next fetch gets the second key, not the first.
+    let server = TestServer::start(&test_db).await;
+    let mut alice = client(&server, Uuid::new_v4()).await;
+    let next = fetch(&mut alice, bob.user, None).await.unwrap();
+    assert_eq!(next.devices[0].one_time_prekey.as_ref().unwrap().key_id, 2);
+}
+conformance!(migrating_down_and_up_keeps_the_data);
+
+async fn a_database_with_unknown_migrations_is_refused(backend: Backend) {
+    let test_db = TestDb::migrated(backend).await;
+    let db = test_db.open().await;
+    let insert = |checksum: &str| {
+        format!(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES (9999, 'from the future', TRUE, {checksum}, 0)"
+        )
+    };
+    db.execute_either(&insert("'\\x00'::bytea"), &insert("X'00'"))
+        .await;
+    let err = migrations::up(&db).await.unwrap_err();
     assert!(
         matches!(err, MigrationError::Unknown { version: 9999 }),
         "{err}"
     );
     assert!(err.to_string().contains("newer keyserver"));
 
-    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 9999")
-        .execute(store.pool())
-        .await
-        .unwrap();
-    sqlx::query("UPDATE _sqlx_migrations SET checksum = '\\x01' WHERE version = 1")
-        .execute(store.pool())
-        .await
-        .unwrap();
-    let err = migrations::check_known(store.pool()).await.unwrap_err();
+    db.execute("DELETE FROM _sqlx_migrations WHERE version = 9999")
+        .await;
+    db.execute_either(
+        "UPDATE _sqlx_migrations SET checksum = '\\x01'::bytea WHERE version = 1",
+        "UPDATE _sqlx_migrations SET checksum = X'01' WHERE version = 1",
+    )
+    .await;
+    let err = migrations::check_known(&db).await.unwrap_err();
     assert!(
         matches!(err, MigrationError::Modified { version: 1, .. }),
         "{err}"
     );
 }
+conformance!(a_database_with_unknown_migrations_is_refused);
 
 /// The design's own migration as a chat app would have run it: a richer users table, the
 /// E2EE tables, and the per-statement triggers that refresh the whole view.
@@ -179,34 +224,28 @@ CREATE TRIGGER refresh_prekey_bundles_on_one_time_prekey AFTER INSERT OR UPDATE
     ON nchat_one_time_prekeys FOR EACH STATEMENT EXECUTE FUNCTION refresh_prekey_bundles();
 "#;
 
+/// PostgreSQL only: an nchat chat database is a PostgreSQL database.
 #[tokio::test]
 async fn adopts_a_chat_database_that_already_has_the_schema() {
-    let db = TestDb::empty().await;
-    let store = db.store(2).await;
-    sqlx::raw_sql(CHAT_DATABASE)
-        .execute(store.pool())
-        .await
-        .unwrap();
+    let test_db = TestDb::empty(Backend::Postgres).await;
+    let db = test_db.open().await;
+    db.execute(CHAT_DATABASE).await;
     let known = Uuid::new_v4();
-    sqlx::query("INSERT INTO nchat_users (id, username) VALUES ($1, 'bob')")
-        .bind(known)
-        .execute(store.pool())
-        .await
-        .unwrap();
+    db.execute(&format!(
+        "INSERT INTO nchat_users (id, username) VALUES ('{known}', 'bob')"
+    ))
+    .await;
 
-    migrations::up(store.pool()).await.unwrap();
-    let triggers: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'refresh_prekey_bundles%'",
-    )
-    .fetch_one(store.pool())
-    .await
-    .unwrap();
+    migrations::up(&db).await.unwrap();
+    let triggers = db
+        .count("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'refresh_prekey_bundles%'")
+        .await;
     assert_eq!(
         triggers, 0,
         "the design's refresh-on-every-write triggers are removed"
     );
 
-    let server = TestServer::start(&db).await;
+    let server = TestServer::start(&test_db).await;
     client(&server, known)
         .await
         .register_device(TestDevice::new(known, "bob-phone", 1).register_request())
@@ -227,6 +266,6 @@ async fn adopts_a_chat_database_that_already_has_the_schema() {
 
     // Reverting all of the key server's migrations leaves the chat app's own users table.
     server.stop().await.unwrap();
-    migrations::down_to(store.pool(), 0).await.unwrap();
-    assert_eq!(relations(store.pool()).await, ["nchat_users"]);
+    migrations::down_to(&db, 0).await.unwrap();
+    assert_eq!(db.schema_objects().await, ["nchat_users"]);
 }

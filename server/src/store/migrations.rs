@@ -1,14 +1,18 @@
-//! Schema migrations: applying, reverting and reporting them, and refusing a database whose
-//! applied migrations this build does not know (a newer server migrated it, or the files
-//! changed after they were applied).
+//! Schema migrations of both backends: applying, reverting and reporting them, and refusing a
+//! database whose applied migrations this build does not know (a newer server migrated it, or
+//! the files changed after they were applied). Each backend has its own folder under
+//! `migrations/`, with the same versions.
 
 use std::collections::HashMap;
 
 use sqlx::migrate::{Migrate, Migrator};
-use sqlx::{PgPool, Row};
+
+use super::database::Database;
 
 /// The PostgreSQL migrations, embedded at build time from `migrations/postgres`.
 pub static POSTGRES: Migrator = sqlx::migrate!("../migrations/postgres");
+/// The SQLite migrations, embedded at build time from `migrations/sqlite`.
+pub static SQLITE: Migrator = sqlx::migrate!("../migrations/sqlite");
 
 /// Why the schema cannot be used or changed.
 #[derive(Debug, thiserror::Error)]
@@ -39,26 +43,32 @@ pub struct MigrationState {
     pub applied: bool,
 }
 
-/// Checks that every migration the database has applied is one of ours, unchanged.
-pub async fn check_known(pool: &PgPool) -> Result<(), MigrationError> {
-    let mut conn = pool.acquire().await?;
+fn migrator(db: &Database) -> &'static Migrator {
+    match db {
+        Database::Postgres(_) => &POSTGRES,
+        Database::Sqlite(_) => &SQLITE,
+    }
+}
+
+/// Checks the applied migrations against ours; returns every migration with its state.
+async fn inspect<C: Migrate + ?Sized>(
+    conn: &mut C,
+    migrator: &Migrator,
+) -> Result<Vec<MigrationState>, MigrationError> {
     conn.ensure_migrations_table().await?;
     if let Some(version) = conn.dirty_version().await? {
         return Err(MigrationError::Dirty { version });
     }
-    let ours: HashMap<i64, _> = POSTGRES
+    let ours: HashMap<i64, _> = migrator
         .iter()
         .filter(|m| m.migration_type.is_up_migration())
         .map(|m| (m.version, m))
         .collect();
-    for applied in conn.list_applied_migrations().await? {
-        match ours.get(&applied.version) {
-            None => {
-                return Err(MigrationError::Unknown {
-                    version: applied.version,
-                });
-            }
-            Some(m) if m.checksum != applied.checksum => {
+    let applied = conn.list_applied_migrations().await?;
+    for a in &applied {
+        match ours.get(&a.version) {
+            None => return Err(MigrationError::Unknown { version: a.version }),
+            Some(m) if m.checksum != a.checksum => {
                 return Err(MigrationError::Modified {
                     version: m.version,
                     description: m.description.to_string(),
@@ -67,50 +77,57 @@ pub async fn check_known(pool: &PgPool) -> Result<(), MigrationError> {
             Some(_) => {}
         }
     }
-    Ok(())
-}
-
-/// Applies every pending migration, after [`check_known`].
-pub async fn up(pool: &PgPool) -> Result<(), MigrationError> {
-    check_known(pool).await?;
-    POSTGRES.run(pool).await?;
-    Ok(())
-}
-
-/// Reverts applied migrations newer than `target` (0 reverts all).
-pub async fn down_to(pool: &PgPool, target: i64) -> Result<(), MigrationError> {
-    check_known(pool).await?;
-    POSTGRES.undo(pool, target).await?;
-    Ok(())
-}
-
-/// The newest applied migration, if any.
-pub async fn current_version(pool: &PgPool) -> Result<Option<i64>, MigrationError> {
-    Ok(status(pool)
-        .await?
-        .iter()
-        .filter(|m| m.applied)
-        .map(|m| m.version)
-        .max())
-}
-
-/// Every migration this build has, and whether the database has applied it.
-pub async fn status(pool: &PgPool) -> Result<Vec<MigrationState>, MigrationError> {
-    check_known(pool).await?;
-    let applied: Vec<i64> =
-        sqlx::query("SELECT version FROM _sqlx_migrations WHERE success = TRUE ORDER BY version")
-            .fetch_all(pool)
-            .await?
-            .iter()
-            .map(|r| r.get("version"))
-            .collect();
-    Ok(POSTGRES
+    Ok(migrator
         .iter()
         .filter(|m| m.migration_type.is_up_migration())
         .map(|m| MigrationState {
             version: m.version,
             description: m.description.to_string(),
-            applied: applied.contains(&m.version),
+            applied: applied.iter().any(|a| a.version == m.version),
         })
         .collect())
+}
+
+/// Every migration this build has, and whether the database has applied it; fails when the
+/// database has one this build does not know.
+pub async fn status(db: &Database) -> Result<Vec<MigrationState>, MigrationError> {
+    match db {
+        Database::Postgres(s) => inspect(&mut *s.pool().acquire().await?, &POSTGRES).await,
+        Database::Sqlite(s) => inspect(&mut *s.pool().acquire().await?, &SQLITE).await,
+    }
+}
+
+/// Checks that every migration the database has applied is one of ours, unchanged.
+pub async fn check_known(db: &Database) -> Result<(), MigrationError> {
+    status(db).await.map(drop)
+}
+
+/// Applies every pending migration, after [`check_known`].
+pub async fn up(db: &Database) -> Result<(), MigrationError> {
+    check_known(db).await?;
+    match db {
+        Database::Postgres(s) => POSTGRES.run(s.pool()).await?,
+        Database::Sqlite(s) => SQLITE.run(s.pool()).await?,
+    }
+    Ok(())
+}
+
+/// Reverts applied migrations newer than `target` (0 reverts all).
+pub async fn down_to(db: &Database, target: i64) -> Result<(), MigrationError> {
+    check_known(db).await?;
+    match db {
+        Database::Postgres(s) => migrator(db).undo(s.pool(), target).await?,
+        Database::Sqlite(s) => migrator(db).undo(s.pool(), target).await?,
+    }
+    Ok(())
+}
+
+/// The newest applied migration, if any.
+pub async fn current_version(db: &Database) -> Result<Option<i64>, MigrationError> {
+    Ok(status(db)
+        .await?
+        .iter()
+        .filter(|m| m.applied)
+        .map(|m| m.version)
+        .max())
 }

@@ -5,13 +5,18 @@
 //! event, so a failed call writes nothing. The PostgreSQL backend is [`postgres::PgStore`]; an
 //! embedded backend implements the same trait.
 
+pub mod database;
 pub mod migrations;
 pub mod postgres;
+pub mod sqlite;
+pub mod writes;
 
 use async_trait::async_trait;
 use keyserver_proto::wire::PublicKey;
 use time::OffsetDateTime;
 use uuid::Uuid;
+
+use writes::KeyTx;
 
 /// A signed prekey as a device uploads it; its signature is verified before it gets here.
 #[derive(Clone, PartialEq, Eq)]
@@ -167,12 +172,28 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
 }
 
+/// A public key as stored (32 raw bytes); anything else is a corrupt row.
+fn stored_key(bytes: &[u8]) -> Result<PublicKey, StoreError> {
+    PublicKey::from_raw_slice(bytes)
+        .map_err(|e| StoreError::Database(sqlx::Error::Decode(e.into())))
+}
+
+/// A signature as stored (64 bytes); anything else is a corrupt row.
+fn stored_signature(bytes: &[u8]) -> Result<[u8; 64], StoreError> {
+    bytes.try_into().map_err(|_| {
+        StoreError::Database(sqlx::Error::Decode(
+            format!("stored signature has {} bytes", bytes.len()).into(),
+        ))
+    })
+}
+
 /// The key server's storage. Implementations must hand out each one-time prekey at most once,
-/// even to concurrent callers in several processes.
+/// even to concurrent callers in several processes. A backend provides write transactions and
+/// the reads; the write rules themselves are shared ([`writes`]).
 #[async_trait]
 pub trait KeyStore: Send + Sync + 'static {
-    /// Registers or re-registers a device of `device.user_id`.
-    async fn register_device(&self, device: NewDevice) -> Result<Registered, StoreError>;
+    /// Starts a write transaction that serializes with other writers of the same device.
+    async fn begin_write(&self) -> Result<Box<dyn KeyTx>, StoreError>;
 
     /// The identity key of `device_id`, which must belong to `user_id`.
     async fn device_identity(
@@ -180,25 +201,6 @@ pub trait KeyStore: Send + Sync + 'static {
         user_id: Uuid,
         device_id: &str,
     ) -> Result<PublicKey, StoreError>;
-
-    /// Appends one-time prekeys: identical stored keys are left alone, consumed ids refused.
-    async fn upload_one_time_prekeys(
-        &self,
-        user_id: Uuid,
-        device_id: &str,
-        keys: Vec<NewOneTimePreKey>,
-    ) -> Result<UploadReport, StoreError>;
-
-    /// Makes `key` the device's only active signed prekey. Fails with
-    /// [`StoreError::IdentityChanged`] when the device's identity key is no longer
-    /// `signed_by` (the signature was checked against that key).
-    async fn rotate_signed_prekey(
-        &self,
-        user_id: Uuid,
-        device_id: &str,
-        signed_by: PublicKey,
-        key: NewSignedPreKey,
-    ) -> Result<Rotated, StoreError>;
 
     /// The device's key counts; the device must belong to `user_id`.
     async fn key_status(&self, user_id: Uuid, device_id: &str) -> Result<KeyStatus, StoreError>;
@@ -214,4 +216,39 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Refreshes the `nchat_prekey_bundles` read model. Returns false without waiting when
     /// another process is refreshing it.
     async fn refresh_bundle_view(&self) -> Result<bool, StoreError>;
+
+    /// Registers or re-registers a device of `device.user_id`.
+    async fn register_device(&self, device: NewDevice) -> Result<Registered, StoreError> {
+        writes::register(self.begin_write().await?, &device).await
+    }
+
+    /// Appends one-time prekeys: identical stored keys are left alone, consumed ids refused.
+    async fn upload_one_time_prekeys(
+        &self,
+        user_id: Uuid,
+        device_id: &str,
+        keys: Vec<NewOneTimePreKey>,
+    ) -> Result<UploadReport, StoreError> {
+        writes::upload(self.begin_write().await?, user_id, device_id, &keys).await
+    }
+
+    /// Makes `key` the device's only active signed prekey. Fails with
+    /// [`StoreError::IdentityChanged`] when the device's identity key is no longer
+    /// `signed_by` (the signature was checked against that key).
+    async fn rotate_signed_prekey(
+        &self,
+        user_id: Uuid,
+        device_id: &str,
+        signed_by: PublicKey,
+        key: NewSignedPreKey,
+    ) -> Result<Rotated, StoreError> {
+        writes::rotate(
+            self.begin_write().await?,
+            user_id,
+            device_id,
+            signed_by,
+            &key,
+        )
+        .await
+    }
 }

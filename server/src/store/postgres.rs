@@ -10,15 +10,15 @@ use std::collections::HashMap;
 
 use async_trait::async_trait;
 use keyserver_proto::wire::PublicKey;
-use serde_json::json;
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::{PgConnection, Postgres, Row, Transaction};
+use sqlx::{Postgres, Row, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::writes::{KeyTx, StoredOneTimePreKey, StoredSignedPreKey};
 use super::{
     BundleTarget, DeviceBundle, KeyStatus, KeyStore, NewDevice, NewOneTimePreKey, NewSignedPreKey,
-    PublishedSignedPreKey, RegisterOutcome, Registered, Rotated, StoreError, UploadReport,
+    PublishedSignedPreKey, StoreError, stored_key, stored_signature,
 };
 use crate::audit::AuditEvent;
 
@@ -56,243 +56,37 @@ fn db_id(key_id: u32) -> i32 {
     key_id as i32
 }
 
-fn stored_key(bytes: &[u8]) -> Result<PublicKey, StoreError> {
-    PublicKey::from_raw_slice(bytes)
-        .map_err(|e| StoreError::Database(sqlx::Error::Decode(e.into())))
-}
+/// One write transaction on PostgreSQL.
+struct PgTx(Transaction<'static, Postgres>);
 
-fn stored_signature(bytes: &[u8]) -> Result<[u8; 64], StoreError> {
-    bytes.try_into().map_err(|_| {
-        StoreError::Database(sqlx::Error::Decode(
-            format!("stored signature has {} bytes", bytes.len()).into(),
-        ))
-    })
-}
-
-/// Locks the device's identity row for this transaction and checks its owner.
-async fn lock_owned_device(
-    conn: &mut PgConnection,
-    user_id: Uuid,
-    device_id: &str,
-) -> Result<PublicKey, StoreError> {
-    let row = sqlx::query(
-        "SELECT user_id, identity_key_public FROM nchat_identity_keys
-         WHERE device_id = $1 FOR NO KEY UPDATE",
-    )
-    .bind(device_id)
-    .fetch_optional(&mut *conn)
-    .await?
-    .ok_or(StoreError::DeviceNotFound)?;
-    if row.get::<Uuid, _>("user_id") != user_id {
-        return Err(StoreError::NotYourDevice);
-    }
-    stored_key(row.get("identity_key_public"))
-}
-
-async fn count_available(conn: &mut PgConnection, device_id: &str) -> Result<u32, StoreError> {
-    let count: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM nchat_one_time_prekeys WHERE device_id = $1 AND is_consumed = FALSE",
-    )
-    .bind(device_id)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(count as u32)
-}
-
-/// Creates the user row when the database has a minimal `nchat_users`; a chat app's own users
-/// table (with columns the key server cannot fill) must already hold the user.
-async fn ensure_user(conn: &mut PgConnection, user_id: Uuid) -> Result<(), StoreError> {
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM nchat_users WHERE id = $1)")
+#[async_trait]
+impl KeyTx for PgTx {
+    async fn ensure_user(&mut self, user_id: Uuid) -> Result<(), StoreError> {
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM nchat_users WHERE id = $1)")
+                .bind(user_id)
+                .fetch_one(&mut *self.0)
+                .await?;
+        if exists {
+            return Ok(());
+        }
+        // A chat app's own users table has columns the key server cannot fill: the user must
+        // already be there.
+        match sqlx::query("INSERT INTO nchat_users (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
             .bind(user_id)
-            .fetch_one(&mut *conn)
-            .await?;
-    if exists {
-        return Ok(());
-    }
-    match sqlx::query("INSERT INTO nchat_users (id) VALUES ($1) ON CONFLICT (id) DO NOTHING")
-        .bind(user_id)
-        .execute(&mut *conn)
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(NOT_NULL_VIOLATION) => {
-            Err(StoreError::UnknownUser)
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
-async fn insert_signed_prekey(
-    conn: &mut PgConnection,
-    device_id: &str,
-    key: &NewSignedPreKey,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO nchat_signed_prekeys
-             (device_id, signed_prekey_id, signed_prekey_public, signed_prekey_private_encrypted,
-              signature, is_active)
-         VALUES ($1, $2, $3, $4, $5, TRUE)",
-    )
-    .bind(device_id)
-    .bind(db_id(key.key_id))
-    .bind(key.public.as_raw().as_slice())
-    .bind(&key.encrypted_private)
-    .bind(key.signature.as_slice())
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-/// Inserts one-time prekeys in the given order, so the serial id records upload order.
-async fn insert_one_time_prekeys(
-    conn: &mut PgConnection,
-    device_id: &str,
-    keys: &[&NewOneTimePreKey],
-) -> Result<(), StoreError> {
-    if keys.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<i32> = keys.iter().map(|k| db_id(k.key_id)).collect();
-    let publics: Vec<&[u8]> = keys.iter().map(|k| k.public.as_raw().as_slice()).collect();
-    let privates: Vec<&[u8]> = keys
-        .iter()
-        .map(|k| k.encrypted_private.as_slice())
-        .collect();
-    sqlx::query(
-        "INSERT INTO nchat_one_time_prekeys (device_id, prekey_id, prekey_public, prekey_private_encrypted)
-         SELECT $1, k.id, k.public, k.private
-         FROM unnest($2::int4[], $3::bytea[], $4::bytea[]) WITH ORDINALITY AS k(id, public, private, n)
-         ORDER BY k.n",
-    )
-    .bind(device_id)
-    .bind(&ids)
-    .bind(&publics)
-    .bind(&privates)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-/// Stores the keys that are new, leaves identical unconsumed ones alone and refuses consumed
-/// ids; any id stored with a different public key fails the whole call.
-async fn merge_one_time_prekeys(
-    conn: &mut PgConnection,
-    device_id: &str,
-    keys: &[NewOneTimePreKey],
-) -> Result<UploadReport, StoreError> {
-    let ids: Vec<i32> = keys.iter().map(|k| db_id(k.key_id)).collect();
-    let rows = sqlx::query(
-        "SELECT prekey_id, prekey_public, is_consumed FROM nchat_one_time_prekeys
-         WHERE device_id = $1 AND prekey_id = ANY($2)",
-    )
-    .bind(device_id)
-    .bind(&ids)
-    .fetch_all(&mut *conn)
-    .await?;
-    let existing: HashMap<u32, (Vec<u8>, bool)> = rows
-        .into_iter()
-        .map(|r| {
-            (
-                r.get::<i32, _>("prekey_id") as u32,
-                (r.get("prekey_public"), r.get("is_consumed")),
-            )
-        })
-        .collect();
-
-    let mut report = UploadReport::default();
-    let mut new_keys = Vec::new();
-    for key in keys {
-        match existing.get(&key.key_id) {
-            None => {
-                report.stored.push(key.key_id);
-                new_keys.push(key);
+            .execute(&mut *self.0)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(NOT_NULL_VIOLATION) => {
+                Err(StoreError::UnknownUser)
             }
-            Some((public, _)) if public.as_slice() != key.public.as_raw() => {
-                return Err(StoreError::OneTimePreKeyConflict { key_id: key.key_id });
-            }
-            Some((_, true)) => report.refused_consumed.push(key.key_id),
-            Some((_, false)) => report.unchanged.push(key.key_id),
+            Err(e) => Err(e.into()),
         }
     }
-    insert_one_time_prekeys(conn, device_id, &new_keys).await?;
-    Ok(report)
-}
 
-/// Makes `key` the only active signed prekey of a device whose row is locked.
-async fn install_signed_prekey(
-    conn: &mut PgConnection,
-    device_id: &str,
-    key: &NewSignedPreKey,
-) -> Result<Rotated, StoreError> {
-    let rows = sqlx::query(
-        "SELECT signed_prekey_id, signed_prekey_public, is_active FROM nchat_signed_prekeys
-         WHERE device_id = $1 AND (signed_prekey_id = $2 OR is_active = TRUE)",
-    )
-    .bind(device_id)
-    .bind(db_id(key.key_id))
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut previous = None;
-    for row in &rows {
-        let id = row.get::<i32, _>("signed_prekey_id") as u32;
-        let active: bool = row.get("is_active");
-        if id == key.key_id {
-            if row.get::<&[u8], _>("signed_prekey_public") != key.public.as_raw() {
-                return Err(StoreError::SignedPreKeyConflict { key_id: id });
-            }
-            if !active {
-                return Err(StoreError::SignedPreKeySuperseded { key_id: id });
-            }
-            return Ok(Rotated {
-                rotated: false,
-                previous_key_id: None,
-            });
-        }
-        if active {
-            previous = Some(id);
-        }
-    }
-    sqlx::query(
-        "UPDATE nchat_signed_prekeys SET is_active = FALSE WHERE device_id = $1 AND is_active = TRUE",
-    )
-    .bind(device_id)
-    .execute(&mut *conn)
-    .await?;
-    insert_signed_prekey(conn, device_id, key).await?;
-    Ok(Rotated {
-        rotated: true,
-        previous_key_id: previous,
-    })
-}
-
-async fn audit(
-    conn: &mut PgConnection,
-    event: AuditEvent,
-    user_id: Uuid,
-    device_id: &str,
-    metadata: serde_json::Value,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO nchat_e2ee_audit_log (event_type, user_id, device_id, metadata)
-         VALUES ($1, $2, $3, $4)",
-    )
-    .bind(event.as_str())
-    .bind(user_id)
-    .bind(device_id)
-    .bind(metadata)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-impl PgStore {
-    async fn register_in(
-        tx: &mut Transaction<'_, Postgres>,
-        device: &NewDevice,
-    ) -> Result<RegisterOutcome, StoreError> {
-        ensure_user(tx, device.user_id).await?;
-        let created = sqlx::query(
+    async fn insert_device(&mut self, device: &NewDevice) -> Result<bool, StoreError> {
+        let inserted = sqlx::query(
             "INSERT INTO nchat_identity_keys
                  (device_id, user_id, identity_key_public, identity_key_private_encrypted, registration_id)
              VALUES ($1, $2, $3, $4, $5)
@@ -303,79 +97,208 @@ impl PgStore {
         .bind(device.identity_key.as_raw().as_slice())
         .bind(&device.encrypted_identity_private)
         .bind(i32::from(device.registration_id))
-        .execute(&mut **tx)
+        .execute(&mut *self.0)
         .await?
-        .rows_affected()
-            == 1;
-        let all_keys: Vec<&NewOneTimePreKey> = device.one_time_prekeys.iter().collect();
-        if created {
-            insert_signed_prekey(tx, &device.device_id, &device.signed_prekey).await?;
-            insert_one_time_prekeys(tx, &device.device_id, &all_keys).await?;
-            return Ok(RegisterOutcome::Created);
-        }
+        .rows_affected();
+        Ok(inserted == 1)
+    }
 
-        let stored_identity = lock_owned_device(tx, device.user_id, &device.device_id)
-            .await
-            .map_err(|e| match e {
-                StoreError::NotYourDevice => StoreError::DeviceTaken,
-                e => e,
-            })?;
-        let same_identity = stored_identity == device.identity_key;
+    async fn lock_device(
+        &mut self,
+        device_id: &str,
+    ) -> Result<Option<(Uuid, PublicKey)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT user_id, identity_key_public FROM nchat_identity_keys
+             WHERE device_id = $1 FOR NO KEY UPDATE",
+        )
+        .bind(device_id)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        row.map(|r| Ok((r.get("user_id"), stored_key(r.get("identity_key_public"))?)))
+            .transpose()
+    }
+
+    async fn update_device(
+        &mut self,
+        device: &NewDevice,
+        new_identity: bool,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE nchat_identity_keys
              SET identity_key_public = $2, identity_key_private_encrypted = $3, registration_id = $4,
-                 created_at = CASE WHEN $5 THEN created_at ELSE NOW() END
+                 created_at = CASE WHEN $5 THEN NOW() ELSE created_at END
              WHERE device_id = $1",
         )
         .bind(&device.device_id)
         .bind(device.identity_key.as_raw().as_slice())
         .bind(&device.encrypted_identity_private)
         .bind(i32::from(device.registration_id))
-        .bind(same_identity)
-        .execute(&mut **tx)
+        .bind(new_identity)
+        .execute(&mut *self.0)
         .await?;
-        if same_identity {
-            install_signed_prekey(tx, &device.device_id, &device.signed_prekey).await?;
-            merge_one_time_prekeys(tx, &device.device_id, &device.one_time_prekeys).await?;
-            return Ok(RegisterOutcome::Updated);
+        Ok(())
+    }
+
+    async fn delete_prekeys(&mut self, device_id: &str) -> Result<(), StoreError> {
+        for table in ["nchat_one_time_prekeys", "nchat_signed_prekeys"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE device_id = $1"))
+                .bind(device_id)
+                .execute(&mut *self.0)
+                .await?;
         }
-        // A new identity key makes every old key of the device meaningless: replace them all.
-        sqlx::query("DELETE FROM nchat_one_time_prekeys WHERE device_id = $1")
-            .bind(&device.device_id)
-            .execute(&mut **tx)
-            .await?;
-        sqlx::query("DELETE FROM nchat_signed_prekeys WHERE device_id = $1")
-            .bind(&device.device_id)
-            .execute(&mut **tx)
-            .await?;
-        insert_signed_prekey(tx, &device.device_id, &device.signed_prekey).await?;
-        insert_one_time_prekeys(tx, &device.device_id, &all_keys).await?;
-        Ok(RegisterOutcome::Replaced)
+        Ok(())
+    }
+
+    async fn one_time_prekeys(
+        &mut self,
+        device_id: &str,
+        ids: &[u32],
+    ) -> Result<HashMap<u32, StoredOneTimePreKey>, StoreError> {
+        let ids: Vec<i32> = ids.iter().map(|&id| db_id(id)).collect();
+        let rows = sqlx::query(
+            "SELECT prekey_id, prekey_public, is_consumed FROM nchat_one_time_prekeys
+             WHERE device_id = $1 AND prekey_id = ANY($2)",
+        )
+        .bind(device_id)
+        .bind(&ids)
+        .fetch_all(&mut *self.0)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let stored = StoredOneTimePreKey {
+                    public: r.get("prekey_public"),
+                    consumed: r.get("is_consumed"),
+                };
+                (r.get::<i32, _>("prekey_id") as u32, stored)
+            })
+            .collect())
+    }
+
+    async fn insert_one_time_prekeys(
+        &mut self,
+        device_id: &str,
+        keys: &[&NewOneTimePreKey],
+    ) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i32> = keys.iter().map(|k| db_id(k.key_id)).collect();
+        let publics: Vec<&[u8]> = keys.iter().map(|k| k.public.as_raw().as_slice()).collect();
+        let privates: Vec<&[u8]> = keys
+            .iter()
+            .map(|k| k.encrypted_private.as_slice())
+            .collect();
+        sqlx::query(
+            "INSERT INTO nchat_one_time_prekeys (device_id, prekey_id, prekey_public, prekey_private_encrypted)
+             SELECT $1, k.id, k.public, k.private
+             FROM unnest($2::int4[], $3::bytea[], $4::bytea[]) WITH ORDINALITY AS k(id, public, private, n)
+             ORDER BY k.n",
+        )
+        .bind(device_id)
+        .bind(&ids)
+        .bind(&publics)
+        .bind(&privates)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn signed_prekeys(
+        &mut self,
+        device_id: &str,
+        key_id: u32,
+    ) -> Result<Vec<StoredSignedPreKey>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT signed_prekey_id, signed_prekey_public, is_active FROM nchat_signed_prekeys
+             WHERE device_id = $1 AND (signed_prekey_id = $2 OR is_active = TRUE)",
+        )
+        .bind(device_id)
+        .bind(db_id(key_id))
+        .fetch_all(&mut *self.0)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| StoredSignedPreKey {
+                key_id: r.get::<i32, _>("signed_prekey_id") as u32,
+                public: r.get("signed_prekey_public"),
+                active: r.get("is_active"),
+            })
+            .collect())
+    }
+
+    async fn deactivate_signed_prekeys(&mut self, device_id: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE nchat_signed_prekeys SET is_active = FALSE
+             WHERE device_id = $1 AND is_active = TRUE",
+        )
+        .bind(device_id)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_signed_prekey(
+        &mut self,
+        device_id: &str,
+        key: &NewSignedPreKey,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO nchat_signed_prekeys
+                 (device_id, signed_prekey_id, signed_prekey_public, signed_prekey_private_encrypted,
+                  signature, is_active)
+             VALUES ($1, $2, $3, $4, $5, TRUE)",
+        )
+        .bind(device_id)
+        .bind(db_id(key.key_id))
+        .bind(key.public.as_raw().as_slice())
+        .bind(&key.encrypted_private)
+        .bind(key.signature.as_slice())
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn count_available(&mut self, device_id: &str) -> Result<u32, StoreError> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM nchat_one_time_prekeys WHERE device_id = $1 AND is_consumed = FALSE",
+        )
+        .bind(device_id)
+        .fetch_one(&mut *self.0)
+        .await?;
+        Ok(count as u32)
+    }
+
+    async fn audit(
+        &mut self,
+        event: AuditEvent,
+        user_id: Uuid,
+        device_id: &str,
+        metadata: serde_json::Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO nchat_e2ee_audit_log (event_type, user_id, device_id, metadata)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(event.as_str())
+        .bind(user_id)
+        .bind(device_id)
+        .bind(metadata)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        self.0.commit().await?;
+        Ok(())
     }
 }
 
 #[async_trait]
 impl KeyStore for PgStore {
-    async fn register_device(&self, device: NewDevice) -> Result<Registered, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let outcome = Self::register_in(&mut tx, &device).await?;
-        let available = count_available(&mut tx, &device.device_id).await?;
-        audit(
-            &mut tx,
-            AuditEvent::DeviceKeysGenerated,
-            device.user_id,
-            &device.device_id,
-            json!({
-                "outcome": outcome.as_str(),
-                "registration_id": device.registration_id,
-                "signed_prekey_id": device.signed_prekey.key_id,
-                "one_time_prekeys_uploaded": device.one_time_prekeys.len(),
-                "one_time_prekeys_available": available,
-            }),
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(Registered { outcome, available })
+    async fn begin_write(&self) -> Result<Box<dyn KeyTx>, StoreError> {
+        Ok(Box::new(PgTx(self.pool.begin().await?)))
     }
 
     async fn device_identity(
@@ -394,64 +317,6 @@ impl KeyStore for PgStore {
             return Err(StoreError::NotYourDevice);
         }
         stored_key(row.get("identity_key_public"))
-    }
-
-    async fn upload_one_time_prekeys(
-        &self,
-        user_id: Uuid,
-        device_id: &str,
-        keys: Vec<NewOneTimePreKey>,
-    ) -> Result<UploadReport, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        lock_owned_device(&mut tx, user_id, device_id).await?;
-        let mut report = merge_one_time_prekeys(&mut tx, device_id, &keys).await?;
-        report.available = count_available(&mut tx, device_id).await?;
-        if !report.stored.is_empty() {
-            audit(
-                &mut tx,
-                AuditEvent::PrekeysReplenished,
-                user_id,
-                device_id,
-                json!({
-                    "stored": report.stored.len(),
-                    "unchanged": report.unchanged.len(),
-                    "refused_consumed": report.refused_consumed.len(),
-                    "one_time_prekeys_available": report.available,
-                }),
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(report)
-    }
-
-    async fn rotate_signed_prekey(
-        &self,
-        user_id: Uuid,
-        device_id: &str,
-        signed_by: PublicKey,
-        key: NewSignedPreKey,
-    ) -> Result<Rotated, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        if lock_owned_device(&mut tx, user_id, device_id).await? != signed_by {
-            return Err(StoreError::IdentityChanged);
-        }
-        let rotated = install_signed_prekey(&mut tx, device_id, &key).await?;
-        if rotated.rotated {
-            audit(
-                &mut tx,
-                AuditEvent::SignedPrekeyRotated,
-                user_id,
-                device_id,
-                json!({
-                    "signed_prekey_id": key.key_id,
-                    "previous_signed_prekey_id": rotated.previous_key_id,
-                }),
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(rotated)
     }
 
     async fn key_status(&self, user_id: Uuid, device_id: &str) -> Result<KeyStatus, StoreError> {

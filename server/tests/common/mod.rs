@@ -1,7 +1,31 @@
 //! Helpers shared by the integration tests: devices with real keys and real signatures, and
 //! authenticated clients.
 
-#![allow(dead_code)] // each test binary uses a different subset
+#![allow(dead_code, unused_macros)] // each test binary uses a different subset
+
+/// Runs the async test function `$name(backend)` once per backend: the conformance suite is
+/// one set of tests, not one per backend. `conformance!(multi_thread; name)` for a test that
+/// needs several runtime threads.
+macro_rules! conformance {
+    (multi_thread; $name:ident) => {
+        conformance!(@tests tokio::test(flavor = "multi_thread", worker_threads = 4); $name);
+    };
+    ($name:ident) => {
+        conformance!(@tests tokio::test; $name);
+    };
+    (@tests $test:meta; $name:ident) => {
+        mod $name {
+            #[$test]
+            async fn postgres() {
+                super::$name(keyserver::testing::Backend::Postgres).await
+            }
+            #[$test]
+            async fn sqlite() {
+                super::$name(keyserver::testing::Backend::Sqlite).await
+            }
+        }
+    };
+}
 
 use keyserver::testing::TestServer;
 use keyserver_client::api::{self, KeyClient};

@@ -1,0 +1,429 @@
+//! The embedded SQLite backend of [`KeyStore`]: the default when no `DATABASE_URL` is set.
+//!
+//! SQLite has one writer at a time per database file, across every process that opens it.
+//! Every write transaction, fetches included, starts with `BEGIN IMMEDIATE`, which takes that
+//! write lock up front: taking the oldest unconsumed one-time prekey and flagging it is then
+//! atomic with respect to every other fetch, in this process or another. WAL lets reads go on
+//! meanwhile; the busy timeout makes writers queue instead of failing; `synchronous=FULL` makes
+//! a handed-out key's consumed flag durable before the bundle leaves the server.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use keyserver_proto::wire::PublicKey;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::writes::{KeyTx, StoredOneTimePreKey, StoredSignedPreKey};
+use super::{
+    BundleTarget, DeviceBundle, KeyStatus, KeyStore, NewDevice, NewOneTimePreKey, NewSignedPreKey,
+    PublishedSignedPreKey, StoreError, stored_key, stored_signature,
+};
+use crate::audit::AuditEvent;
+
+/// How long a writer waits for another process's write lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The current time as the schema stores it (UTC, RFC 3339, milliseconds).
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+/// A [`KeyStore`] on an SQLite database file.
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the database at `url` (`sqlite://path`).
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, sqlx::Error> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(BUSY_TIMEOUT)
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    /// The underlying pool, for migrations and operator tools.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn begin_immediate(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+fn user_text(user_id: Uuid) -> String {
+    user_id.hyphenated().to_string()
+}
+
+fn stored_user(text: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(text).map_err(|e| StoreError::Database(sqlx::Error::Decode(e.into())))
+}
+
+/// One write transaction on SQLite (it holds the database's write lock).
+struct SqliteTx(Transaction<'static, Sqlite>);
+
+#[async_trait]
+impl KeyTx for SqliteTx {
+    async fn ensure_user(&mut self, user_id: Uuid) -> Result<(), StoreError> {
+        // The embedded database's users table is the key server's own minimal one.
+        sqlx::query("INSERT INTO nchat_users (id) VALUES (?1) ON CONFLICT (id) DO NOTHING")
+            .bind(user_text(user_id))
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn insert_device(&mut self, device: &NewDevice) -> Result<bool, StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO nchat_identity_keys
+                 (device_id, user_id, identity_key_public, identity_key_private_encrypted, registration_id)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (device_id) DO NOTHING",
+        )
+        .bind(&device.device_id)
+        .bind(user_text(device.user_id))
+        .bind(device.identity_key.as_raw().as_slice())
+        .bind(&device.encrypted_identity_private)
+        .bind(i32::from(device.registration_id))
+        .execute(&mut *self.0)
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
+    }
+
+    async fn lock_device(
+        &mut self,
+        device_id: &str,
+    ) -> Result<Option<(Uuid, PublicKey)>, StoreError> {
+        // BEGIN IMMEDIATE already holds the write lock: a plain read is stable until commit.
+        let row = sqlx::query(
+            "SELECT user_id, identity_key_public FROM nchat_identity_keys WHERE device_id = ?1",
+        )
+        .bind(device_id)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        row.map(|r| {
+            Ok((
+                stored_user(r.get("user_id"))?,
+                stored_key(r.get("identity_key_public"))?,
+            ))
+        })
+        .transpose()
+    }
+
+    async fn update_device(
+        &mut self,
+        device: &NewDevice,
+        new_identity: bool,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&format!(
+            "UPDATE nchat_identity_keys
+             SET identity_key_public = ?2, identity_key_private_encrypted = ?3, registration_id = ?4,
+                 created_at = CASE WHEN ?5 THEN {NOW} ELSE created_at END
+             WHERE device_id = ?1"
+        ))
+        .bind(&device.device_id)
+        .bind(device.identity_key.as_raw().as_slice())
+        .bind(&device.encrypted_identity_private)
+        .bind(i32::from(device.registration_id))
+        .bind(new_identity)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_prekeys(&mut self, device_id: &str) -> Result<(), StoreError> {
+        for table in ["nchat_one_time_prekeys", "nchat_signed_prekeys"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE device_id = ?1"))
+                .bind(device_id)
+                .execute(&mut *self.0)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn one_time_prekeys(
+        &mut self,
+        device_id: &str,
+        ids: &[u32],
+    ) -> Result<HashMap<u32, StoredOneTimePreKey>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT prekey_id, prekey_public, is_consumed FROM nchat_one_time_prekeys
+             WHERE device_id = ?1 AND prekey_id IN (SELECT value FROM json_each(?2))",
+        )
+        .bind(device_id)
+        .bind(serde_json::to_string(ids).expect("ids serialize"))
+        .fetch_all(&mut *self.0)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let stored = StoredOneTimePreKey {
+                    public: r.get("prekey_public"),
+                    consumed: r.get("is_consumed"),
+                };
+                (r.get::<i64, _>("prekey_id") as u32, stored)
+            })
+            .collect())
+    }
+
+    async fn insert_one_time_prekeys(
+        &mut self,
+        device_id: &str,
+        keys: &[&NewOneTimePreKey],
+    ) -> Result<(), StoreError> {
+        // Row by row inside the transaction: in-process SQLite has no round trips to save,
+        // and the insertion order is the upload order.
+        for key in keys {
+            sqlx::query(
+                "INSERT INTO nchat_one_time_prekeys
+                     (device_id, prekey_id, prekey_public, prekey_private_encrypted)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )
+            .bind(device_id)
+            .bind(i64::from(key.key_id))
+            .bind(key.public.as_raw().as_slice())
+            .bind(&key.encrypted_private)
+            .execute(&mut *self.0)
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn signed_prekeys(
+        &mut self,
+        device_id: &str,
+        key_id: u32,
+    ) -> Result<Vec<StoredSignedPreKey>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT signed_prekey_id, signed_prekey_public, is_active FROM nchat_signed_prekeys
+             WHERE device_id = ?1 AND (signed_prekey_id = ?2 OR is_active = 1)",
+        )
+        .bind(device_id)
+        .bind(i64::from(key_id))
+        .fetch_all(&mut *self.0)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| StoredSignedPreKey {
+                key_id: r.get::<i64, _>("signed_prekey_id") as u32,
+                public: r.get("signed_prekey_public"),
+                active: r.get("is_active"),
+            })
+            .collect())
+    }
+
+    async fn deactivate_signed_prekeys(&mut self, device_id: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE nchat_signed_prekeys SET is_active = 0 WHERE device_id = ?1 AND is_active = 1",
+        )
+        .bind(device_id)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_signed_prekey(
+        &mut self,
+        device_id: &str,
+        key: &NewSignedPreKey,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO nchat_signed_prekeys
+                 (device_id, signed_prekey_id, signed_prekey_public, signed_prekey_private_encrypted,
+                  signature, is_active)
+             VALUES (?1, ?2, ?3, ?4, ?5, 1)",
+        )
+        .bind(device_id)
+        .bind(i64::from(key.key_id))
+        .bind(key.public.as_raw().as_slice())
+        .bind(&key.encrypted_private)
+        .bind(key.signature.as_slice())
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn count_available(&mut self, device_id: &str) -> Result<u32, StoreError> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM nchat_one_time_prekeys WHERE device_id = ?1 AND is_consumed = 0",
+        )
+        .bind(device_id)
+        .fetch_one(&mut *self.0)
+        .await?;
+        Ok(count as u32)
+    }
+
+    async fn audit(
+        &mut self,
+        event: AuditEvent,
+        user_id: Uuid,
+        device_id: &str,
+        metadata: serde_json::Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO nchat_e2ee_audit_log (event_type, user_id, device_id, metadata)
+             VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(event.as_str())
+        .bind(user_text(user_id))
+        .bind(device_id)
+        .bind(metadata.to_string())
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        self.0.commit().await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn begin_write(&self) -> Result<Box<dyn KeyTx>, StoreError> {
+        Ok(Box::new(SqliteTx(self.begin_immediate().await?)))
+    }
+
+    async fn device_identity(
+        &self,
+        user_id: Uuid,
+        device_id: &str,
+    ) -> Result<PublicKey, StoreError> {
+        let row = sqlx::query(
+            "SELECT user_id, identity_key_public FROM nchat_identity_keys WHERE device_id = ?1",
+        )
+        .bind(device_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::DeviceNotFound)?;
+        if stored_user(row.get("user_id"))? != user_id {
+            return Err(StoreError::NotYourDevice);
+        }
+        stored_key(row.get("identity_key_public"))
+    }
+
+    async fn key_status(&self, user_id: Uuid, device_id: &str) -> Result<KeyStatus, StoreError> {
+        let row = sqlx::query(
+            "SELECT ik.user_id,
+                    (SELECT count(*) FROM nchat_one_time_prekeys o
+                     WHERE o.device_id = ik.device_id AND o.is_consumed = 0) AS available,
+                    sp.signed_prekey_id, sp.rotation_date
+             FROM nchat_identity_keys ik
+             LEFT JOIN nchat_signed_prekeys sp ON sp.device_id = ik.device_id AND sp.is_active = 1
+             WHERE ik.device_id = ?1",
+        )
+        .bind(device_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::DeviceNotFound)?;
+        if stored_user(row.get("user_id"))? != user_id {
+            return Err(StoreError::NotYourDevice);
+        }
+        let signed_id: Option<i64> = row.get("signed_prekey_id");
+        let rotated_at: Option<OffsetDateTime> = row.get("rotation_date");
+        Ok(KeyStatus {
+            available: row.get::<i64, _>("available") as u32,
+            active_signed_prekey: signed_id.zip(rotated_at).map(|(id, at)| (id as u32, at)),
+        })
+    }
+
+    async fn fetch_bundles(
+        &self,
+        targets: &[BundleTarget],
+    ) -> Result<Vec<Vec<DeviceBundle>>, StoreError> {
+        let targets_json = serde_json::Value::Array(
+            targets
+                .iter()
+                .map(|t| serde_json::json!([user_text(t.user_id), t.device_id]))
+                .collect(),
+        )
+        .to_string();
+        let mut tx = self.begin_immediate().await?;
+        let rows = sqlx::query(
+            "WITH targets AS (
+                 SELECT CAST(t.key AS INTEGER) AS ord,
+                        json_extract(t.value, '$[0]') AS user_id,
+                        json_extract(t.value, '$[1]') AS device_id
+                 FROM json_each(?1) t
+             )
+             SELECT t.ord, ik.device_id, COALESCE(ik.registration_id, 0) AS registration_id,
+                    ik.identity_key_public, sp.signed_prekey_id, sp.signed_prekey_public, sp.signature
+             FROM targets t
+             JOIN nchat_identity_keys ik
+               ON ik.user_id = t.user_id AND (t.device_id IS NULL OR ik.device_id = t.device_id)
+             JOIN nchat_signed_prekeys sp ON sp.device_id = ik.device_id AND sp.is_active = 1
+             ORDER BY t.ord, ik.device_id",
+        )
+        .bind(&targets_json)
+        .fetch_all(&mut *tx)
+        .await?;
+
+        // Each device once, however many targets name it: one key per device per call.
+        let mut devices: Vec<String> = rows.iter().map(|r| r.get("device_id")).collect();
+        devices.sort();
+        devices.dedup();
+        let taken: HashMap<String, (u32, PublicKey)> = sqlx::query(&format!(
+            "UPDATE nchat_one_time_prekeys SET is_consumed = 1, consumed_at = {NOW}
+             WHERE id IN (
+                 SELECT (SELECT o.id FROM nchat_one_time_prekeys o
+                         WHERE o.device_id = d.value AND o.is_consumed = 0
+                         ORDER BY o.id LIMIT 1)
+                 FROM json_each(?1) d
+             ) AND is_consumed = 0
+             RETURNING device_id, prekey_id, prekey_public"
+        ))
+        .bind(serde_json::to_string(&devices).expect("device ids serialize"))
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .map(|r| {
+            let key = (
+                r.get::<i64, _>("prekey_id") as u32,
+                stored_key(r.get("prekey_public"))?,
+            );
+            Ok((r.get("device_id"), key))
+        })
+        .collect::<Result<_, StoreError>>()?;
+        tx.commit().await?;
+
+        let mut results = vec![Vec::new(); targets.len()];
+        for row in rows {
+            let device_id: String = row.get("device_id");
+            let bundle = DeviceBundle {
+                one_time_prekey: taken.get(&device_id).copied(),
+                device_id,
+                registration_id: row.get::<i64, _>("registration_id") as u32,
+                identity_key: stored_key(row.get("identity_key_public"))?,
+                signed_prekey: PublishedSignedPreKey {
+                    key_id: row.get::<i64, _>("signed_prekey_id") as u32,
+                    public: stored_key(row.get("signed_prekey_public"))?,
+                    signature: stored_signature(row.get("signature"))?,
+                },
+            };
+            results[row.get::<i64, _>("ord") as usize].push(bundle);
+        }
+        Ok(results)
+    }
+
+    async fn refresh_bundle_view(&self) -> Result<bool, StoreError> {
+        // A plain view: always current, nothing to refresh.
+        Ok(true)
+    }
+}

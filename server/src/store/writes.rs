@@ -1,0 +1,275 @@
+//! What registration, upload and rotation mean, written once for every backend.
+//!
+//! A backend provides the primitive statements of one write transaction ([`KeyTx`]); the rules
+//! (retry-safety, refusing consumed ids, one active signed prekey, replacing keys on a new
+//! identity, the audit event in the same transaction) live here and nowhere else.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use keyserver_proto::wire::PublicKey;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{
+    NewDevice, NewOneTimePreKey, NewSignedPreKey, RegisterOutcome, Registered, Rotated, StoreError,
+    UploadReport,
+};
+use crate::audit::AuditEvent;
+
+/// A stored one-time prekey, as a re-upload is compared with it.
+pub struct StoredOneTimePreKey {
+    pub public: Vec<u8>,
+    pub consumed: bool,
+}
+
+/// A stored signed prekey, as a rotation is compared with it.
+pub struct StoredSignedPreKey {
+    pub key_id: u32,
+    pub public: Vec<u8>,
+    pub active: bool,
+}
+
+/// The statements of one write transaction. Dropping it without [`KeyTx::commit`] rolls back.
+#[async_trait]
+pub trait KeyTx: Send {
+    /// Makes sure the user exists; [`StoreError::UnknownUser`] when it cannot be created.
+    async fn ensure_user(&mut self, user_id: Uuid) -> Result<(), StoreError>;
+    /// Inserts the device's identity row unless the device id exists; true when inserted.
+    async fn insert_device(&mut self, device: &NewDevice) -> Result<bool, StoreError>;
+    /// Locks the device against other writers until commit; its owner and identity key.
+    async fn lock_device(
+        &mut self,
+        device_id: &str,
+    ) -> Result<Option<(Uuid, PublicKey)>, StoreError>;
+    /// Rewrites the identity row; `new_identity` restarts its creation time.
+    async fn update_device(
+        &mut self,
+        device: &NewDevice,
+        new_identity: bool,
+    ) -> Result<(), StoreError>;
+    /// Deletes every signed and one-time prekey of the device.
+    async fn delete_prekeys(&mut self, device_id: &str) -> Result<(), StoreError>;
+    /// The stored one-time prekeys among `ids`.
+    async fn one_time_prekeys(
+        &mut self,
+        device_id: &str,
+        ids: &[u32],
+    ) -> Result<HashMap<u32, StoredOneTimePreKey>, StoreError>;
+    /// Inserts one-time prekeys in the given order (their serial ids record upload order).
+    async fn insert_one_time_prekeys(
+        &mut self,
+        device_id: &str,
+        keys: &[&NewOneTimePreKey],
+    ) -> Result<(), StoreError>;
+    /// The signed prekeys with id `key_id`, and the active one.
+    async fn signed_prekeys(
+        &mut self,
+        device_id: &str,
+        key_id: u32,
+    ) -> Result<Vec<StoredSignedPreKey>, StoreError>;
+    async fn deactivate_signed_prekeys(&mut self, device_id: &str) -> Result<(), StoreError>;
+    /// Inserts an active signed prekey.
+    async fn insert_signed_prekey(
+        &mut self,
+        device_id: &str,
+        key: &NewSignedPreKey,
+    ) -> Result<(), StoreError>;
+    async fn count_available(&mut self, device_id: &str) -> Result<u32, StoreError>;
+    async fn audit(
+        &mut self,
+        event: AuditEvent,
+        user_id: Uuid,
+        device_id: &str,
+        metadata: serde_json::Value,
+    ) -> Result<(), StoreError>;
+    async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+/// Locks the device and checks that `user_id` owns it.
+async fn lock_owned(
+    tx: &mut dyn KeyTx,
+    user_id: Uuid,
+    device_id: &str,
+) -> Result<PublicKey, StoreError> {
+    match tx.lock_device(device_id).await? {
+        None => Err(StoreError::DeviceNotFound),
+        Some((owner, _)) if owner != user_id => Err(StoreError::NotYourDevice),
+        Some((_, identity)) => Ok(identity),
+    }
+}
+
+/// Stores the keys that are new, leaves identical unconsumed ones alone and refuses consumed
+/// ids; any id stored with a different public key fails the whole call.
+async fn merge_one_time_prekeys(
+    tx: &mut dyn KeyTx,
+    device_id: &str,
+    keys: &[NewOneTimePreKey],
+) -> Result<UploadReport, StoreError> {
+    let ids: Vec<u32> = keys.iter().map(|k| k.key_id).collect();
+    let existing = tx.one_time_prekeys(device_id, &ids).await?;
+    let mut report = UploadReport::default();
+    let mut new_keys = Vec::new();
+    for key in keys {
+        match existing.get(&key.key_id) {
+            None => {
+                report.stored.push(key.key_id);
+                new_keys.push(key);
+            }
+            Some(stored) if stored.public.as_slice() != key.public.as_raw() => {
+                return Err(StoreError::OneTimePreKeyConflict { key_id: key.key_id });
+            }
+            Some(stored) if stored.consumed => report.refused_consumed.push(key.key_id),
+            Some(_) => report.unchanged.push(key.key_id),
+        }
+    }
+    tx.insert_one_time_prekeys(device_id, &new_keys).await?;
+    Ok(report)
+}
+
+/// Makes `key` the only active signed prekey of a locked device.
+async fn install_signed_prekey(
+    tx: &mut dyn KeyTx,
+    device_id: &str,
+    key: &NewSignedPreKey,
+) -> Result<Rotated, StoreError> {
+    let mut previous = None;
+    for stored in tx.signed_prekeys(device_id, key.key_id).await? {
+        if stored.key_id == key.key_id {
+            if stored.public.as_slice() != key.public.as_raw() {
+                return Err(StoreError::SignedPreKeyConflict { key_id: key.key_id });
+            }
+            if !stored.active {
+                return Err(StoreError::SignedPreKeySuperseded { key_id: key.key_id });
+            }
+            return Ok(Rotated {
+                rotated: false,
+                previous_key_id: None,
+            });
+        }
+        if stored.active {
+            previous = Some(stored.key_id);
+        }
+    }
+    tx.deactivate_signed_prekeys(device_id).await?;
+    tx.insert_signed_prekey(device_id, key).await?;
+    Ok(Rotated {
+        rotated: true,
+        previous_key_id: previous,
+    })
+}
+
+async fn register_keys(
+    tx: &mut dyn KeyTx,
+    device: &NewDevice,
+) -> Result<RegisterOutcome, StoreError> {
+    tx.ensure_user(device.user_id).await?;
+    let all_keys: Vec<&NewOneTimePreKey> = device.one_time_prekeys.iter().collect();
+    if tx.insert_device(device).await? {
+        tx.insert_signed_prekey(&device.device_id, &device.signed_prekey)
+            .await?;
+        tx.insert_one_time_prekeys(&device.device_id, &all_keys)
+            .await?;
+        return Ok(RegisterOutcome::Created);
+    }
+    let stored_identity = lock_owned(tx, device.user_id, &device.device_id)
+        .await
+        .map_err(|e| match e {
+            StoreError::NotYourDevice => StoreError::DeviceTaken,
+            e => e,
+        })?;
+    let same_identity = stored_identity == device.identity_key;
+    tx.update_device(device, !same_identity).await?;
+    if same_identity {
+        install_signed_prekey(tx, &device.device_id, &device.signed_prekey).await?;
+        merge_one_time_prekeys(tx, &device.device_id, &device.one_time_prekeys).await?;
+        return Ok(RegisterOutcome::Updated);
+    }
+    // A new identity key makes every old key of the device meaningless: replace them all.
+    tx.delete_prekeys(&device.device_id).await?;
+    tx.insert_signed_prekey(&device.device_id, &device.signed_prekey)
+        .await?;
+    tx.insert_one_time_prekeys(&device.device_id, &all_keys)
+        .await?;
+    Ok(RegisterOutcome::Replaced)
+}
+
+/// Registers or re-registers a device, with its `device_keys_generated` event.
+pub async fn register(
+    mut tx: Box<dyn KeyTx>,
+    device: &NewDevice,
+) -> Result<Registered, StoreError> {
+    let outcome = register_keys(tx.as_mut(), device).await?;
+    let available = tx.count_available(&device.device_id).await?;
+    tx.audit(
+        AuditEvent::DeviceKeysGenerated,
+        device.user_id,
+        &device.device_id,
+        json!({
+            "outcome": outcome.as_str(),
+            "registration_id": device.registration_id,
+            "signed_prekey_id": device.signed_prekey.key_id,
+            "one_time_prekeys_uploaded": device.one_time_prekeys.len(),
+            "one_time_prekeys_available": available,
+        }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Registered { outcome, available })
+}
+
+/// Appends one-time prekeys, with a `prekeys_replenished` event when any was stored.
+pub async fn upload(
+    mut tx: Box<dyn KeyTx>,
+    user_id: Uuid,
+    device_id: &str,
+    keys: &[NewOneTimePreKey],
+) -> Result<UploadReport, StoreError> {
+    lock_owned(tx.as_mut(), user_id, device_id).await?;
+    let mut report = merge_one_time_prekeys(tx.as_mut(), device_id, keys).await?;
+    report.available = tx.count_available(device_id).await?;
+    if !report.stored.is_empty() {
+        tx.audit(
+            AuditEvent::PrekeysReplenished,
+            user_id,
+            device_id,
+            json!({
+                "stored": report.stored.len(),
+                "unchanged": report.unchanged.len(),
+                "refused_consumed": report.refused_consumed.len(),
+                "one_time_prekeys_available": report.available,
+            }),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(report)
+}
+
+/// Installs a signed prekey verified against `signed_by`, with a `signed_prekey_rotated` event.
+pub async fn rotate(
+    mut tx: Box<dyn KeyTx>,
+    user_id: Uuid,
+    device_id: &str,
+    signed_by: PublicKey,
+    key: &NewSignedPreKey,
+) -> Result<Rotated, StoreError> {
+    if lock_owned(tx.as_mut(), user_id, device_id).await? != signed_by {
+        return Err(StoreError::IdentityChanged);
+    }
+    let rotated = install_signed_prekey(tx.as_mut(), device_id, key).await?;
+    if rotated.rotated {
+        tx.audit(
+            AuditEvent::SignedPrekeyRotated,
+            user_id,
+            device_id,
+            json!({
+                "signed_prekey_id": key.key_id,
+                "previous_signed_prekey_id": rotated.previous_key_id,
+            }),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(rotated)
+}
