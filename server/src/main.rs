@@ -10,7 +10,7 @@ use keyserver::secret;
 use keyserver::server::{self, ServerParts};
 use keyserver::shutdown::{self, CancellationToken};
 use keyserver::store::database::Database;
-use keyserver::store::migrations;
+use keyserver::store::{migrations, transfer};
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -33,6 +33,11 @@ enum Command {
         #[command(flatten)]
         database: DatabaseArgs,
     },
+    /// Copy or compare whole databases (SQLite to PostgreSQL, or back).
+    Db {
+        #[command(subcommand)]
+        action: DbAction,
+    },
     /// Mint a bearer token for a user, signed with the server's secret.
     Token {
         /// The user id (UUID) the token speaks for.
@@ -45,6 +50,32 @@ enum Command {
         data: DataDirArgs,
         #[command(flatten)]
         secret: SecretArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbAction {
+    /// Copy every row from one database to another, then verify the copy. The source is never
+    /// changed; the target is migrated, must be empty (or --replace), and is filled in one
+    /// transaction. Exits non-zero when the copy does not match.
+    Copy {
+        /// The database to copy from (postgres://… or sqlite://…).
+        #[arg(long)]
+        from: String,
+        /// The database to copy into.
+        #[arg(long)]
+        to: String,
+        /// Delete the target's key-server rows before copying instead of refusing.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Compare two databases table by table (counts, checksums, foreign keys); exits non-zero
+    /// when they differ.
+    Verify {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
     },
 }
 
@@ -77,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
             data,
             database,
         } => migrate(action, &connect(&database, &data).await?).await,
+        Command::Db { action } => db(action).await,
         Command::Token {
             user,
             ttl,
@@ -122,6 +154,51 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         stop,
     )
     .await
+}
+
+async fn open(url: &str) -> anyhow::Result<Database> {
+    Database::connect(url, 4)
+        .await
+        .with_context(|| format!("opening {}", url.split('@').next_back().unwrap_or(url)))
+}
+
+async fn db(action: DbAction) -> anyhow::Result<()> {
+    let report = match action {
+        DbAction::Copy { from, to, replace } => {
+            let (source, target) = (open(&from).await?, open(&to).await?);
+            let bar = indicatif::ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg:<24} [{bar:40}] {pos}/{len} rows ({per_sec})",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            let started = std::time::Instant::now();
+            let report = transfer::copy(&source, &target, replace, &mut |table, done, total| {
+                if done == 0 {
+                    bar.set_message(table.to_owned());
+                    bar.set_length(total);
+                    bar.reset();
+                }
+                bar.set_position(done);
+            })
+            .await?;
+            bar.finish_and_clear();
+            println!(
+                "copied {} → {} in {:.1?}",
+                source.backend(),
+                target.backend(),
+                started.elapsed()
+            );
+            report
+        }
+        DbAction::Verify { from, to } => {
+            transfer::verify(&open(&from).await?, &open(&to).await?).await?
+        }
+    };
+    println!("{report}");
+    anyhow::ensure!(report.matches(), "the databases differ");
+    Ok(())
 }
 
 async fn migrate(action: MigrateAction, db: &Database) -> anyhow::Result<()> {

@@ -9,6 +9,7 @@ pub mod database;
 pub mod migrations;
 pub mod postgres;
 pub mod sqlite;
+pub mod transfer;
 pub mod writes;
 
 use async_trait::async_trait;

@@ -1,0 +1,457 @@
+//! Rows as `db copy` carries them: read from one backend in key order, written to the other,
+//! and hashed the same way on both so a copy can be checked.
+
+use sha2::{Digest, Sha256};
+use sqlx::{PgConnection, Row, SqliteConnection};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::tables::{ColumnType, Table};
+
+/// One column's value, independent of the backend it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Int(i64),
+    Text(String),
+    Bytes(Vec<u8>),
+    Bool(bool),
+    Uuid(Uuid),
+    Time(OffsetDateTime),
+    Json(serde_json::Value),
+}
+
+/// A connection of either backend, inside the caller's transaction.
+pub enum Conn<'a> {
+    Postgres(&'a mut PgConnection),
+    Sqlite(&'a mut SqliteConnection),
+}
+
+/// SQLite's timestamp form, as its `strftime('%Y-%m-%dT%H:%M:%fZ', 'now')` writes it, so
+/// copied and native rows compare and sort alike (SQLite keeps milliseconds).
+fn sqlite_time(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+fn decode_error(e: impl std::error::Error + Send + Sync + 'static) -> sqlx::Error {
+    sqlx::Error::Decode(Box::new(e))
+}
+
+fn pg_value(row: &sqlx::postgres::PgRow, i: usize, ty: ColumnType) -> Result<Value, sqlx::Error> {
+    Ok(match ty {
+        ColumnType::Int => row
+            .try_get::<Option<i32>, _>(i)?
+            .map(|v| Value::Int(v.into())),
+        ColumnType::Text => row.try_get::<Option<String>, _>(i)?.map(Value::Text),
+        ColumnType::Bytes => row.try_get::<Option<Vec<u8>>, _>(i)?.map(Value::Bytes),
+        ColumnType::Bool => row.try_get::<Option<bool>, _>(i)?.map(Value::Bool),
+        ColumnType::Uuid => row.try_get::<Option<Uuid>, _>(i)?.map(Value::Uuid),
+        ColumnType::Time => row
+            .try_get::<Option<OffsetDateTime>, _>(i)?
+            .map(Value::Time),
+        ColumnType::Json => row
+            .try_get::<Option<serde_json::Value>, _>(i)?
+            .map(Value::Json),
+    }
+    .unwrap_or(Value::Null))
+}
+
+fn sqlite_value(
+    row: &sqlx::sqlite::SqliteRow,
+    i: usize,
+    ty: ColumnType,
+) -> Result<Value, sqlx::Error> {
+    Ok(match ty {
+        ColumnType::Int => row.try_get::<Option<i64>, _>(i)?.map(Value::Int),
+        ColumnType::Text => row.try_get::<Option<String>, _>(i)?.map(Value::Text),
+        ColumnType::Bytes => row.try_get::<Option<Vec<u8>>, _>(i)?.map(Value::Bytes),
+        ColumnType::Bool => row.try_get::<Option<bool>, _>(i)?.map(Value::Bool),
+        ColumnType::Uuid => match row.try_get::<Option<String>, _>(i)? {
+            Some(text) => Some(Value::Uuid(Uuid::parse_str(&text).map_err(decode_error)?)),
+            None => None,
+        },
+        ColumnType::Time => row
+            .try_get::<Option<OffsetDateTime>, _>(i)?
+            .map(Value::Time),
+        ColumnType::Json => match row.try_get::<Option<String>, _>(i)? {
+            Some(text) => Some(Value::Json(
+                serde_json::from_str(&text).map_err(decode_error)?,
+            )),
+            None => None,
+        },
+    }
+    .unwrap_or(Value::Null))
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+fn bind_pg<'q>(q: PgQuery<'q>, value: &Value, ty: ColumnType) -> PgQuery<'q> {
+    match (value, ty) {
+        (Value::Int(v), _) => q.bind(*v as i32),
+        (Value::Text(v), _) => q.bind(v.clone()),
+        (Value::Bytes(v), _) => q.bind(v.clone()),
+        (Value::Bool(v), _) => q.bind(*v),
+        (Value::Uuid(v), _) => q.bind(*v),
+        (Value::Time(v), _) => q.bind(*v),
+        (Value::Json(v), _) => q.bind(v.clone()),
+        (Value::Null, ColumnType::Int) => q.bind(None::<i32>),
+        (Value::Null, ColumnType::Text) => q.bind(None::<String>),
+        (Value::Null, ColumnType::Bytes) => q.bind(None::<Vec<u8>>),
+        (Value::Null, ColumnType::Bool) => q.bind(None::<bool>),
+        (Value::Null, ColumnType::Uuid) => q.bind(None::<Uuid>),
+        (Value::Null, ColumnType::Time) => q.bind(None::<OffsetDateTime>),
+        (Value::Null, ColumnType::Json) => q.bind(None::<serde_json::Value>),
+    }
+}
+
+fn bind_sqlite<'q>(q: SqliteQuery<'q>, value: &Value, ty: ColumnType) -> SqliteQuery<'q> {
+    match (value, ty) {
+        (Value::Int(v), _) => q.bind(*v),
+        (Value::Text(v), _) => q.bind(v.clone()),
+        (Value::Bytes(v), _) => q.bind(v.clone()),
+        (Value::Bool(v), _) => q.bind(*v),
+        (Value::Uuid(v), _) => q.bind(v.hyphenated().to_string()),
+        (Value::Time(v), _) => q.bind(sqlite_time(*v)),
+        (Value::Json(v), _) => q.bind(v.to_string()),
+        (Value::Null, ColumnType::Int) => q.bind(None::<i64>),
+        (Value::Null, ColumnType::Bytes) => q.bind(None::<Vec<u8>>),
+        (Value::Null, ColumnType::Bool) => q.bind(None::<bool>),
+        (Value::Null, _) => q.bind(None::<String>),
+    }
+}
+
+fn column_list(table: &Table) -> String {
+    table
+        .columns
+        .iter()
+        .map(|(name, _)| *name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Conn<'_> {
+    /// Up to `limit` rows with a key greater than `after`, in key order.
+    pub async fn read_batch(
+        &mut self,
+        table: &Table,
+        after: Option<&Value>,
+        limit: usize,
+    ) -> Result<Vec<Vec<Value>>, sqlx::Error> {
+        let (key, key_type) = table.columns[0];
+        let (mark, filter) = match self {
+            Conn::Postgres(_) => ("$1", after.is_some()),
+            Conn::Sqlite(_) => ("?1", after.is_some()),
+        };
+        let sql = format!(
+            "SELECT {} FROM {} {} ORDER BY {key} LIMIT {limit}",
+            column_list(table),
+            table.name,
+            if filter {
+                format!("WHERE {key} > {mark}")
+            } else {
+                String::new()
+            },
+        );
+        let mut rows = Vec::with_capacity(limit);
+        match self {
+            Conn::Postgres(conn) => {
+                let mut q = sqlx::query(&sql);
+                if let Some(after) = after {
+                    q = bind_pg(q, after, key_type);
+                }
+                for row in q.fetch_all(&mut **conn).await? {
+                    let values = table
+                        .columns
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (_, ty))| pg_value(&row, i, *ty))
+                        .collect::<Result<_, _>>()?;
+                    rows.push(values);
+                }
+            }
+            Conn::Sqlite(conn) => {
+                let mut q = sqlx::query(&sql);
+                if let Some(after) = after {
+                    q = bind_sqlite(q, after, key_type);
+                }
+                for row in q.fetch_all(&mut **conn).await? {
+                    let values = table
+                        .columns
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (_, ty))| sqlite_value(&row, i, *ty))
+                        .collect::<Result<_, _>>()?;
+                    rows.push(values);
+                }
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Inserts rows as they are, ids included.
+    pub async fn insert_batch(
+        &mut self,
+        table: &Table,
+        rows: &[Vec<Value>],
+    ) -> Result<(), sqlx::Error> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let width = table.columns.len();
+        let placeholders: Vec<String> = (0..rows.len())
+            .map(|r| {
+                let marks: Vec<String> = (1..=width)
+                    .map(|c| match self {
+                        Conn::Postgres(_) => format!("${}", r * width + c),
+                        Conn::Sqlite(_) => format!("?{}", r * width + c),
+                    })
+                    .collect();
+                format!("({})", marks.join(", "))
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO {} ({}) VALUES {}",
+            table.name,
+            column_list(table),
+            placeholders.join(", ")
+        );
+        let values = rows.iter().flat_map(|row| row.iter().zip(table.columns));
+        match self {
+            Conn::Postgres(conn) => {
+                let mut q = sqlx::query(&sql);
+                for (value, (_, ty)) in values {
+                    q = bind_pg(q, value, *ty);
+                }
+                q.execute(&mut **conn).await?;
+            }
+            Conn::Sqlite(conn) => {
+                let mut q = sqlx::query(&sql);
+                for (value, (_, ty)) in values {
+                    q = bind_sqlite(q, value, *ty);
+                }
+                q.execute(&mut **conn).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn scalar(&mut self, sql: &str) -> Result<i64, sqlx::Error> {
+        match self {
+            Conn::Postgres(conn) => sqlx::query_scalar(sql).fetch_one(&mut **conn).await,
+            Conn::Sqlite(conn) => sqlx::query_scalar(sql).fetch_one(&mut **conn).await,
+        }
+    }
+
+    async fn execute(&mut self, sql: &str) -> Result<(), sqlx::Error> {
+        match self {
+            Conn::Postgres(conn) => sqlx::raw_sql(sql).execute(&mut **conn).await.map(drop),
+            Conn::Sqlite(conn) => sqlx::raw_sql(sql).execute(&mut **conn).await.map(drop),
+        }
+    }
+
+    pub async fn count(&mut self, table: &Table) -> Result<i64, sqlx::Error> {
+        self.scalar(&format!("SELECT count(*) FROM {}", table.name))
+            .await
+    }
+
+    /// The highest id the table's sequence has handed out (deleted rows included), so the
+    /// target never hands out an id the source already used.
+    pub async fn sequence_high_water(&mut self, table: &Table) -> Result<i64, sqlx::Error> {
+        let max_id = self
+            .scalar(&format!(
+                "SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM {}",
+                table.name
+            ))
+            .await?;
+        let sequence = match self {
+            Conn::Postgres(_) => {
+                self.scalar(&format!(
+                    "SELECT CASE WHEN is_called THEN last_value ELSE 0 END
+                     FROM {}_id_seq",
+                    table.name
+                ))
+                .await?
+            }
+            Conn::Sqlite(_) => {
+                self.scalar(&format!(
+                    "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '{}'), 0)",
+                    table.name
+                ))
+                .await?
+            }
+        };
+        Ok(max_id.max(sequence))
+    }
+
+    /// Makes the table's next id `high_water + 1`.
+    pub async fn set_sequence(
+        &mut self,
+        table: &Table,
+        high_water: i64,
+    ) -> Result<(), sqlx::Error> {
+        let name = table.name;
+        match self {
+            Conn::Postgres(_) => {
+                self.execute(&format!(
+                    "SELECT setval('{name}_id_seq', {}, {})",
+                    high_water.max(1),
+                    high_water > 0
+                ))
+                .await
+            }
+            Conn::Sqlite(_) => {
+                self.execute(&format!(
+                    "DELETE FROM sqlite_sequence WHERE name = '{name}';
+                     INSERT INTO sqlite_sequence (name, seq) VALUES ('{name}', {high_water});"
+                ))
+                .await
+            }
+        }
+    }
+
+    /// Rows whose foreign key points at no parent.
+    pub async fn orphans(
+        &mut self,
+        table: &Table,
+        column: &str,
+        parent: &str,
+        parent_column: &str,
+    ) -> Result<i64, sqlx::Error> {
+        self.scalar(&format!(
+            "SELECT count(*) FROM {} c WHERE c.{column} IS NOT NULL
+             AND NOT EXISTS (SELECT 1 FROM {parent} p WHERE p.{parent_column} = c.{column})",
+            table.name
+        ))
+        .await
+    }
+
+    /// Empties the tables (children first) before a copy that was told to replace the target.
+    pub async fn clear(&mut self, tables: &[Table]) -> Result<(), sqlx::Error> {
+        for table in tables.iter().rev() {
+            self.execute(&format!("DELETE FROM {}", table.name)).await?;
+        }
+        Ok(())
+    }
+
+    /// Brings the PostgreSQL read model up to date after a copy (SQLite's view needs nothing).
+    pub async fn refresh_views(&mut self) -> Result<(), sqlx::Error> {
+        match self {
+            Conn::Postgres(_) => {
+                self.execute("REFRESH MATERIALIZED VIEW nchat_prekey_bundles")
+                    .await
+            }
+            Conn::Sqlite(_) => Ok(()),
+        }
+    }
+}
+
+/// A digest of a table's rows that does not depend on the order they are read in (text keys
+/// sort differently under PostgreSQL's collations and SQLite's), compared to the millisecond
+/// for timestamps (SQLite's precision) and by value for JSON.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Checksum([u8; 32]);
+
+impl Checksum {
+    /// Adds one row (rows are unique by key, so XOR of their digests identifies the set).
+    pub fn add(&mut self, row: &[Value]) {
+        let mut hash = Sha256::new();
+        for value in row {
+            match value {
+                Value::Null => hash.update([0u8]),
+                Value::Int(v) => {
+                    hash.update([1u8]);
+                    hash.update(v.to_be_bytes());
+                }
+                Value::Text(v) => {
+                    hash.update([2u8]);
+                    hash.update((v.len() as u64).to_be_bytes());
+                    hash.update(v.as_bytes());
+                }
+                Value::Bytes(v) => {
+                    hash.update([3u8]);
+                    hash.update((v.len() as u64).to_be_bytes());
+                    hash.update(v);
+                }
+                Value::Bool(v) => hash.update([4u8, u8::from(*v)]),
+                Value::Uuid(v) => {
+                    hash.update([5u8]);
+                    hash.update(v.as_bytes());
+                }
+                Value::Time(v) => {
+                    hash.update([6u8]);
+                    hash.update((v.unix_timestamp_nanos() / 1_000_000).to_be_bytes());
+                }
+                Value::Json(v) => {
+                    let text = v.to_string();
+                    hash.update([7u8]);
+                    hash.update((text.len() as u64).to_be_bytes());
+                    hash.update(text.as_bytes());
+                }
+            }
+        }
+        let digest: [u8; 32] = hash.finalize().into();
+        for (a, b) in self.0.iter_mut().zip(digest) {
+            *a ^= b;
+        }
+    }
+
+    /// The first 8 bytes in hex, for the report.
+    pub fn short(&self) -> String {
+        hex::encode(&self.0[..8])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sum(row: &[Value]) -> Checksum {
+        let mut checksum = Checksum::default();
+        checksum.add(row);
+        checksum
+    }
+
+    #[test]
+    fn checksums_compare_values_as_both_backends_store_them() {
+        // jsonb reorders keys; SQLite keeps the text as written.
+        let a: serde_json::Value =
+            serde_json::from_str(r#"{"b":1,"a":[2,{"d":3,"c":4}]}"#).unwrap();
+        let b: serde_json::Value =
+            serde_json::from_str(r#"{"a":[2,{"c":4,"d":3}],"b":1}"#).unwrap();
+        assert_eq!(sum(&[Value::Json(a)]), sum(&[Value::Json(b)]));
+
+        // SQLite keeps milliseconds; PostgreSQL microseconds.
+        let micros = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_000).unwrap();
+        let millis = OffsetDateTime::parse(
+            &sqlite_time(micros),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap();
+        assert_eq!(sqlite_time(micros), "2023-11-14T22:13:20.123Z");
+        assert_eq!(sum(&[Value::Time(micros)]), sum(&[Value::Time(millis)]));
+
+        // Anything else that differs, differs.
+        assert_ne!(sum(&[Value::Bytes(vec![1])]), sum(&[Value::Bytes(vec![2])]));
+        assert_ne!(sum(&[Value::Null]), sum(&[Value::Text(String::new())]));
+        assert_ne!(
+            sum(&[Value::Int(1), Value::Int(2)]),
+            sum(&[Value::Int(2), Value::Int(1)])
+        );
+        let mut two = sum(&[Value::Int(1)]);
+        two.add(&[Value::Int(2)]);
+        let mut other_order = sum(&[Value::Int(2)]);
+        other_order.add(&[Value::Int(1)]);
+        assert_eq!(two, other_order, "row order does not matter");
+    }
+}

@@ -1,0 +1,240 @@
+//! `db copy` between the backends: a populated SQLite store moved to PostgreSQL serves exactly
+//! the prekeys it had left, in the same order, never a consumed one; a damaged copy is caught.
+
+#[macro_use]
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use keyserver::store::database::Database;
+use keyserver::store::transfer::{self, TransferError};
+use keyserver::testing::{Backend, TestDb, TestServer};
+use uuid::Uuid;
+
+/// Three users with five devices, some prekeys handed out, a rotation and uploads: every kind
+/// of row the key path writes. Returns each device's remaining prekey ids, in serving order.
+async fn populate(server: &TestServer) -> HashMap<(Uuid, String), Vec<u32>> {
+    let mut remaining = HashMap::new();
+    let mut peer = client(server, Uuid::new_v4()).await;
+    for (u, devices) in [(0, 1u32), (1, 2), (2, 2)] {
+        let user = Uuid::new_v4();
+        let mut c = client(server, user).await;
+        for d in 0..devices {
+            let name = format!("user{u}-device{d}");
+            let device = TestDevice::new(user, &name, 10);
+            c.register_device(device.register_request()).await.unwrap();
+            c.upload_one_time_pre_keys(keyserver_proto::pb::UploadOneTimePreKeysRequest {
+                device_id: name.clone(),
+                one_time_prekeys: fresh_otks(11..=12),
+            })
+            .await
+            .unwrap();
+            if d == 0 {
+                c.rotate_signed_pre_key(keyserver_proto::pb::RotateSignedPreKeyRequest {
+                    device_id: name.clone(),
+                    signed_prekey: Some(
+                        device.signed_upload(2, &keyserver_client::keys::KeyPair::generate()),
+                    ),
+                })
+                .await
+                .unwrap();
+            }
+            // Hand out u + d + 1 keys of this device before the copy.
+            let taken = u + d as usize + 1;
+            for _ in 0..taken {
+                fetch(&mut peer, user, Some(&name)).await.unwrap();
+            }
+            remaining.insert((user, name), (taken as u32 + 1..=12).collect());
+        }
+    }
+    remaining
+}
+
+async fn open_both(from: &TestDb, to: &TestDb) -> (Database, Database) {
+    (from.open().await, to.open().await)
+}
+
+#[tokio::test]
+async fn a_sqlite_store_copied_to_postgres_serves_the_same_remaining_prekeys() {
+    let sqlite = TestDb::migrated(Backend::Sqlite).await;
+    let server = TestServer::start(&sqlite).await;
+    let remaining = populate(&server).await;
+    server.stop().await.unwrap();
+
+    let postgres = TestDb::empty(Backend::Postgres).await;
+    let (from, to) = open_both(&sqlite, &postgres).await;
+    let before = transfer::verify(&from, &from).await.unwrap();
+    let mut progress = Vec::new();
+    let report = transfer::copy(&from, &to, false, &mut |table, done, total| {
+        progress.push((table.to_owned(), done, total));
+    })
+    .await
+    .unwrap();
+    assert!(report.matches(), "{report}");
+    let one_time = report
+        .tables
+        .iter()
+        .find(|t| t.table == "nchat_one_time_prekeys")
+        .unwrap();
+    assert_eq!(one_time.target_rows, 5 * 12);
+    assert!(progress.contains(&("nchat_one_time_prekeys".to_owned(), 60, 60)));
+    assert_eq!(
+        transfer::verify(&from, &from).await.unwrap(),
+        before,
+        "the source is never changed"
+    );
+
+    let server = TestServer::start(&postgres).await;
+    let mut peer = client(&server, Uuid::new_v4()).await;
+    for ((user, device), expected) in &remaining {
+        let mut served = Vec::new();
+        loop {
+            let bundle = fetch(&mut peer, *user, Some(device)).await.unwrap();
+            match &bundle.devices[0].one_time_prekey {
+                Some(key) => served.push(key.key_id),
+                None => break,
+            }
+        }
+        assert_eq!(
+            &served, expected,
+            "{device}: same keys, same order, none consumed before"
+        );
+    }
+    // New rows get fresh ids: the sequences continue after the copied ones.
+    let newcomer = TestDevice::new(Uuid::new_v4(), "newcomer", 3);
+    client(&server, newcomer.user)
+        .await
+        .register_device(newcomer.register_request())
+        .await
+        .unwrap();
+    assert_eq!(
+        server
+            .db
+            .count("SELECT count(*) FROM nchat_one_time_prekeys WHERE device_id = 'newcomer' AND id > 60")
+            .await,
+        3
+    );
+}
+
+#[tokio::test]
+async fn a_damaged_copy_is_reported_and_the_command_fails() {
+    let sqlite = TestDb::migrated(Backend::Sqlite).await;
+    let server = TestServer::start(&sqlite).await;
+    populate(&server).await;
+    server.stop().await.unwrap();
+    let postgres = TestDb::empty(Backend::Postgres).await;
+    let (from, to) = open_both(&sqlite, &postgres).await;
+    assert!(
+        transfer::copy(&from, &to, false, &mut |_, _, _| {})
+            .await
+            .unwrap()
+            .matches()
+    );
+
+    // One byte of one copied public key changes.
+    to.execute(
+        "UPDATE nchat_one_time_prekeys SET prekey_public = set_byte(prekey_public, 0, get_byte(prekey_public, 0) # 1)
+         WHERE id = (SELECT min(id) FROM nchat_one_time_prekeys)",
+    )
+    .await;
+    let report = transfer::verify(&from, &to).await.unwrap();
+    assert!(!report.matches());
+    let bad: Vec<_> = report
+        .tables
+        .iter()
+        .filter(|t| !t.matches())
+        .map(|t| t.table)
+        .collect();
+    assert_eq!(bad, ["nchat_one_time_prekeys"]);
+
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_keyserver"))
+        .args([
+            "db",
+            "verify",
+            "--from",
+            sqlite.url(),
+            "--to",
+            postgres.url(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!cli.status.success(), "a mismatch exits non-zero");
+    let stdout = String::from_utf8_lossy(&cli.stdout);
+    assert!(
+        stdout.contains("nchat_one_time_prekeys") && stdout.contains("MISMATCH"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn a_non_empty_target_is_refused_unless_replaced() {
+    let sqlite = TestDb::migrated(Backend::Sqlite).await;
+    let server = TestServer::start(&sqlite).await;
+    populate(&server).await;
+    server.stop().await.unwrap();
+    let postgres = TestDb::migrated(Backend::Postgres).await;
+    let target = TestServer::start(&postgres).await;
+    let stranger = TestDevice::new(Uuid::new_v4(), "already-here", 1);
+    client(&target, stranger.user)
+        .await
+        .register_device(stranger.register_request())
+        .await
+        .unwrap();
+    target.stop().await.unwrap();
+
+    let (from, to) = open_both(&sqlite, &postgres).await;
+    let refused = transfer::copy(&from, &to, false, &mut |_, _, _| {}).await;
+    assert!(matches!(
+        refused,
+        Err(TransferError::TargetNotEmpty {
+            table: "nchat_users",
+            rows: 1
+        })
+    ));
+    assert_eq!(
+        to.count("SELECT count(*) FROM nchat_identity_keys").await,
+        1,
+        "nothing was written"
+    );
+
+    let report = transfer::copy(&from, &to, true, &mut |_, _, _| {})
+        .await
+        .unwrap();
+    assert!(report.matches(), "{report}");
+    assert_eq!(
+        to.count("SELECT count(*) FROM nchat_identity_keys WHERE device_id = 'already-here'")
+            .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn postgres_copies_back_to_sqlite_row_for_row() {
+    let postgres = TestDb::migrated(Backend::Postgres).await;
+    let server = TestServer::start(&postgres).await;
+    populate(&server).await;
+    server.stop().await.unwrap();
+    let sqlite = TestDb::empty(Backend::Sqlite).await;
+    let (from, to) = open_both(&postgres, &sqlite).await;
+    let report = transfer::copy(&from, &to, false, &mut |_, _, _| {})
+        .await
+        .unwrap();
+    assert!(report.matches(), "{report}");
+
+    // The local replay serves the next key, and a new device gets ids after the copied ones.
+    let server = TestServer::start(&sqlite).await;
+    let newcomer = TestDevice::new(Uuid::new_v4(), "newcomer", 2);
+    client(&server, newcomer.user)
+        .await
+        .register_device(newcomer.register_request())
+        .await
+        .unwrap();
+    assert_eq!(
+        server
+            .db
+            .count("SELECT count(*) FROM nchat_one_time_prekeys WHERE device_id = 'newcomer' AND id > 60")
+            .await,
+        2
+    );
+}
