@@ -51,16 +51,23 @@ async fn populate(server: &TestServer) -> HashMap<(Uuid, String), Vec<u32>> {
     remaining
 }
 
+/// A database of `backend` populated through a server (stopped again), and what each device
+/// has left.
+async fn populated(backend: Backend) -> (TestDb, HashMap<(Uuid, String), Vec<u32>>) {
+    let db = TestDb::migrated(backend).await;
+    let server = TestServer::start(&db).await;
+    let remaining = populate(&server).await;
+    server.stop().await.unwrap();
+    (db, remaining)
+}
+
 async fn open_both(from: &TestDb, to: &TestDb) -> (Database, Database) {
     (from.open().await, to.open().await)
 }
 
 #[tokio::test]
 async fn a_sqlite_store_copied_to_postgres_serves_the_same_remaining_prekeys() {
-    let sqlite = TestDb::migrated(Backend::Sqlite).await;
-    let server = TestServer::start(&sqlite).await;
-    let remaining = populate(&server).await;
-    server.stop().await.unwrap();
+    let (sqlite, remaining) = populated(Backend::Sqlite).await;
 
     let postgres = TestDb::empty(Backend::Postgres).await;
     let (from, to) = open_both(&sqlite, &postgres).await;
@@ -119,10 +126,7 @@ async fn a_sqlite_store_copied_to_postgres_serves_the_same_remaining_prekeys() {
 
 #[tokio::test]
 async fn a_damaged_copy_is_reported_and_the_command_fails() {
-    let sqlite = TestDb::migrated(Backend::Sqlite).await;
-    let server = TestServer::start(&sqlite).await;
-    populate(&server).await;
-    server.stop().await.unwrap();
+    let (sqlite, _) = populated(Backend::Sqlite).await;
     let postgres = TestDb::empty(Backend::Postgres).await;
     let (from, to) = open_both(&sqlite, &postgres).await;
     assert!(
@@ -169,10 +173,7 @@ async fn a_damaged_copy_is_reported_and_the_command_fails() {
 
 #[tokio::test]
 async fn a_non_empty_target_is_refused_unless_replaced() {
-    let sqlite = TestDb::migrated(Backend::Sqlite).await;
-    let server = TestServer::start(&sqlite).await;
-    populate(&server).await;
-    server.stop().await.unwrap();
+    let (sqlite, _) = populated(Backend::Sqlite).await;
     let postgres = TestDb::migrated(Backend::Postgres).await;
     let target = TestServer::start(&postgres).await;
     let stranger = TestDevice::new(Uuid::new_v4(), "already-here", 1);
@@ -211,10 +212,7 @@ async fn a_non_empty_target_is_refused_unless_replaced() {
 
 #[tokio::test]
 async fn postgres_copies_back_to_sqlite_row_for_row() {
-    let postgres = TestDb::migrated(Backend::Postgres).await;
-    let server = TestServer::start(&postgres).await;
-    populate(&server).await;
-    server.stop().await.unwrap();
+    let (postgres, _) = populated(Backend::Postgres).await;
     let sqlite = TestDb::empty(Backend::Sqlite).await;
     let (from, to) = open_both(&postgres, &sqlite).await;
     let report = transfer::copy(&from, &to, false, &mut |_, _, _| {})

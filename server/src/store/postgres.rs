@@ -25,6 +25,48 @@ use crate::audit::AuditEvent;
 /// Advisory lock that keeps bundle-view refreshes of all server processes one at a time.
 const BUNDLE_VIEW_LOCK: i64 = 0x6b65_7973_7276_0001;
 
+/// Takes one one-time prekey per device of the targets ($1 order, $2 user ids, $3 optional
+/// device ids) and returns their bundles. `devices` holds each device once however many targets
+/// name it, so one statement never takes two keys of a device nor hands one key to two
+/// results. `loadtest/pgbench/fetch.sql` runs the same statement (a test keeps them equal).
+const FETCH_BUNDLES: &str = "WITH targets AS (
+                 SELECT * FROM unnest($1::int4[], $2::uuid[], $3::text[]) AS t(ord, user_id, device_id)
+             ),
+             devices AS (
+                 SELECT DISTINCT ik.device_id, ik.user_id, ik.registration_id, ik.identity_key_public,
+                        sp.signed_prekey_id, sp.signed_prekey_public, sp.signature
+                 FROM targets t
+                 JOIN nchat_identity_keys ik
+                   ON ik.user_id = t.user_id AND (t.device_id IS NULL OR ik.device_id = t.device_id)
+                 JOIN nchat_signed_prekeys sp ON sp.device_id = ik.device_id AND sp.is_active = TRUE
+             ),
+             picked AS (
+                 SELECT next.id
+                 FROM devices d
+                 CROSS JOIN LATERAL (
+                     SELECT o.id FROM nchat_one_time_prekeys o
+                     WHERE o.device_id = d.device_id AND o.is_consumed = FALSE
+                     ORDER BY o.id
+                     LIMIT 1
+                     FOR UPDATE SKIP LOCKED
+                 ) next
+             ),
+             taken AS (
+                 UPDATE nchat_one_time_prekeys o
+                 SET is_consumed = TRUE, consumed_at = NOW()
+                 FROM picked
+                 WHERE o.id = picked.id AND o.is_consumed = FALSE
+                 RETURNING o.device_id, o.prekey_id, o.prekey_public
+             )
+             SELECT t.ord, d.device_id, COALESCE(d.registration_id, 0) AS registration_id,
+                    d.identity_key_public, d.signed_prekey_id, d.signed_prekey_public, d.signature,
+                    k.prekey_id, k.prekey_public
+             FROM targets t
+             JOIN devices d
+               ON d.user_id = t.user_id AND (t.device_id IS NULL OR d.device_id = t.device_id)
+             LEFT JOIN taken k ON k.device_id = d.device_id
+             ORDER BY t.ord, d.device_id";
+
 /// PostgreSQL error code for a NOT NULL violation (a chat app's richer `nchat_users`).
 const NOT_NULL_VIOLATION: &str = "23502";
 
@@ -351,52 +393,12 @@ impl KeyStore for PgStore {
         let ords: Vec<i32> = (0..targets.len() as i32).collect();
         let users: Vec<Uuid> = targets.iter().map(|t| t.user_id).collect();
         let devices: Vec<Option<&str>> = targets.iter().map(|t| t.device_id.as_deref()).collect();
-        // `devices` holds each device once however many targets name it, so one statement never
-        // takes two keys of a device nor hands one key to two results.
-        let rows = sqlx::query(
-            "WITH targets AS (
-                 SELECT * FROM unnest($1::int4[], $2::uuid[], $3::text[]) AS t(ord, user_id, device_id)
-             ),
-             devices AS (
-                 SELECT DISTINCT ik.device_id, ik.user_id, ik.registration_id, ik.identity_key_public,
-                        sp.signed_prekey_id, sp.signed_prekey_public, sp.signature
-                 FROM targets t
-                 JOIN nchat_identity_keys ik
-                   ON ik.user_id = t.user_id AND (t.device_id IS NULL OR ik.device_id = t.device_id)
-                 JOIN nchat_signed_prekeys sp ON sp.device_id = ik.device_id AND sp.is_active = TRUE
-             ),
-             picked AS (
-                 SELECT next.id
-                 FROM devices d
-                 CROSS JOIN LATERAL (
-                     SELECT o.id FROM nchat_one_time_prekeys o
-                     WHERE o.device_id = d.device_id AND o.is_consumed = FALSE
-                     ORDER BY o.id
-                     LIMIT 1
-                     FOR UPDATE SKIP LOCKED
-                 ) next
-             ),
-             taken AS (
-                 UPDATE nchat_one_time_prekeys o
-                 SET is_consumed = TRUE, consumed_at = NOW()
-                 FROM picked
-                 WHERE o.id = picked.id AND o.is_consumed = FALSE
-                 RETURNING o.device_id, o.prekey_id, o.prekey_public
-             )
-             SELECT t.ord, d.device_id, COALESCE(d.registration_id, 0) AS registration_id,
-                    d.identity_key_public, d.signed_prekey_id, d.signed_prekey_public, d.signature,
-                    k.prekey_id, k.prekey_public
-             FROM targets t
-             JOIN devices d
-               ON d.user_id = t.user_id AND (t.device_id IS NULL OR d.device_id = t.device_id)
-             LEFT JOIN taken k ON k.device_id = d.device_id
-             ORDER BY t.ord, d.device_id",
-        )
-        .bind(&ords)
-        .bind(&users)
-        .bind(&devices)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(FETCH_BUNDLES)
+            .bind(&ords)
+            .bind(&users)
+            .bind(&devices)
+            .fetch_all(&self.pool)
+            .await?;
 
         let mut results = vec![Vec::new(); targets.len()];
         for row in rows {
@@ -434,5 +436,22 @@ impl KeyStore for PgStore {
             .await?;
         tx.commit().await?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The pgbench script measures the statement the server runs, not a copy that drifted.
+    #[test]
+    fn the_pgbench_script_runs_the_fetch_statement() {
+        let script = include_str!("../../../loadtest/pgbench/fetch.sql");
+        let words = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let from_devices = |text: &str| {
+            let text = words(text);
+            text[text.find("devices AS (").expect("a devices CTE")..]
+                .trim_end_matches(';')
+                .to_owned()
+        };
+        assert_eq!(from_devices(script), from_devices(super::FETCH_BUNDLES));
     }
 }
