@@ -294,10 +294,6 @@ impl TestDb {
         db
     }
 
-    pub fn backend(&self) -> Backend {
-        self.backend
-    }
-
     pub fn url(&self) -> &str {
         &self.url
     }
