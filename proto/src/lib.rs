@@ -3,9 +3,11 @@
 //! - [`pb`]: the gRPC messages and service stubs generated from `keyserver/v1/*.proto`.
 //! - [`wire`]: libsignal's serialized public keys (type byte `0x05` and 32 bytes).
 //! - [`xeddsa`]: libsignal's signature scheme over Curve25519 identity keys.
+//! - [`fingerprint`]: libsignal's numeric fingerprint (safety numbers).
 //!
 //! Both sides must agree on these byte for byte, which is why they live in one crate.
 
+pub mod fingerprint;
 pub mod wire;
 pub mod xeddsa;
 
