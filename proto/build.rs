@@ -4,7 +4,10 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["keyserver/v1/key_service.proto"];
+    let protos = [
+        "keyserver/v1/key_service.proto",
+        "keyserver/v1/session_service.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -3,6 +3,7 @@
 
 use keyserver_proto::pb;
 use keyserver_proto::pb::key_service_client::KeyServiceClient;
+use keyserver_proto::pb::session_service_client::SessionServiceClient;
 use keyserver_proto::wire::{self, PublicKey};
 use keyserver_proto::xeddsa;
 use tonic::metadata::MetadataValue;
@@ -30,8 +31,11 @@ impl tonic::service::Interceptor for BearerToken {
 /// An authenticated key-service client.
 pub type KeyClient = KeyServiceClient<InterceptedService<Channel, BearerToken>>;
 
-/// Connects to `url` (for example `http://127.0.0.1:50051`) with a bearer token.
-pub async fn connect(url: &str, token: &str) -> anyhow::Result<KeyClient> {
+/// An authenticated session-service client.
+pub type SessionClient = SessionServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// A channel to `url` (for example `http://127.0.0.1:50051`) and the token's interceptor.
+async fn authenticated(url: &str, token: &str) -> anyhow::Result<(Channel, BearerToken)> {
     let header = format!("Bearer {}", token.trim())
         .parse()
         .map_err(|_| anyhow::anyhow!("the token holds characters a header cannot carry"))?;
@@ -39,10 +43,19 @@ pub async fn connect(url: &str, token: &str) -> anyhow::Result<KeyClient> {
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("connecting to {url}: {e}"))?;
-    Ok(KeyServiceClient::with_interceptor(
-        channel,
-        BearerToken(header),
-    ))
+    Ok((channel, BearerToken(header)))
+}
+
+/// Connects a key-service client to `url` with a bearer token.
+pub async fn connect(url: &str, token: &str) -> anyhow::Result<KeyClient> {
+    let (channel, bearer) = authenticated(url, token).await?;
+    Ok(KeyServiceClient::with_interceptor(channel, bearer))
+}
+
+/// Connects a session-service client to `url` with a bearer token.
+pub async fn connect_sessions(url: &str, token: &str) -> anyhow::Result<SessionClient> {
+    let (channel, bearer) = authenticated(url, token).await?;
+    Ok(SessionServiceClient::with_interceptor(channel, bearer))
 }
 
 /// A bundle whose keys parsed and whose signed prekey verified against its identity key.

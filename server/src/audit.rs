@@ -12,6 +12,11 @@ pub enum AuditEvent {
     PrekeysReplenished,
     /// A device installed a new signed prekey.
     SignedPrekeyRotated,
+    /// A device stored a session with a peer device for the first time (or again after
+    /// destroying it).
+    SessionEstablished,
+    /// A device destroyed a session.
+    SessionDestroyed,
 }
 
 impl AuditEvent {
@@ -21,6 +26,8 @@ impl AuditEvent {
             Self::DeviceKeysGenerated => "device_keys_generated",
             Self::PrekeysReplenished => "prekeys_replenished",
             Self::SignedPrekeyRotated => "signed_prekey_rotated",
+            Self::SessionEstablished => "session_established",
+            Self::SessionDestroyed => "session_destroyed",
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Assembles the gRPC server: the key service behind token authentication, the standard health
+//! Assembles the gRPC server: the key and session services behind token authentication, the standard health
 //! service, and server reflection (v1 and v1alpha), served until shutdown is requested.
 
 use std::sync::Arc;
@@ -12,10 +12,13 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::auth::TokenAuthority;
 use crate::bundle_view;
 use crate::service::keys::KeyApi;
+use crate::service::sessions::SessionApi;
 use crate::shutdown::CancellationToken;
 use crate::store::KeyStore;
+use keyserver_proto::pb::session_service_server::SessionServiceServer;
 
-/// Largest request accepted: a registration with 100 keys is about 20 KiB.
+/// Largest request accepted: a registration with 100 keys is about 20 KiB, a session state at
+/// most 64 KiB.
 const MAX_REQUEST_BYTES: usize = 256 * 1024;
 
 /// What the server needs beyond its listener.
@@ -39,6 +42,9 @@ pub async fn run(
     );
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<KeyServiceServer<KeyApi>>().await;
+    health
+        .set_serving::<SessionServiceServer<SessionApi>>()
+        .await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -49,6 +55,11 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let sessions = tonic::service::interceptor::InterceptedService::new(
+        SessionServiceServer::new(SessionApi::new(parts.store.clone()))
+            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        parts.tokens.clone(),
+    );
     let keys = tonic::service::interceptor::InterceptedService::new(
         KeyServiceServer::new(KeyApi::new(parts.store, view))
             .max_decoding_message_size(MAX_REQUEST_BYTES),
@@ -62,9 +73,13 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(keys)
+        .add_service(sessions)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             stopping.cancelled().await;
             health.set_not_serving::<KeyServiceServer<KeyApi>>().await;
+            health
+                .set_not_serving::<SessionServiceServer<SessionApi>>()
+                .await;
         })
         .await?;
     if let Some(task) = refresher {

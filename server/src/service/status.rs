@@ -37,6 +37,12 @@ impl From<StoreError> for Status {
             StoreError::IdentityChanged => Status::aborted(
                 "the device's identity key changed while the request ran; sign with the new one",
             ),
+            StoreError::SessionNotFound => Status::not_found("key: no such session"),
+            StoreError::StaleSession { expected, current } => Status::aborted(format!(
+                "expected_version: the session is at version {current}, not {expected}; read it \
+                 again and retry"
+            )),
+            StoreError::UnknownPeer => Status::not_found("key.peer_user_id: no such user"),
             StoreError::Database(e) => database(e),
         }
     }

@@ -6,7 +6,7 @@ use keyserver_proto::wire::{self, PublicKey};
 use keyserver_proto::xeddsa;
 use uuid::Uuid;
 
-use crate::store::{BundleTarget, NewOneTimePreKey, NewSignedPreKey};
+use crate::store::{BundleTarget, NewOneTimePreKey, NewSignedPreKey, SessionKey};
 
 /// Signal-Server's cap on one-time prekeys per upload.
 pub const MAX_ONE_TIME_PREKEYS: usize = 100;
@@ -20,6 +20,11 @@ pub const MAX_REGISTRATION_ID: u32 = 0x3FFF;
 pub const MAX_ENCRYPTED_BLOB: usize = 512;
 /// Longest device id.
 pub const MAX_DEVICE_ID_LEN: usize = 64;
+/// Largest encrypted session state accepted.
+pub const MAX_SESSION_STATE: usize = 64 * 1024;
+/// Most sessions per page, and the page size when none is asked for.
+pub const MAX_PAGE_SIZE: u32 = 500;
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
 
 /// A field that failed validation, named by its path in the request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -159,6 +164,55 @@ pub fn one_time_prekeys(
             })
         })
         .collect()
+}
+
+pub fn session_key(field: &str, key: Option<pb::SessionKey>) -> Result<SessionKey> {
+    let key = key.ok_or_else(|| invalid(field, "is required"))?;
+    Ok(SessionKey {
+        device_id: device_id(&format!("{field}.device_id"), &key.device_id)?,
+        peer_user_id: user_id(&format!("{field}.peer_user_id"), &key.peer_user_id)?,
+        peer_device_id: device_id(&format!("{field}.peer_device_id"), &key.peer_device_id)?,
+    })
+}
+
+pub fn session_state(field: &str, state: Vec<u8>) -> Result<Vec<u8>> {
+    if state.is_empty() || state.len() > MAX_SESSION_STATE {
+        return Err(invalid(
+            field,
+            format!(
+                "must be 1 to {MAX_SESSION_STATE} bytes, got {}",
+                state.len()
+            ),
+        ));
+    }
+    Ok(state)
+}
+
+pub fn page_size(field: &str, size: u32) -> Result<u32> {
+    match size {
+        0 => Ok(DEFAULT_PAGE_SIZE),
+        1..=MAX_PAGE_SIZE => Ok(size),
+        _ => Err(invalid(field, format!("must be at most {MAX_PAGE_SIZE}"))),
+    }
+}
+
+/// A page token is the hex of "peer user id / peer device id" of the last session listed.
+pub fn page_token(field: &str, token: &str) -> Result<Option<(Uuid, String)>> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || invalid(field, "is not a token this server returned");
+    let text = String::from_utf8(hex::decode(token).map_err(|_| bad())?).map_err(|_| bad())?;
+    let (user, device) = text.split_once('/').ok_or_else(bad)?;
+    Ok(Some((
+        Uuid::parse_str(user).map_err(|_| bad())?,
+        device_id(field, device).map_err(|_| bad())?,
+    )))
+}
+
+/// The token that continues a listing after `key`.
+pub fn next_page_token(key: &SessionKey) -> String {
+    hex::encode(format!("{}/{}", key.peer_user_id, key.peer_device_id))
 }
 
 pub fn target(field: &str, target: Option<pb::Target>) -> Result<BundleTarget> {

@@ -150,6 +150,50 @@ pub struct DeviceBundle {
     pub one_time_prekey: Option<(u32, PublicKey)>,
 }
 
+/// One Signal session: the owner's device and one peer device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionKey {
+    pub device_id: String,
+    pub peer_user_id: Uuid,
+    pub peer_device_id: String,
+}
+
+/// A stored session. Its state is client-encrypted and opaque to the server.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredSession {
+    pub key: SessionKey,
+    pub state: Vec<u8>,
+    pub is_initiator: bool,
+    pub active: bool,
+    pub version: u64,
+    pub last_message_at: Option<OffsetDateTime>,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+/// Debug output never shows the encrypted state, only its length.
+impl std::fmt::Debug for StoredSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredSession")
+            .field("key", &self.key)
+            .field("state_len", &self.state.len())
+            .field("active", &self.active)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which sessions of a device to list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionQuery {
+    pub device_id: String,
+    pub peer_user_id: Option<Uuid>,
+    pub include_inactive: bool,
+    /// List sessions after this (peer user, peer device), in that order.
+    pub after: Option<(Uuid, String)>,
+    pub limit: u32,
+}
+
 /// Why a store call failed, in terms a handler can map to a status.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -169,6 +213,12 @@ pub enum StoreError {
     SignedPreKeySuperseded { key_id: u32 },
     #[error("the device's identity key changed during the call")]
     IdentityChanged,
+    #[error("no such session")]
+    SessionNotFound,
+    #[error("the session is at version {current}, not {expected}")]
+    StaleSession { expected: u64, current: u64 },
+    #[error("the peer user does not exist")]
+    UnknownPeer,
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -217,6 +267,48 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Refreshes the `nchat_prekey_bundles` read model. Returns false without waiting when
     /// another process is refreshing it.
     async fn refresh_bundle_view(&self) -> Result<bool, StoreError>;
+
+    /// One session of a device of `user_id`, active or not.
+    async fn session(&self, user_id: Uuid, key: &SessionKey) -> Result<StoredSession, StoreError>;
+
+    /// A page of a device's sessions, ordered by peer user id, then peer device id.
+    async fn sessions(
+        &self,
+        user_id: Uuid,
+        query: &SessionQuery,
+    ) -> Result<Vec<StoredSession>, StoreError>;
+
+    /// Writes a session if `expected_version` is its stored version (0 when there is none).
+    async fn put_session(
+        &self,
+        user_id: Uuid,
+        key: &SessionKey,
+        state: &[u8],
+        is_initiator: bool,
+        expected_version: u64,
+    ) -> Result<u64, StoreError> {
+        let tx = self.begin_write().await?;
+        writes::put_session(tx, user_id, key, state, is_initiator, expected_version).await
+    }
+
+    /// Marks a session inactive and wipes its state, compare-and-swap like a put.
+    async fn destroy_session(
+        &self,
+        user_id: Uuid,
+        key: &SessionKey,
+        expected_version: u64,
+    ) -> Result<u64, StoreError> {
+        writes::destroy_session(self.begin_write().await?, user_id, key, expected_version).await
+    }
+
+    /// Records a message on an active session now.
+    async fn touch_session(
+        &self,
+        user_id: Uuid,
+        key: &SessionKey,
+    ) -> Result<OffsetDateTime, StoreError> {
+        writes::touch_session(self.begin_write().await?, user_id, key).await
+    }
 
     /// Registers or re-registers a device of `device.user_id`.
     async fn register_device(&self, device: NewDevice) -> Result<Registered, StoreError> {

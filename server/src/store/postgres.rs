@@ -18,7 +18,8 @@ use uuid::Uuid;
 use super::writes::{KeyTx, StoredOneTimePreKey, StoredSignedPreKey};
 use super::{
     BundleTarget, DeviceBundle, KeyStatus, KeyStore, NewDevice, NewOneTimePreKey, NewSignedPreKey,
-    PublishedSignedPreKey, StoreError, stored_key, stored_signature,
+    PublishedSignedPreKey, SessionKey, SessionQuery, StoreError, StoredSession, stored_key,
+    stored_signature,
 };
 use crate::audit::AuditEvent;
 
@@ -98,18 +99,36 @@ fn db_id(key_id: u32) -> i32 {
     key_id as i32
 }
 
+/// The columns of a session, in the order [`session_row`] reads them.
+const SESSION_COLUMNS: &str =
+    "SELECT device_id, peer_user_id, peer_device_id, session_state_encrypted,
+        is_initiator, is_active, version, last_message_at, created_at, updated_at
+    FROM nchat_signal_sessions";
+
+fn session_row(row: &sqlx::postgres::PgRow) -> StoredSession {
+    StoredSession {
+        key: SessionKey {
+            device_id: row.get("device_id"),
+            peer_user_id: row.get("peer_user_id"),
+            peer_device_id: row.get("peer_device_id"),
+        },
+        state: row.get("session_state_encrypted"),
+        is_initiator: row.get("is_initiator"),
+        active: row.get("is_active"),
+        version: row.get::<i32, _>("version") as u64,
+        last_message_at: row.get("last_message_at"),
+        created_at: row.get("created_at"),
+        updated_at: row.get("updated_at"),
+    }
+}
+
 /// One write transaction on PostgreSQL.
 struct PgTx(Transaction<'static, Postgres>);
 
 #[async_trait]
 impl KeyTx for PgTx {
     async fn ensure_user(&mut self, user_id: Uuid) -> Result<(), StoreError> {
-        let exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM nchat_users WHERE id = $1)")
-                .bind(user_id)
-                .fetch_one(&mut *self.0)
-                .await?;
-        if exists {
+        if self.user_exists(user_id).await? {
             return Ok(());
         }
         // A chat app's own users table has columns the key server cannot fill: the user must
@@ -311,6 +330,94 @@ impl KeyTx for PgTx {
         Ok(count as u32)
     }
 
+    async fn user_exists(&mut self, user_id: Uuid) -> Result<bool, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM nchat_users WHERE id = $1)")
+                .bind(user_id)
+                .fetch_one(&mut *self.0)
+                .await?,
+        )
+    }
+
+    async fn session_version(
+        &mut self,
+        key: &SessionKey,
+    ) -> Result<Option<(u64, bool)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT version, is_active FROM nchat_signal_sessions
+             WHERE device_id = $1 AND peer_user_id = $2 AND peer_device_id = $3",
+        )
+        .bind(&key.device_id)
+        .bind(key.peer_user_id)
+        .bind(&key.peer_device_id)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        Ok(row.map(|r| (r.get::<i32, _>("version") as u64, r.get("is_active"))))
+    }
+
+    async fn insert_session(
+        &mut self,
+        key: &SessionKey,
+        state: &[u8],
+        is_initiator: bool,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO nchat_signal_sessions
+                 (device_id, peer_user_id, peer_device_id, session_state_encrypted, is_initiator)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&key.device_id)
+        .bind(key.peer_user_id)
+        .bind(&key.peer_device_id)
+        .bind(state)
+        .bind(is_initiator)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn update_session(
+        &mut self,
+        key: &SessionKey,
+        state: &[u8],
+        is_initiator: Option<bool>,
+        active: bool,
+        version: u64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE nchat_signal_sessions
+             SET session_state_encrypted = $4, is_initiator = COALESCE($5, is_initiator),
+                 is_active = $6, version = $7, updated_at = NOW()
+             WHERE device_id = $1 AND peer_user_id = $2 AND peer_device_id = $3",
+        )
+        .bind(&key.device_id)
+        .bind(key.peer_user_id)
+        .bind(&key.peer_device_id)
+        .bind(state)
+        .bind(is_initiator)
+        .bind(active)
+        .bind(version as i32)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn touch_session(
+        &mut self,
+        key: &SessionKey,
+    ) -> Result<Option<OffsetDateTime>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "UPDATE nchat_signal_sessions SET last_message_at = NOW()
+             WHERE device_id = $1 AND peer_user_id = $2 AND peer_device_id = $3 AND is_active = TRUE
+             RETURNING last_message_at",
+        )
+        .bind(&key.device_id)
+        .bind(key.peer_user_id)
+        .bind(&key.peer_device_id)
+        .fetch_optional(&mut *self.0)
+        .await?)
+    }
+
     async fn audit(
         &mut self,
         event: AuditEvent,
@@ -384,6 +491,48 @@ impl KeyStore for PgStore {
             available: row.get::<i64, _>("available") as u32,
             active_signed_prekey: signed_id.zip(rotated_at).map(|(id, at)| (id as u32, at)),
         })
+    }
+
+    async fn session(&self, user_id: Uuid, key: &SessionKey) -> Result<StoredSession, StoreError> {
+        self.device_identity(user_id, &key.device_id).await?;
+        let row = sqlx::query(&format!(
+            "{SESSION_COLUMNS} WHERE device_id = $1 AND peer_user_id = $2 AND peer_device_id = $3"
+        ))
+        .bind(&key.device_id)
+        .bind(key.peer_user_id)
+        .bind(&key.peer_device_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::SessionNotFound)?;
+        Ok(session_row(&row))
+    }
+
+    async fn sessions(
+        &self,
+        user_id: Uuid,
+        query: &SessionQuery,
+    ) -> Result<Vec<StoredSession>, StoreError> {
+        self.device_identity(user_id, &query.device_id).await?;
+        let (after_user, after_device) = query.after.clone().unzip();
+        let rows = sqlx::query(&format!(
+            "{SESSION_COLUMNS}
+             WHERE device_id = $1
+               AND ($2::uuid IS NULL OR peer_user_id = $2)
+               AND ($3 OR is_active = TRUE)
+               AND ($4::uuid IS NULL OR peer_user_id > $4
+                    OR (peer_user_id = $4 AND peer_device_id COLLATE \"C\" > $5))
+             ORDER BY peer_user_id, peer_device_id COLLATE \"C\"
+             LIMIT $6"
+        ))
+        .bind(&query.device_id)
+        .bind(query.peer_user_id)
+        .bind(query.include_inactive)
+        .bind(after_user)
+        .bind(after_device)
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(session_row).collect())
     }
 
     async fn fetch_bundles(

@@ -9,11 +9,12 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use keyserver_proto::wire::PublicKey;
 use serde_json::json;
+use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    NewDevice, NewOneTimePreKey, NewSignedPreKey, RegisterOutcome, Registered, Rotated, StoreError,
-    UploadReport,
+    NewDevice, NewOneTimePreKey, NewSignedPreKey, RegisterOutcome, Registered, Rotated, SessionKey,
+    StoreError, UploadReport,
 };
 use crate::audit::AuditEvent;
 
@@ -76,6 +77,33 @@ pub trait KeyTx: Send {
         key: &NewSignedPreKey,
     ) -> Result<(), StoreError>;
     async fn count_available(&mut self, device_id: &str) -> Result<u32, StoreError>;
+    async fn user_exists(&mut self, user_id: Uuid) -> Result<bool, StoreError>;
+    /// The session's version and whether it is active.
+    async fn session_version(
+        &mut self,
+        key: &SessionKey,
+    ) -> Result<Option<(u64, bool)>, StoreError>;
+    /// Stores a new active session at version 1.
+    async fn insert_session(
+        &mut self,
+        key: &SessionKey,
+        state: &[u8],
+        is_initiator: bool,
+    ) -> Result<(), StoreError>;
+    /// Rewrites a session's state and activity at `version`; `is_initiator` None keeps it.
+    async fn update_session(
+        &mut self,
+        key: &SessionKey,
+        state: &[u8],
+        is_initiator: Option<bool>,
+        active: bool,
+        version: u64,
+    ) -> Result<(), StoreError>;
+    /// Sets an active session's last message time to now; None when there is no such session.
+    async fn touch_session(
+        &mut self,
+        key: &SessionKey,
+    ) -> Result<Option<OffsetDateTime>, StoreError>;
     async fn audit(
         &mut self,
         event: AuditEvent,
@@ -272,4 +300,107 @@ pub async fn rotate(
     }
     tx.commit().await?;
     Ok(rotated)
+}
+
+/// Writes a session's state if `expected_version` is the stored version (0 for none). Storing a
+/// session that was not active is audited `session_established`.
+pub async fn put_session(
+    mut tx: Box<dyn KeyTx>,
+    user_id: Uuid,
+    key: &SessionKey,
+    state: &[u8],
+    is_initiator: bool,
+    expected_version: u64,
+) -> Result<u64, StoreError> {
+    lock_owned(tx.as_mut(), user_id, &key.device_id).await?;
+    if !tx.user_exists(key.peer_user_id).await? {
+        return Err(StoreError::UnknownPeer);
+    }
+    let current = tx.session_version(key).await?;
+    let current_version = current.map_or(0, |(version, _)| version);
+    if current_version != expected_version {
+        return Err(StoreError::StaleSession {
+            expected: expected_version,
+            current: current_version,
+        });
+    }
+    let version = match current {
+        None => {
+            tx.insert_session(key, state, is_initiator).await?;
+            1
+        }
+        Some((version, _)) => {
+            tx.update_session(key, state, Some(is_initiator), true, version + 1)
+                .await?;
+            version + 1
+        }
+    };
+    if !matches!(current, Some((_, true))) {
+        tx.audit(
+            AuditEvent::SessionEstablished,
+            user_id,
+            &key.device_id,
+            json!({
+                "peer_user_id": key.peer_user_id,
+                "peer_device_id": key.peer_device_id,
+                "is_initiator": is_initiator,
+            }),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(version)
+}
+
+/// Marks a session inactive and wipes its state, audited `session_destroyed`. Destroying an
+/// inactive session at its version changes nothing.
+pub async fn destroy_session(
+    mut tx: Box<dyn KeyTx>,
+    user_id: Uuid,
+    key: &SessionKey,
+    expected_version: u64,
+) -> Result<u64, StoreError> {
+    lock_owned(tx.as_mut(), user_id, &key.device_id).await?;
+    let (version, active) = tx
+        .session_version(key)
+        .await?
+        .ok_or(StoreError::SessionNotFound)?;
+    if version != expected_version {
+        return Err(StoreError::StaleSession {
+            expected: expected_version,
+            current: version,
+        });
+    }
+    if !active {
+        return Ok(version);
+    }
+    tx.update_session(key, &[], None, false, version + 1)
+        .await?;
+    tx.audit(
+        AuditEvent::SessionDestroyed,
+        user_id,
+        &key.device_id,
+        json!({
+            "peer_user_id": key.peer_user_id,
+            "peer_device_id": key.peer_device_id,
+        }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(version + 1)
+}
+
+/// Records a message on an active session of the caller's device.
+pub async fn touch_session(
+    mut tx: Box<dyn KeyTx>,
+    user_id: Uuid,
+    key: &SessionKey,
+) -> Result<OffsetDateTime, StoreError> {
+    lock_owned(tx.as_mut(), user_id, &key.device_id).await?;
+    let at = tx
+        .touch_session(key)
+        .await?
+        .ok_or(StoreError::SessionNotFound)?;
+    tx.commit().await?;
+    Ok(at)
 }

@@ -116,6 +116,7 @@ pub const TABLES: &[Table] = &[
             ("last_message_at", Time),
             ("created_at", Time),
             ("updated_at", Time),
+            ("version", Int),
         ],
         references: &[
             ("device_id", "nchat_identity_keys", "device_id"),
