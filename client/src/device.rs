@@ -8,9 +8,10 @@ use anyhow::Context;
 use keyserver_proto::pb;
 use keyserver_proto::wire::PublicKey;
 use time::OffsetDateTime;
+use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use crate::api::{self, KeyClient, VerifiedBundle};
+use crate::api::{self, KeyClient, SessionClient, VerifiedBundle};
 use crate::keys::{KeyPair, random_bytes};
 use crate::state::{
     DeviceState, Kdf, STATE_VERSION, StoredIdentity, StoredPreKey, StoredSignedPreKey,
@@ -266,7 +267,11 @@ impl Device {
         &self,
         bundle: &VerifiedBundle,
     ) -> anyhow::Result<(SessionSecret, InitialMessage)> {
-        Ok(x3dh::initiate(&self.identity()?, &bundle.keys))
+        Ok(x3dh::initiate(
+            &self.state.device_id,
+            &self.identity()?,
+            &bundle.keys,
+        ))
     }
 
     /// Derives the secret a peer's initial message established, and forgets the one-time
@@ -314,6 +319,104 @@ impl Device {
             self.save()?;
         }
         Ok(secret)
+    }
+
+    fn session_key(&self, peer_user: Uuid, peer_device: &str) -> pb::SessionKey {
+        pb::SessionKey {
+            device_id: self.state.device_id.clone(),
+            peer_user_id: peer_user.to_string(),
+            peer_device_id: peer_device.to_owned(),
+        }
+    }
+
+    /// Stores a session's secret on the server, sealed under the passphrase, replacing the
+    /// stored version of that session (compare-and-swap). Returns the new version.
+    pub async fn save_session(
+        &self,
+        client: &mut SessionClient,
+        peer_user: Uuid,
+        peer_device: &str,
+        secret: &SessionSecret,
+        is_initiator: bool,
+    ) -> anyhow::Result<u64> {
+        let key = self.session_key(peer_user, peer_device);
+        let current = match client
+            .get_session(pb::GetSessionRequest {
+                key: Some(key.clone()),
+            })
+            .await
+        {
+            Ok(found) => found.into_inner().session.map_or(0, |s| s.version),
+            Err(status) if status.code() == tonic::Code::NotFound => 0,
+            Err(status) => return Err(status.into()),
+        };
+        let state = self.vault.seal(
+            secret.expose(),
+            &format!("session:{peer_user}:{peer_device}"),
+        );
+        let saved = client
+            .put_session(pb::PutSessionRequest {
+                key: Some(key),
+                state,
+                is_initiator,
+                expected_version: current,
+            })
+            .await?
+            .into_inner();
+        Ok(saved.version)
+    }
+
+    /// Every session of this device, a page at a time.
+    pub async fn sessions(
+        &self,
+        client: &mut SessionClient,
+        include_inactive: bool,
+    ) -> anyhow::Result<Vec<pb::Session>> {
+        let mut sessions = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = client
+                .list_sessions(pb::ListSessionsRequest {
+                    device_id: self.state.device_id.clone(),
+                    peer_user_id: None,
+                    include_inactive,
+                    page_size: 0,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            sessions.extend(page.sessions);
+            if page.next_page_token.is_empty() {
+                return Ok(sessions);
+            }
+            page_token = page.next_page_token;
+        }
+    }
+
+    /// Ends a session on the server.
+    pub async fn destroy_session(
+        &self,
+        client: &mut SessionClient,
+        peer_user: Uuid,
+        peer_device: &str,
+    ) -> anyhow::Result<u64> {
+        let key = self.session_key(peer_user, peer_device);
+        let session = client
+            .get_session(pb::GetSessionRequest {
+                key: Some(key.clone()),
+            })
+            .await?
+            .into_inner()
+            .session
+            .context("the server returned no session")?;
+        Ok(client
+            .destroy_session(pb::DestroySessionRequest {
+                key: Some(key),
+                expected_version: session.version,
+            })
+            .await?
+            .into_inner()
+            .version)
     }
 }
 

@@ -20,6 +20,11 @@ impl SessionSecret {
     pub fn fingerprint(&self) -> String {
         hex::encode(&Sha256::digest(*self.0)[..16])
     }
+
+    /// The secret itself (root key and chain key), to seal into stored session state.
+    pub fn expose(&self) -> &[u8; 64] {
+        &self.0
+    }
 }
 
 /// The peer's keys an initiator uses, taken from a verified bundle.
@@ -33,6 +38,8 @@ pub struct PeerPreKeys {
 /// What the initiator sends the responder in its first message.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct InitialMessage {
+    /// The initiator's device id, so the responder knows which session this starts.
+    pub device_id: String,
     /// The initiator's serialized identity key, hex.
     pub identity_key: String,
     /// The initiator's serialized ephemeral key, hex.
@@ -54,11 +61,16 @@ fn derive(dhs: &[&[u8; 32]]) -> SessionSecret {
 }
 
 /// The initiator's side: agree with the peer's bundle using a fresh ephemeral key.
-pub fn initiate(identity: &KeyPair, peer: &PeerPreKeys) -> (SessionSecret, InitialMessage) {
-    initiate_with(identity, &KeyPair::generate(), peer)
+pub fn initiate(
+    device_id: &str,
+    identity: &KeyPair,
+    peer: &PeerPreKeys,
+) -> (SessionSecret, InitialMessage) {
+    initiate_with(device_id, identity, &KeyPair::generate(), peer)
 }
 
 fn initiate_with(
+    device_id: &str,
     identity: &KeyPair,
     ephemeral: &KeyPair,
     peer: &PeerPreKeys,
@@ -72,6 +84,7 @@ fn initiate_with(
         dhs.push(dh4);
     }
     let message = InitialMessage {
+        device_id: device_id.to_owned(),
         identity_key: hex::encode(identity.public().serialize()),
         ephemeral_key: hex::encode(ephemeral.public().serialize()),
         signed_prekey_id: peer.signed_prekey_id,
@@ -117,7 +130,7 @@ mod tests {
                 one_time_prekey: with_one_time.then(|| (9, one_time.public())),
             };
             let ephemeral = KeyPair::generate();
-            let (sent, message) = initiate_with(&alice, &ephemeral, &peer);
+            let (sent, message) = initiate_with("alice", &alice, &ephemeral, &peer);
             assert_eq!(message.one_time_prekey_id, with_one_time.then_some(9));
             let received = respond(
                 &bob,
@@ -146,7 +159,7 @@ mod tests {
             signed_prekey: signed.public(),
             one_time_prekey: Some((2, one_time.public())),
         };
-        let (secret, _) = initiate_with(&alice, &ephemeral, &peer);
+        let (secret, _) = initiate_with("alice", &alice, &ephemeral, &peer);
         assert_eq!(secret.fingerprint(), KNOWN_FINGERPRINT);
     }
 

@@ -48,11 +48,13 @@ fn fingerprint(output: &str) -> String {
 /// Returns the fingerprints each side printed.
 async fn x3dh_round_trip(alice: &Keyctl<'_>, bob: &Keyctl<'_>, message: &Path) -> (String, String) {
     let path = message.to_str().unwrap();
-    let bob_user = bob.user.to_string();
+    let (alice_user, bob_user) = (alice.user.to_string(), bob.user.to_string());
     let sent = alice
         .run(&["x3dh", "initiate", "--user", &bob_user, "--out", path])
         .await;
-    let received = bob.run(&["x3dh", "respond", "--message", path]).await;
+    let received = bob
+        .run(&["x3dh", "respond", "--message", path, "--from", &alice_user])
+        .await;
     (fingerprint(&sent), fingerprint(&received))
 }
 
@@ -103,6 +105,7 @@ async fn alice_and_bob_agree_on_an_x3dh_secret_through_the_server(backend: Backe
     // The one-time prekey Alice used is gone from Bob's device: a replay cannot derive it again.
     let replay = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyctl"))
         .args(["x3dh", "respond", "--message", message.to_str().unwrap()])
+        .args(["--from", &alice.user.to_string()])
         .env("KEYCTL_STATE", &bob.state)
         .env("KEYCTL_PASSPHRASE", PASSPHRASE)
         .output()
@@ -132,6 +135,36 @@ async fn alice_and_bob_agree_on_an_x3dh_secret_through_the_server(backend: Backe
     // After rotation Alice's next session uses the new signed prekey, and still agrees.
     let (sent, received) = x3dh_round_trip(&alice, &bob, &message).await;
     assert_eq!(sent, received);
+
+    // Both sides stored the session on the server; the second agreement replaced the first.
+    let alice_sessions = alice.run(&["session", "list"]).await;
+    assert!(
+        alice_sessions.contains("device bob-phone: version 2, active, initiated here"),
+        "{alice_sessions}"
+    );
+    let bob_sessions = bob.run(&["session", "list"]).await;
+    assert!(
+        bob_sessions.contains("device alice-laptop: version 2, active, initiated by the peer"),
+        "{bob_sessions}"
+    );
+    let alice_user = alice.user.to_string();
+    let destroyed = bob
+        .run(&[
+            "session",
+            "destroy",
+            "--peer",
+            &alice_user,
+            "--peer-device",
+            "alice-laptop",
+        ])
+        .await;
+    assert!(destroyed.contains("(version 3)"), "{destroyed}");
+    assert!(!bob.run(&["session", "list"]).await.contains("alice-laptop"));
+    assert!(
+        bob.run(&["session", "list", "--all"])
+            .await
+            .contains("version 3, destroyed")
+    );
 
     assert_no_plaintext_private_keys(&bob.state);
     std::fs::remove_dir_all(&dir).unwrap();

@@ -8,6 +8,7 @@ use keyserver_client::api;
 use keyserver_client::device::{self, Device, ONE_TIME_PREKEY_TARGET, REPLENISH_BELOW};
 use keyserver_client::vault;
 use keyserver_client::x3dh::InitialMessage;
+use uuid::Uuid;
 use zeroize::Zeroizing;
 
 #[derive(Parser)]
@@ -74,10 +75,32 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
-    /// Agree on a session secret with X3DH through the server.
+    /// Agree on a session secret with X3DH through the server; both sides store the session.
     X3dh {
         #[command(subcommand)]
         step: X3dhStep,
+    },
+    /// This device's sessions on the server.
+    Session {
+        #[command(subcommand)]
+        action: SessionAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionAction {
+    /// List this device's sessions.
+    List {
+        /// Also list destroyed sessions.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Destroy the session with one peer device.
+    Destroy {
+        #[arg(long)]
+        peer: Uuid,
+        #[arg(long)]
+        peer_device: String,
     },
 }
 
@@ -86,7 +109,7 @@ enum X3dhStep {
     /// Fetch the peer's bundle and write the initial message for it.
     Initiate {
         #[arg(long)]
-        user: String,
+        user: Uuid,
         #[arg(long)]
         device: Option<String>,
         /// Where to write the initial message (JSON).
@@ -98,6 +121,9 @@ enum X3dhStep {
         /// The initial message (JSON) the peer wrote.
         #[arg(long)]
         message: PathBuf,
+        /// The user who sent it.
+        #[arg(long)]
+        from: Uuid,
     },
 }
 
@@ -116,12 +142,18 @@ fn passphrase(cli: &Cli) -> anyhow::Result<Zeroizing<Vec<u8>>> {
     Ok(Zeroizing::new(value.into_bytes()))
 }
 
-async fn client(cli: &Cli) -> anyhow::Result<api::KeyClient> {
-    let token = cli
-        .token
+fn token(cli: &Cli) -> anyhow::Result<&str> {
+    cli.token
         .as_deref()
-        .context("a bearer token is needed: --token or KEYSERVER_TOKEN (see `keyserver token`)")?;
-    api::connect(&cli.server, token).await
+        .context("a bearer token is needed: --token or KEYSERVER_TOKEN (see `keyserver token`)")
+}
+
+async fn client(cli: &Cli) -> anyhow::Result<api::KeyClient> {
+    api::connect(&cli.server, token(cli)?).await
+}
+
+async fn sessions(cli: &Cli) -> anyhow::Result<api::SessionClient> {
+    api::connect_sessions(&cli.server, token(cli)?).await
 }
 
 #[tokio::main]
@@ -210,25 +242,82 @@ async fn main() -> anyhow::Result<()> {
         Command::X3dh { step } => match step {
             X3dhStep::Initiate { user, device, out } => {
                 let me = Device::open(&cli.state, &passphrase(&cli)?)?;
-                let bundles =
-                    device::fetch_verified(&mut client(&cli).await?, user, device.as_deref())
-                        .await?;
+                let bundles = device::fetch_verified(
+                    &mut client(&cli).await?,
+                    &user.to_string(),
+                    device.as_deref(),
+                )
+                .await?;
                 let bundle = bundles.first().context("the server returned no bundle")?;
                 let (secret, message) = me.initiate(bundle)?;
                 std::fs::write(out, serde_json::to_string_pretty(&message)?)
                     .with_context(|| format!("writing {}", out.display()))?;
-                println!("initiated X3DH with device {}", bundle.device_id);
+                let version = me
+                    .save_session(
+                        &mut sessions(&cli).await?,
+                        *user,
+                        &bundle.device_id,
+                        &secret,
+                        true,
+                    )
+                    .await?;
+                println!(
+                    "initiated X3DH with device {} (session version {version})",
+                    bundle.device_id
+                );
                 println!("shared secret fingerprint: {}", secret.fingerprint());
             }
-            X3dhStep::Respond { message } => {
+            X3dhStep::Respond { message, from } => {
                 let mut me = Device::open(&cli.state, &passphrase(&cli)?)?;
                 let text = std::fs::read_to_string(message)
                     .with_context(|| format!("reading {}", message.display()))?;
                 let message: InitialMessage = serde_json::from_str(&text)?;
                 let secret = me.respond(&message)?;
+                let version = me
+                    .save_session(
+                        &mut sessions(&cli).await?,
+                        *from,
+                        &message.device_id,
+                        &secret,
+                        false,
+                    )
+                    .await?;
+                println!(
+                    "answered X3DH from device {} (session version {version})",
+                    message.device_id
+                );
                 println!("shared secret fingerprint: {}", secret.fingerprint());
             }
         },
+        Command::Session { action } => {
+            let me = Device::open(&cli.state, &passphrase(&cli)?)?;
+            let mut sessions = sessions(&cli).await?;
+            match action {
+                SessionAction::List { all } => {
+                    for s in me.sessions(&mut sessions, *all).await? {
+                        let key = s.key.unwrap_or_default();
+                        println!(
+                            "peer {} device {}: version {}, {}, {}",
+                            key.peer_user_id,
+                            key.peer_device_id,
+                            s.version,
+                            if s.active { "active" } else { "destroyed" },
+                            if s.is_initiator {
+                                "initiated here"
+                            } else {
+                                "initiated by the peer"
+                            },
+                        );
+                    }
+                }
+                SessionAction::Destroy { peer, peer_device } => {
+                    let version = me
+                        .destroy_session(&mut sessions, *peer, peer_device)
+                        .await?;
+                    println!("destroyed the session with {peer_device} (version {version})");
+                }
+            }
+        }
     }
     Ok(())
 }
