@@ -2,6 +2,7 @@
 //! fetched bundle before trusting it.
 
 use keyserver_proto::pb;
+use keyserver_proto::pb::audit_service_client::AuditServiceClient;
 use keyserver_proto::pb::key_service_client::KeyServiceClient;
 use keyserver_proto::pb::session_service_client::SessionServiceClient;
 use keyserver_proto::wire::{self, PublicKey};
@@ -33,6 +34,8 @@ pub type KeyClient = KeyServiceClient<InterceptedService<Channel, BearerToken>>;
 
 /// An authenticated session-service client.
 pub type SessionClient = SessionServiceClient<InterceptedService<Channel, BearerToken>>;
+/// An authenticated audit-service client.
+pub type AuditClient = AuditServiceClient<InterceptedService<Channel, BearerToken>>;
 
 /// A channel to `url` (for example `http://127.0.0.1:50051`) and the token's interceptor.
 async fn authenticated(url: &str, token: &str) -> anyhow::Result<(Channel, BearerToken)> {
@@ -56,6 +59,12 @@ pub async fn connect(url: &str, token: &str) -> anyhow::Result<KeyClient> {
 pub async fn connect_sessions(url: &str, token: &str) -> anyhow::Result<SessionClient> {
     let (channel, bearer) = authenticated(url, token).await?;
     Ok(SessionServiceClient::with_interceptor(channel, bearer))
+}
+
+/// Connects an audit-service client to `url` with a bearer token.
+pub async fn connect_audit(url: &str, token: &str) -> anyhow::Result<AuditClient> {
+    let (channel, bearer) = authenticated(url, token).await?;
+    Ok(AuditServiceClient::with_interceptor(channel, bearer))
 }
 
 /// A bundle whose keys parsed and whose signed prekey verified against its identity key.

@@ -6,6 +6,8 @@
 /// An `event_type` the schema's check constraint allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuditEvent {
+    /// A user stored their master-key record.
+    MasterKeyCreated,
     /// A device registered or re-registered its keys.
     DeviceKeysGenerated,
     /// A device uploaded one-time prekeys.
@@ -17,17 +19,45 @@ pub enum AuditEvent {
     SessionEstablished,
     /// A device destroyed a session.
     SessionDestroyed,
+    /// A user verified a peer's safety number.
+    SafetyNumberVerified,
+    /// A safety number changed because an identity key did.
+    SafetyNumberChanged,
+    /// A recovery code restored a device.
+    RecoveryCodeUsed,
 }
 
 impl AuditEvent {
+    /// Every event type, as the schema lists them.
+    pub const ALL: [AuditEvent; 9] = [
+        Self::MasterKeyCreated,
+        Self::DeviceKeysGenerated,
+        Self::SessionEstablished,
+        Self::SessionDestroyed,
+        Self::SignedPrekeyRotated,
+        Self::PrekeysReplenished,
+        Self::SafetyNumberVerified,
+        Self::SafetyNumberChanged,
+        Self::RecoveryCodeUsed,
+    ];
+
+    /// The event type stored as `name`, if it is one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == name)
+    }
+
     /// The stored `event_type`.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::MasterKeyCreated => "master_key_created",
             Self::DeviceKeysGenerated => "device_keys_generated",
             Self::PrekeysReplenished => "prekeys_replenished",
             Self::SignedPrekeyRotated => "signed_prekey_rotated",
             Self::SessionEstablished => "session_established",
             Self::SessionDestroyed => "session_destroyed",
+            Self::SafetyNumberVerified => "safety_number_verified",
+            Self::SafetyNumberChanged => "safety_number_changed",
+            Self::RecoveryCodeUsed => "recovery_code_used",
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Assembles the gRPC server: the key and session services behind token authentication, the standard health
+//! Assembles the gRPC server: the key, session and audit services behind token authentication, the standard health
 //! service, and server reflection (v1 and v1alpha), served until shutdown is requested.
 
 use std::sync::Arc;
@@ -11,10 +11,12 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::auth::TokenAuthority;
 use crate::bundle_view;
+use crate::service::audit::AuditApi;
 use crate::service::keys::KeyApi;
 use crate::service::sessions::SessionApi;
 use crate::shutdown::CancellationToken;
 use crate::store::KeyStore;
+use keyserver_proto::pb::audit_service_server::AuditServiceServer;
 use keyserver_proto::pb::session_service_server::SessionServiceServer;
 
 /// Largest request accepted: a registration with 100 keys is about 20 KiB, a session state at
@@ -55,6 +57,10 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let audit = tonic::service::interceptor::InterceptedService::new(
+        AuditServiceServer::new(AuditApi::new(parts.store.clone())),
+        parts.tokens.clone(),
+    );
     let sessions = tonic::service::interceptor::InterceptedService::new(
         SessionServiceServer::new(SessionApi::new(parts.store.clone()))
             .max_decoding_message_size(MAX_REQUEST_BYTES),
@@ -74,6 +80,7 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(keys)
         .add_service(sessions)
+        .add_service(audit)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             stopping.cancelled().await;
             health.set_not_serving::<KeyServiceServer<KeyApi>>().await;

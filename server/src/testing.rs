@@ -307,27 +307,119 @@ impl TestDb {
 }
 
 impl Drop for TestDb {
+    /// Scans the audit log the test left for anything like key material, then removes the
+    /// database. Every test that writes goes through here, so the whole suite's events are
+    /// checked.
     fn drop(&mut self) {
-        if self.backend == Backend::Sqlite {
-            let _ = std::fs::remove_dir_all(&self.place);
-            return;
-        }
-        let name = self.place.clone();
+        let (backend, url, place) = (self.backend, self.url.clone(), self.place.clone());
         // Drop runs outside async context; use a runtime of its own on a plain thread.
-        let _ = std::thread::spawn(move || {
+        let leaks = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
             runtime.block_on(async {
-                if let Ok(mut conn) = PgConnection::connect(admin_url()).await {
-                    let _ = conn
-                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-                        .await;
+                let leaks = match Database::connect(&url, 1).await {
+                    Ok(db) => {
+                        let leaks = audit_leaks(&db).await;
+                        db.close().await;
+                        leaks
+                    }
+                    Err(_) => Vec::new(),
+                };
+                match backend {
+                    Backend::Sqlite => drop(std::fs::remove_dir_all(&place)),
+                    Backend::Postgres => {
+                        if let Ok(mut conn) = PgConnection::connect(admin_url()).await {
+                            let _ = conn
+                                .execute(
+                                    format!("DROP DATABASE IF EXISTS {place} WITH (FORCE)")
+                                        .as_str(),
+                                )
+                                .await;
+                        }
+                    }
                 }
-            });
+                leaks
+            })
         })
-        .join();
+        .join()
+        .unwrap_or_default();
+        if !leaks.is_empty() && !std::thread::panicking() {
+            panic!("audit metadata holds what looks like secret material: {leaks:?}");
+        }
+    }
+}
+
+/// Every audit event's metadata that looks like key material, a blob, a token or a code.
+async fn audit_leaks(db: &Database) -> Vec<String> {
+    let Ok(events) = (async {
+        let mut all = Vec::new();
+        for event in crate::audit::AuditEvent::ALL {
+            all.extend(
+                db.audit_metadata_checked(event.as_str())
+                    .await?
+                    .into_iter()
+                    .map(|m| (event.as_str(), m)),
+            );
+        }
+        Ok::<_, sqlx::Error>(all)
+    })
+    .await
+    else {
+        return Vec::new(); // no schema (a migration test reverted it)
+    };
+    events
+        .into_iter()
+        .filter_map(|(event, metadata)| {
+            secret_looking(&metadata, "$").map(|why| format!("{event}: {why}"))
+        })
+        .collect()
+}
+
+/// Why a metadata value looks secret, if it does: a field named after secret material, a long
+/// hex or base64 string, a JWT, or an array of byte values.
+pub fn secret_looking(value: &serde_json::Value, path: &str) -> Option<String> {
+    const NAMES: [&str; 9] = [
+        "private",
+        "secret",
+        "token",
+        "signature",
+        "state",
+        "blob",
+        "code",
+        "passphrase",
+        "public",
+    ];
+    match value {
+        serde_json::Value::Object(map) => map.iter().find_map(|(name, v)| {
+            let lower = name.to_ascii_lowercase();
+            NAMES
+                .iter()
+                .find(|word| lower.contains(*word))
+                .map(|word| format!("{path}.{name} is named like {word} material"))
+                .or_else(|| secret_looking(v, &format!("{path}.{name}")))
+        }),
+        serde_json::Value::Array(items) => {
+            if items.len() >= 16 && items.iter().all(serde_json::Value::is_number) {
+                return Some(format!("{path} is an array of {} numbers", items.len()));
+            }
+            items
+                .iter()
+                .enumerate()
+                .find_map(|(i, v)| secret_looking(v, &format!("{path}[{i}]")))
+        }
+        serde_json::Value::String(text) => {
+            let hex = text.len() >= 32 && text.bytes().all(|b| b.is_ascii_hexdigit());
+            let base64 = text.len() >= 40
+                && text.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_')
+                });
+            let jwt = text.split('.').count() == 3 && text.len() >= 40 && !text.contains(' ');
+            (hex || base64 || jwt)
+                .then(|| format!("{path} holds a {}-character encoded value", text.len()))
+        }
+        _ => None,
     }
 }
 
@@ -373,22 +465,36 @@ impl Database {
 
     /// The metadata of every audit event of `event_type`, oldest first.
     pub async fn audit_metadata(&self, event_type: &str) -> Vec<serde_json::Value> {
+        self.audit_metadata_checked(event_type)
+            .await
+            .expect("reading the audit log")
+    }
+
+    async fn audit_metadata_checked(
+        &self,
+        event_type: &str,
+    ) -> Result<Vec<serde_json::Value>, sqlx::Error> {
         let sql = "SELECT metadata FROM nchat_e2ee_audit_log WHERE event_type = $1 ORDER BY id";
-        match self {
-            Database::Postgres(s) => sqlx::query_scalar(sql)
+        Ok(match self {
+            Database::Postgres(s) => sqlx::query_scalar::<_, Option<serde_json::Value>>(sql)
                 .bind(event_type)
                 .fetch_all(s.pool())
-                .await
-                .expect(sql),
-            Database::Sqlite(s) => sqlx::query_scalar::<_, String>(sql)
-                .bind(event_type)
-                .fetch_all(s.pool())
-                .await
-                .expect(sql)
-                .iter()
-                .map(|text| serde_json::from_str(text).expect("metadata is JSON"))
+                .await?
+                .into_iter()
+                .map(Option::unwrap_or_default)
                 .collect(),
-        }
+            Database::Sqlite(s) => sqlx::query_scalar::<_, Option<String>>(sql)
+                .bind(event_type)
+                .fetch_all(s.pool())
+                .await?
+                .iter()
+                .map(|text| {
+                    text.as_deref().map_or(serde_json::Value::Null, |t| {
+                        serde_json::from_str(t).expect("metadata is JSON")
+                    })
+                })
+                .collect(),
+        })
     }
 
     /// Names of the tables, views and `idx_` indexes, sorted.
@@ -470,5 +576,34 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.stop.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::secret_looking;
+    use serde_json::json;
+
+    #[test]
+    fn the_audit_scan_flags_secret_material_and_passes_real_metadata() {
+        let real = json!({
+            "outcome": "created", "registration_id": 4242, "signed_prekey_id": 16777215,
+            "one_time_prekeys_uploaded": 100, "previous_signed_prekey_id": null,
+            "peer_user_id": "6f1e0c3a-8f5b-4d7e-9c2a-1b3d5f7a9c0e", "peer_device_id": "phone-1",
+            "is_initiator": true,
+        });
+        assert_eq!(secret_looking(&real, "$"), None);
+        let key = "05".repeat(33);
+        for leak in [
+            json!({ "identity": key }),
+            json!({ "nested": { "k": "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq83v" } }),
+            json!({ "t": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLWJ5dGVz" }),
+            json!({ "bytes": (0..32).collect::<Vec<u8>>() }),
+            json!({ "encrypted_private_key": "x" }),
+            json!({ "recovery_code": "x" }),
+            json!({ "session_state": 1 }),
+        ] {
+            assert!(secret_looking(&leak, "$").is_some(), "not flagged: {leak}");
+        }
     }
 }

@@ -85,6 +85,15 @@ enum Command {
         #[command(subcommand)]
         action: SessionAction,
     },
+    /// The user's audit trail, newest first.
+    Audit {
+        /// Only events of this type (repeatable), for example signed_prekey_rotated.
+        #[arg(long = "type")]
+        event_types: Vec<String>,
+        /// At most this many events.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -289,6 +298,27 @@ async fn main() -> anyhow::Result<()> {
                 println!("shared secret fingerprint: {}", secret.fingerprint());
             }
         },
+        Command::Audit { event_types, limit } => {
+            let mut audit = api::connect_audit(&cli.server, token(&cli)?).await?;
+            let page = audit
+                .list_audit_events(keyserver_proto::pb::ListAuditEventsRequest {
+                    event_types: event_types.clone(),
+                    page_size: *limit,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            for e in page.events {
+                let at = e.created_at.map_or(0, |t| t.seconds);
+                println!(
+                    "{} {at} {} {} {}",
+                    e.id,
+                    e.event_type,
+                    e.device_id.unwrap_or_else(|| "-".into()),
+                    e.metadata_json
+                );
+            }
+        }
         Command::Session { action } => {
             let me = Device::open(&cli.state, &passphrase(&cli)?)?;
             let mut sessions = sessions(&cli).await?;

@@ -17,6 +17,7 @@ use keyserver_proto::wire::PublicKey;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::audit::AuditEvent;
 use writes::KeyTx;
 
 /// A signed prekey as a device uploads it; its signature is verified before it gets here.
@@ -194,6 +195,28 @@ pub struct SessionQuery {
     pub limit: u32,
 }
 
+/// One audit event as a user reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub id: u64,
+    pub event_type: String,
+    pub device_id: Option<String>,
+    pub metadata: serde_json::Value,
+    pub created_at: OffsetDateTime,
+}
+
+/// Which of a user's audit events to list, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditQuery {
+    /// Only these event types; all when empty.
+    pub event_types: Vec<AuditEvent>,
+    pub since: Option<OffsetDateTime>,
+    pub until: Option<OffsetDateTime>,
+    /// Only events with a smaller id (the previous page's last).
+    pub before_id: Option<u64>,
+    pub limit: u32,
+}
+
 /// Why a store call failed, in terms a handler can map to a status.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -277,6 +300,13 @@ pub trait KeyStore: Send + Sync + 'static {
         user_id: Uuid,
         query: &SessionQuery,
     ) -> Result<Vec<StoredSession>, StoreError>;
+
+    /// A page of `user_id`'s audit events, newest first.
+    async fn audit_events(
+        &self,
+        user_id: Uuid,
+        query: &AuditQuery,
+    ) -> Result<Vec<AuditRecord>, StoreError>;
 
     /// Writes a session if `expected_version` is its stored version (0 when there is none).
     async fn put_session(

@@ -17,9 +17,9 @@ use uuid::Uuid;
 
 use super::writes::{KeyTx, StoredOneTimePreKey, StoredSignedPreKey};
 use super::{
-    BundleTarget, DeviceBundle, KeyStatus, KeyStore, NewDevice, NewOneTimePreKey, NewSignedPreKey,
-    PublishedSignedPreKey, SessionKey, SessionQuery, StoreError, StoredSession, stored_key,
-    stored_signature,
+    AuditQuery, AuditRecord, BundleTarget, DeviceBundle, KeyStatus, KeyStore, NewDevice,
+    NewOneTimePreKey, NewSignedPreKey, PublishedSignedPreKey, SessionKey, SessionQuery, StoreError,
+    StoredSession, stored_key, stored_signature,
 };
 use crate::audit::AuditEvent;
 
@@ -533,6 +533,44 @@ impl KeyStore for PgStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(session_row).collect())
+    }
+
+    async fn audit_events(
+        &self,
+        user_id: Uuid,
+        query: &AuditQuery,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let types: Vec<&str> = query.event_types.iter().map(|e| e.as_str()).collect();
+        let rows = sqlx::query(
+            "SELECT id, event_type, device_id, metadata, created_at FROM nchat_e2ee_audit_log
+             WHERE user_id = $1
+               AND (cardinality($2::text[]) = 0 OR event_type = ANY($2))
+               AND ($3::timestamptz IS NULL OR created_at >= $3)
+               AND ($4::timestamptz IS NULL OR created_at < $4)
+               AND ($5::int4 IS NULL OR id < $5)
+             ORDER BY id DESC
+             LIMIT $6",
+        )
+        .bind(user_id)
+        .bind(&types)
+        .bind(query.since)
+        .bind(query.until)
+        .bind(query.before_id.map(|id| id.min(i32::MAX as u64) as i32))
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AuditRecord {
+                id: r.get::<i32, _>("id") as u64,
+                event_type: r.get("event_type"),
+                device_id: r.get("device_id"),
+                metadata: r
+                    .get::<Option<serde_json::Value>, _>("metadata")
+                    .unwrap_or_default(),
+                created_at: r.get("created_at"),
+            })
+            .collect())
     }
 
     async fn fetch_bundles(

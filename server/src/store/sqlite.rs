@@ -22,9 +22,9 @@ use uuid::Uuid;
 
 use super::writes::{KeyTx, StoredOneTimePreKey, StoredSignedPreKey};
 use super::{
-    BundleTarget, DeviceBundle, KeyStatus, KeyStore, NewDevice, NewOneTimePreKey, NewSignedPreKey,
-    PublishedSignedPreKey, SessionKey, SessionQuery, StoreError, StoredSession, stored_key,
-    stored_signature,
+    AuditQuery, AuditRecord, BundleTarget, DeviceBundle, KeyStatus, KeyStore, NewDevice,
+    NewOneTimePreKey, NewSignedPreKey, PublishedSignedPreKey, SessionKey, SessionQuery, StoreError,
+    StoredSession, stored_key, stored_signature,
 };
 use crate::audit::AuditEvent;
 
@@ -65,6 +65,22 @@ impl SqliteStore {
     async fn begin_immediate(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
+}
+
+/// A time as this schema stores it in SQLite, exactly as `NOW` writes it (so stored times
+/// compare and sort as text).
+pub(crate) fn timestamp_text(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
 }
 
 fn user_text(user_id: Uuid) -> String {
@@ -495,6 +511,48 @@ impl KeyStore for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(session_row).collect()
+    }
+
+    async fn audit_events(
+        &self,
+        user_id: Uuid,
+        query: &AuditQuery,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let types: Vec<&str> = query.event_types.iter().map(|e| e.as_str()).collect();
+        let rows = sqlx::query(
+            "SELECT id, event_type, device_id, metadata, created_at FROM nchat_e2ee_audit_log
+             WHERE user_id = ?1
+               AND (json_array_length(?2) = 0 OR event_type IN (SELECT value FROM json_each(?2)))
+               AND (?3 IS NULL OR created_at >= ?3)
+               AND (?4 IS NULL OR created_at < ?4)
+               AND (?5 IS NULL OR id < ?5)
+             ORDER BY id DESC
+             LIMIT ?6",
+        )
+        .bind(user_text(user_id))
+        .bind(serde_json::to_string(&types).expect("names serialize"))
+        .bind(query.since.map(timestamp_text))
+        .bind(query.until.map(timestamp_text))
+        .bind(query.before_id.map(|id| id.min(i64::MAX as u64) as i64))
+        .bind(i64::from(query.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let metadata: Option<String> = r.get("metadata");
+                Ok(AuditRecord {
+                    id: r.get::<i64, _>("id") as u64,
+                    event_type: r.get("event_type"),
+                    device_id: r.get("device_id"),
+                    metadata: match metadata {
+                        Some(text) => serde_json::from_str(&text)
+                            .map_err(|e| StoreError::Database(sqlx::Error::Decode(e.into())))?,
+                        None => serde_json::Value::Null,
+                    },
+                    created_at: r.get("created_at"),
+                })
+            })
+            .collect()
     }
 
     async fn fetch_bundles(

@@ -7,6 +7,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::tables::{ColumnType, Table};
+use crate::store::sqlite::timestamp_text;
 
 /// One column's value, independent of the backend it came from.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,22 +26,6 @@ pub enum Value {
 pub enum Conn<'a> {
     Postgres(&'a mut PgConnection),
     Sqlite(&'a mut SqliteConnection),
-}
-
-/// SQLite's timestamp form, as its `strftime('%Y-%m-%dT%H:%M:%fZ', 'now')` writes it, so
-/// copied and native rows compare and sort alike (SQLite keeps milliseconds).
-fn sqlite_time(t: OffsetDateTime) -> String {
-    let t = t.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
 }
 
 fn decode_error(e: impl std::error::Error + Send + Sync + 'static) -> sqlx::Error {
@@ -122,7 +107,7 @@ fn bind_sqlite<'q>(q: SqliteQuery<'q>, value: &Value, ty: ColumnType) -> SqliteQ
         (Value::Bytes(v), _) => q.bind(v.clone()),
         (Value::Bool(v), _) => q.bind(*v),
         (Value::Uuid(v), _) => q.bind(v.hyphenated().to_string()),
-        (Value::Time(v), _) => q.bind(sqlite_time(*v)),
+        (Value::Time(v), _) => q.bind(timestamp_text(*v)),
         (Value::Json(v), _) => q.bind(v.to_string()),
         (Value::Null, ColumnType::Int) => q.bind(None::<i64>),
         (Value::Null, ColumnType::Bytes) => q.bind(None::<Vec<u8>>),
@@ -434,11 +419,11 @@ mod tests {
         // SQLite keeps milliseconds; PostgreSQL microseconds.
         let micros = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_000).unwrap();
         let millis = OffsetDateTime::parse(
-            &sqlite_time(micros),
+            &timestamp_text(micros),
             &time::format_description::well_known::Rfc3339,
         )
         .unwrap();
-        assert_eq!(sqlite_time(micros), "2023-11-14T22:13:20.123Z");
+        assert_eq!(timestamp_text(micros), "2023-11-14T22:13:20.123Z");
         assert_eq!(sum(&[Value::Time(micros)]), sum(&[Value::Time(millis)]));
 
         // Anything else that differs, differs.
