@@ -4,6 +4,7 @@
 use keyserver_proto::pb;
 use keyserver_proto::pb::audit_service_client::AuditServiceClient;
 use keyserver_proto::pb::key_service_client::KeyServiceClient;
+use keyserver_proto::pb::safety_number_service_client::SafetyNumberServiceClient;
 use keyserver_proto::pb::session_service_client::SessionServiceClient;
 use keyserver_proto::wire::{self, PublicKey};
 use keyserver_proto::xeddsa;
@@ -34,6 +35,8 @@ pub type KeyClient = KeyServiceClient<InterceptedService<Channel, BearerToken>>;
 
 /// An authenticated session-service client.
 pub type SessionClient = SessionServiceClient<InterceptedService<Channel, BearerToken>>;
+/// An authenticated safety-number-service client.
+pub type SafetyNumberClient = SafetyNumberServiceClient<InterceptedService<Channel, BearerToken>>;
 /// An authenticated audit-service client.
 pub type AuditClient = AuditServiceClient<InterceptedService<Channel, BearerToken>>;
 
@@ -59,6 +62,12 @@ pub async fn connect(url: &str, token: &str) -> anyhow::Result<KeyClient> {
 pub async fn connect_sessions(url: &str, token: &str) -> anyhow::Result<SessionClient> {
     let (channel, bearer) = authenticated(url, token).await?;
     Ok(SessionServiceClient::with_interceptor(channel, bearer))
+}
+
+/// Connects a safety-number-service client to `url` with a bearer token.
+pub async fn connect_safety_numbers(url: &str, token: &str) -> anyhow::Result<SafetyNumberClient> {
+    let (channel, bearer) = authenticated(url, token).await?;
+    Ok(SafetyNumberServiceClient::with_interceptor(channel, bearer))
 }
 
 /// Connects an audit-service client to `url` with a bearer token.

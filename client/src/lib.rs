@@ -2,13 +2,15 @@
 //!
 //! [`keys`] makes Curve25519 key pairs and XEdDSA signatures, [`vault`] seals private keys under
 //! the user's passphrase, [`state`] keeps them in a local file, [`api`] talks to the server and
-//! verifies what it returns, [`device`] ties these into what a device does, and [`x3dh`] shows
+//! verifies what it returns, [`device`] ties these into what a device does, [`safety`] checks
+//! safety numbers locally, and [`x3dh`] shows
 //! two devices agreeing on a secret through fetched bundles. `keyctl` is the command line over
 //! [`device`].
 
 pub mod api;
 pub mod device;
 pub mod keys;
+pub mod safety;
 pub mod state;
 pub mod vault;
 pub mod x3dh;

@@ -136,6 +136,32 @@ async fn alice_and_bob_agree_on_an_x3dh_secret_through_the_server(backend: Backe
     let (sent, received) = x3dh_round_trip(&alice, &bob, &message).await;
     assert_eq!(sent, received);
 
+    // Alice checks Bob's safety number locally against the server's, then records it.
+    let bob_user = bob.user.to_string();
+    let checked = alice.run(&["safety-number", "--user", &bob_user]).await;
+    assert!(
+        checked.contains("matches the server's") && checked.contains("verified: no"),
+        "{checked}"
+    );
+    let digits: String = checked
+        .lines()
+        .find_map(|l| l.strip_prefix("safety number: "))
+        .unwrap()
+        .replace(' ', "");
+    assert_eq!(digits.len(), 60);
+    assert!(
+        alice
+            .run(&["safety-number", "--user", &bob_user, "--verify", "qr_code"])
+            .await
+            .contains("verified")
+    );
+    assert!(
+        alice
+            .run(&["safety-number", "--user", &bob_user])
+            .await
+            .contains("verified: yes")
+    );
+
     // Both sides stored the session on the server; the second agreement replaced the first.
     let alice_sessions = alice.run(&["session", "list"]).await;
     assert!(

@@ -1,4 +1,4 @@
-//! Assembles the gRPC server: the key, session and audit services behind token authentication, the standard health
+//! Assembles the gRPC server: the key, session, safety-number and audit services behind token authentication, the standard health
 //! service, and server reflection (v1 and v1alpha), served until shutdown is requested.
 
 use std::sync::Arc;
@@ -13,10 +13,12 @@ use crate::auth::TokenAuthority;
 use crate::bundle_view;
 use crate::service::audit::AuditApi;
 use crate::service::keys::KeyApi;
+use crate::service::safety_numbers::SafetyNumberApi;
 use crate::service::sessions::SessionApi;
 use crate::shutdown::CancellationToken;
 use crate::store::KeyStore;
 use keyserver_proto::pb::audit_service_server::AuditServiceServer;
+use keyserver_proto::pb::safety_number_service_server::SafetyNumberServiceServer;
 use keyserver_proto::pb::session_service_server::SessionServiceServer;
 
 /// Largest request accepted: a registration with 100 keys is about 20 KiB, a session state at
@@ -57,6 +59,10 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let safety_numbers = tonic::service::interceptor::InterceptedService::new(
+        SafetyNumberServiceServer::new(SafetyNumberApi::new(parts.store.clone())),
+        parts.tokens.clone(),
+    );
     let audit = tonic::service::interceptor::InterceptedService::new(
         AuditServiceServer::new(AuditApi::new(parts.store.clone())),
         parts.tokens.clone(),
@@ -81,6 +87,7 @@ pub async fn run(
         .add_service(keys)
         .add_service(sessions)
         .add_service(audit)
+        .add_service(safety_numbers)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             stopping.cancelled().await;
             health.set_not_serving::<KeyServiceServer<KeyApi>>().await;

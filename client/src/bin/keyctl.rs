@@ -6,8 +6,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keyserver_client::api;
 use keyserver_client::device::{self, Device, ONE_TIME_PREKEY_TARGET, REPLENISH_BELOW};
-use keyserver_client::vault;
 use keyserver_client::x3dh::InitialMessage;
+use keyserver_client::{safety, vault};
+use keyserver_proto::pb;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
@@ -84,6 +85,15 @@ enum Command {
     Session {
         #[command(subcommand)]
         action: SessionAction,
+    },
+    /// Compute the safety number with a peer locally and compare it with the server's.
+    SafetyNumber {
+        /// The peer user.
+        #[arg(long)]
+        user: Uuid,
+        /// Record that you compared it with the peer: manual, qr_code or out_of_band.
+        #[arg(long)]
+        verify: Option<String>,
     },
     /// The user's audit trail, newest first.
     Audit {
@@ -298,10 +308,56 @@ async fn main() -> anyhow::Result<()> {
                 println!("shared secret fingerprint: {}", secret.fingerprint());
             }
         },
+        Command::SafetyNumber { user, verify } => {
+            let me = Device::open(&cli.state, &passphrase(&cli)?)?;
+            let mut safety_client = api::connect_safety_numbers(&cli.server, token(&cli)?).await?;
+            let check = safety::check(
+                &mut client(&cli).await?,
+                &mut safety_client,
+                me.identity()?.public(),
+                *user,
+            )
+            .await?;
+            println!("safety number: {}", safety::grouped(&check.local));
+            anyhow::ensure!(
+                check.matches(),
+                "SAFETY NUMBER MISMATCH: the server reports {}; do not trust this conversation \
+                 until you have compared numbers with the peer in person",
+                safety::grouped(&check.server.safety_number)
+            );
+            println!("matches the server's");
+            if check.server.changed_since_verification {
+                println!("WARNING: an identity key changed since you verified this peer");
+            }
+            match verify {
+                Some(method) => {
+                    let method = match method.as_str() {
+                        "manual" => pb::VerificationMethod::Manual,
+                        "qr_code" => pb::VerificationMethod::QrCode,
+                        "out_of_band" => pb::VerificationMethod::OutOfBand,
+                        other => anyhow::bail!(
+                            "--verify takes manual, qr_code or out_of_band, not {other}"
+                        ),
+                    };
+                    safety_client
+                        .verify_safety_number(pb::VerifySafetyNumberRequest {
+                            peer_user_id: user.to_string(),
+                            safety_number: check.local.clone(),
+                            method: method.into(),
+                        })
+                        .await?;
+                    println!("verified");
+                }
+                None => println!(
+                    "verified: {}",
+                    if check.server.verified { "yes" } else { "no" }
+                ),
+            }
+        }
         Command::Audit { event_types, limit } => {
             let mut audit = api::connect_audit(&cli.server, token(&cli)?).await?;
             let page = audit
-                .list_audit_events(keyserver_proto::pb::ListAuditEventsRequest {
+                .list_audit_events(pb::ListAuditEventsRequest {
                     event_types: event_types.clone(),
                     page_size: *limit,
                     ..Default::default()

@@ -211,6 +211,29 @@ impl KeyService for KeyApi {
         }))
     }
 
+    async fn get_identity_keys(
+        &self,
+        request: Request<pb::GetIdentityKeysRequest>,
+    ) -> Result<Response<pb::GetIdentityKeysResponse>, Status> {
+        let caller = caller(&request)?;
+        let user_id = match request.get_ref().user_id.as_str() {
+            "" => caller.user_id,
+            user => validate::user_id("user_id", user)?,
+        };
+        let mut identity_keys: Vec<Vec<u8>> = self
+            .store
+            .identity_keys(user_id)
+            .await?
+            .iter()
+            .map(|k| k.serialize().to_vec())
+            .collect();
+        identity_keys.sort_unstable();
+        Ok(Response::new(pb::GetIdentityKeysResponse {
+            user_id: user_id.to_string(),
+            identity_keys,
+        }))
+    }
+
     async fn fetch_pre_key_bundles(
         &self,
         request: Request<pb::FetchPreKeyBundlesRequest>,

@@ -43,6 +43,16 @@ impl From<StoreError> for Status {
                  again and retry"
             )),
             StoreError::UnknownPeer => Status::not_found("key.peer_user_id: no such user"),
+            StoreError::PeerHasNoDevices => {
+                Status::not_found("peer_user_id: the user has no registered device")
+            }
+            StoreError::CallerHasNoDevices => Status::failed_precondition(
+                "the caller has no registered device, so there is no safety number yet",
+            ),
+            StoreError::SafetyNumberMismatch => Status::failed_precondition(
+                "safety_number: is not the current safety number; an identity key may have \
+                 changed, compare again",
+            ),
             StoreError::Database(e) => database(e),
         }
     }

@@ -217,6 +217,38 @@ pub struct AuditQuery {
     pub limit: u32,
 }
 
+/// How a safety number was compared (the schema's `verification_method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerificationMethod {
+    Manual,
+    QrCode,
+    OutOfBand,
+}
+
+impl VerificationMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Manual => "manual",
+            Self::QrCode => "qr_code",
+            Self::OutOfBand => "out_of_band",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Manual, Self::QrCode, Self::OutOfBand]
+            .into_iter()
+            .find(|m| m.as_str() == name)
+    }
+}
+
+/// A user's stored safety number with a peer: the number as last computed, and the
+/// verification (cleared when an identity key of either user changed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SafetyRecord {
+    pub number: String,
+    pub verified: Option<(OffsetDateTime, VerificationMethod)>,
+}
+
 /// Why a store call failed, in terms a handler can map to a status.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -242,6 +274,12 @@ pub enum StoreError {
     StaleSession { expected: u64, current: u64 },
     #[error("the peer user does not exist")]
     UnknownPeer,
+    #[error("the peer user has no registered device")]
+    PeerHasNoDevices,
+    #[error("the caller has no registered device")]
+    CallerHasNoDevices,
+    #[error("the safety number is not the current one")]
+    SafetyNumberMismatch,
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -300,6 +338,28 @@ pub trait KeyStore: Send + Sync + 'static {
         user_id: Uuid,
         query: &SessionQuery,
     ) -> Result<Vec<StoredSession>, StoreError>;
+
+    /// The identity keys of every device of `user_id`.
+    async fn identity_keys(&self, user_id: Uuid) -> Result<Vec<PublicKey>, StoreError>;
+
+    /// `user_id`'s stored safety number with `peer_user_id`, if they ever verified one.
+    async fn safety_record(
+        &self,
+        user_id: Uuid,
+        peer_user_id: Uuid,
+    ) -> Result<Option<SafetyRecord>, StoreError>;
+
+    /// Records that `user_id` verified `number` with `peer_user_id`, if it is the current one.
+    async fn verify_safety_number(
+        &self,
+        user_id: Uuid,
+        peer_user_id: Uuid,
+        number: &str,
+        method: VerificationMethod,
+    ) -> Result<OffsetDateTime, StoreError> {
+        let tx = self.begin_write().await?;
+        writes::verify_safety_number(tx, user_id, peer_user_id, number, method).await
+    }
 
     /// A page of `user_id`'s audit events, newest first.
     async fn audit_events(

@@ -18,8 +18,8 @@ use uuid::Uuid;
 use super::writes::{KeyTx, StoredOneTimePreKey, StoredSignedPreKey};
 use super::{
     AuditQuery, AuditRecord, BundleTarget, DeviceBundle, KeyStatus, KeyStore, NewDevice,
-    NewOneTimePreKey, NewSignedPreKey, PublishedSignedPreKey, SessionKey, SessionQuery, StoreError,
-    StoredSession, stored_key, stored_signature,
+    NewOneTimePreKey, NewSignedPreKey, PublishedSignedPreKey, SafetyRecord, SessionKey,
+    SessionQuery, StoreError, StoredSession, VerificationMethod, stored_key, stored_signature,
 };
 use crate::audit::AuditEvent;
 
@@ -418,11 +418,92 @@ impl KeyTx for PgTx {
         .await?)
     }
 
+    async fn lock_user(&mut self, user_id: Uuid) -> Result<(), StoreError> {
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 7))")
+            .bind(user_id)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn identity_keys(&mut self, user_id: Uuid) -> Result<Vec<PublicKey>, StoreError> {
+        let rows =
+            sqlx::query("SELECT identity_key_public FROM nchat_identity_keys WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_all(&mut *self.0)
+                .await?;
+        rows.iter()
+            .map(|r| stored_key(r.get("identity_key_public")))
+            .collect()
+    }
+
+    async fn safety_numbers_involving(
+        &mut self,
+        user_id: Uuid,
+    ) -> Result<Vec<(i64, Uuid, Uuid, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, user_id, peer_user_id, safety_number FROM nchat_safety_numbers
+             WHERE user_id = $1 OR peer_user_id = $1",
+        )
+        .bind(user_id)
+        .fetch_all(&mut *self.0)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<i32, _>("id").into(),
+                    r.get("user_id"),
+                    r.get("peer_user_id"),
+                    r.get("safety_number"),
+                )
+            })
+            .collect())
+    }
+
+    async fn replace_safety_number(&mut self, id: i64, number: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE nchat_safety_numbers
+             SET safety_number = $2, verified_at = NULL, verification_method = NULL,
+                 updated_at = NOW()
+             WHERE id = $1",
+        )
+        .bind(id as i32)
+        .bind(number)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn store_verified_safety_number(
+        &mut self,
+        user_id: Uuid,
+        peer_user_id: Uuid,
+        number: &str,
+        method: VerificationMethod,
+    ) -> Result<OffsetDateTime, StoreError> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO nchat_safety_numbers
+                 (user_id, peer_user_id, safety_number, verified_at, verification_method)
+             VALUES ($1, $2, $3, NOW(), $4)
+             ON CONFLICT (user_id, peer_user_id) DO UPDATE
+             SET safety_number = excluded.safety_number, verified_at = excluded.verified_at,
+                 verification_method = excluded.verification_method, updated_at = NOW()
+             RETURNING verified_at",
+        )
+        .bind(user_id)
+        .bind(peer_user_id)
+        .bind(number)
+        .bind(method.as_str())
+        .fetch_one(&mut *self.0)
+        .await?)
+    }
+
     async fn audit(
         &mut self,
         event: AuditEvent,
         user_id: Uuid,
-        device_id: &str,
+        device_id: Option<&str>,
         metadata: serde_json::Value,
     ) -> Result<(), StoreError> {
         sqlx::query(
@@ -533,6 +614,40 @@ impl KeyStore for PgStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(session_row).collect())
+    }
+
+    async fn identity_keys(&self, user_id: Uuid) -> Result<Vec<PublicKey>, StoreError> {
+        let rows =
+            sqlx::query("SELECT identity_key_public FROM nchat_identity_keys WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| stored_key(r.get("identity_key_public")))
+            .collect()
+    }
+
+    async fn safety_record(
+        &self,
+        user_id: Uuid,
+        peer_user_id: Uuid,
+    ) -> Result<Option<SafetyRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT safety_number, verified_at, verification_method FROM nchat_safety_numbers
+             WHERE user_id = $1 AND peer_user_id = $2",
+        )
+        .bind(user_id)
+        .bind(peer_user_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| {
+            let at: Option<OffsetDateTime> = r.get("verified_at");
+            let method: Option<String> = r.get("verification_method");
+            SafetyRecord {
+                number: r.get("safety_number"),
+                verified: at.zip(method.as_deref().and_then(VerificationMethod::from_name)),
+            }
+        }))
     }
 
     async fn audit_events(

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 
 use async_trait::async_trait;
+use keyserver_proto::fingerprint;
 use keyserver_proto::wire::PublicKey;
 use serde_json::json;
 use time::OffsetDateTime;
@@ -14,7 +15,7 @@ use uuid::Uuid;
 
 use super::{
     NewDevice, NewOneTimePreKey, NewSignedPreKey, RegisterOutcome, Registered, Rotated, SessionKey,
-    StoreError, UploadReport,
+    StoreError, UploadReport, VerificationMethod,
 };
 use crate::audit::AuditEvent;
 
@@ -108,9 +109,29 @@ pub trait KeyTx: Send {
         &mut self,
         event: AuditEvent,
         user_id: Uuid,
-        device_id: &str,
+        device_id: Option<&str>,
         metadata: serde_json::Value,
     ) -> Result<(), StoreError>;
+    /// Serializes the transactions that read or change a user's identity keys together with
+    /// their safety numbers (a no-op where every write transaction is already serialized).
+    async fn lock_user(&mut self, user_id: Uuid) -> Result<(), StoreError>;
+    /// The identity keys of every device of the user.
+    async fn identity_keys(&mut self, user_id: Uuid) -> Result<Vec<PublicKey>, StoreError>;
+    /// Every stored safety number the user is a party of: (id, owner, peer, number).
+    async fn safety_numbers_involving(
+        &mut self,
+        user_id: Uuid,
+    ) -> Result<Vec<(i64, Uuid, Uuid, String)>, StoreError>;
+    /// Replaces a stored safety number and clears its verification.
+    async fn replace_safety_number(&mut self, id: i64, number: &str) -> Result<(), StoreError>;
+    /// Stores `number` as verified by `user_id` now; returns the time recorded.
+    async fn store_verified_safety_number(
+        &mut self,
+        user_id: Uuid,
+        peer_user_id: Uuid,
+        number: &str,
+        method: VerificationMethod,
+    ) -> Result<OffsetDateTime, StoreError>;
     async fn commit(self: Box<Self>) -> Result<(), StoreError>;
 }
 
@@ -187,11 +208,94 @@ async fn install_signed_prekey(
     })
 }
 
+/// The 60-digit safety number of two users from their device identity keys; None when either
+/// has no device.
+pub fn safety_number(a: (Uuid, &[PublicKey]), b: (Uuid, &[PublicKey])) -> Option<String> {
+    if a.1.is_empty() || b.1.is_empty() {
+        return None;
+    }
+    let a_digits = fingerprint::user_digits(a.0.as_bytes(), a.1.iter().copied());
+    let b_digits = fingerprint::user_digits(b.0.as_bytes(), b.1.iter().copied());
+    Some(fingerprint::safety_number(&a_digits, &b_digits))
+}
+
+/// After `user_id`'s identity keys changed: recomputes every stored safety number that
+/// involves the user, clears the verification of each that changed, and audits
+/// `safety_number_changed` for the user who had verified it.
+async fn refresh_safety_numbers(tx: &mut dyn KeyTx, user_id: Uuid) -> Result<(), StoreError> {
+    let rows = tx.safety_numbers_involving(user_id).await?;
+    let mut keys: HashMap<Uuid, Vec<PublicKey>> = HashMap::new();
+    for (id, owner, peer, stored) in rows {
+        for user in [owner, peer] {
+            if let std::collections::hash_map::Entry::Vacant(slot) = keys.entry(user) {
+                slot.insert(tx.identity_keys(user).await?);
+            }
+        }
+        let current = safety_number((owner, &keys[&owner]), (peer, &keys[&peer]));
+        let Some(current) = current else {
+            continue; // a party has no device left: nothing to compare until one registers
+        };
+        if current != stored {
+            tx.replace_safety_number(id, &current).await?;
+            tx.audit(
+                AuditEvent::SafetyNumberChanged,
+                owner,
+                None,
+                json!({ "peer_user_id": peer, "because_of_user_id": user_id }),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Records a verification if `number` is the two users' current safety number, audited
+/// `safety_number_verified`.
+pub async fn verify_safety_number(
+    mut tx: Box<dyn KeyTx>,
+    user_id: Uuid,
+    peer_user_id: Uuid,
+    number: &str,
+    method: VerificationMethod,
+) -> Result<OffsetDateTime, StoreError> {
+    let (first, second) = if user_id < peer_user_id {
+        (user_id, peer_user_id)
+    } else {
+        (peer_user_id, user_id)
+    };
+    tx.lock_user(first).await?;
+    tx.lock_user(second).await?;
+    let mine = tx.identity_keys(user_id).await?;
+    if mine.is_empty() {
+        return Err(StoreError::CallerHasNoDevices);
+    }
+    let theirs = tx.identity_keys(peer_user_id).await?;
+    if theirs.is_empty() {
+        return Err(StoreError::PeerHasNoDevices);
+    }
+    if safety_number((user_id, &mine), (peer_user_id, &theirs)).as_deref() != Some(number) {
+        return Err(StoreError::SafetyNumberMismatch);
+    }
+    let at = tx
+        .store_verified_safety_number(user_id, peer_user_id, number, method)
+        .await?;
+    tx.audit(
+        AuditEvent::SafetyNumberVerified,
+        user_id,
+        None,
+        json!({ "peer_user_id": peer_user_id, "method": method.as_str() }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(at)
+}
+
 async fn register_keys(
     tx: &mut dyn KeyTx,
     device: &NewDevice,
 ) -> Result<RegisterOutcome, StoreError> {
     tx.ensure_user(device.user_id).await?;
+    tx.lock_user(device.user_id).await?;
     let all_keys: Vec<&NewOneTimePreKey> = device.one_time_prekeys.iter().collect();
     if tx.insert_device(device).await? {
         tx.insert_signed_prekey(&device.device_id, &device.signed_prekey)
@@ -228,11 +332,15 @@ pub async fn register(
     device: &NewDevice,
 ) -> Result<Registered, StoreError> {
     let outcome = register_keys(tx.as_mut(), device).await?;
+    // A new device or a new identity key changes the user's safety numbers.
+    if outcome != RegisterOutcome::Updated {
+        refresh_safety_numbers(tx.as_mut(), device.user_id).await?;
+    }
     let available = tx.count_available(&device.device_id).await?;
     tx.audit(
         AuditEvent::DeviceKeysGenerated,
         device.user_id,
-        &device.device_id,
+        Some(&device.device_id),
         json!({
             "outcome": outcome.as_str(),
             "registration_id": device.registration_id,
@@ -260,7 +368,7 @@ pub async fn upload(
         tx.audit(
             AuditEvent::PrekeysReplenished,
             user_id,
-            device_id,
+            Some(device_id),
             json!({
                 "stored": report.stored.len(),
                 "unchanged": report.unchanged.len(),
@@ -290,7 +398,7 @@ pub async fn rotate(
         tx.audit(
             AuditEvent::SignedPrekeyRotated,
             user_id,
-            device_id,
+            Some(device_id),
             json!({
                 "signed_prekey_id": key.key_id,
                 "previous_signed_prekey_id": rotated.previous_key_id,
@@ -339,7 +447,7 @@ pub async fn put_session(
         tx.audit(
             AuditEvent::SessionEstablished,
             user_id,
-            &key.device_id,
+            Some(&key.device_id),
             json!({
                 "peer_user_id": key.peer_user_id,
                 "peer_device_id": key.peer_device_id,
@@ -379,7 +487,7 @@ pub async fn destroy_session(
     tx.audit(
         AuditEvent::SessionDestroyed,
         user_id,
-        &key.device_id,
+        Some(&key.device_id),
         json!({
             "peer_user_id": key.peer_user_id,
             "peer_device_id": key.peer_device_id,
