@@ -56,6 +56,8 @@ enum Command {
     Register,
     /// Show the device's keys on the server.
     Status,
+    /// Remove this device from the server with all its keys and sessions.
+    Remove,
     /// Upload one-time prekeys when the server has fewer than --below left.
     Replenish {
         #[arg(long, default_value_t = REPLENISH_BELOW)]
@@ -199,6 +201,21 @@ async fn main() -> anyhow::Result<()> {
                 device.state().device_id,
                 response.outcome(),
                 response.one_time_prekeys_available
+            );
+        }
+        Command::Remove => {
+            let device = Device::open(&cli.state, &passphrase(&cli)?)?;
+            let removed = client(&cli)
+                .await?
+                .remove_device(pb::RemoveDeviceRequest {
+                    device_id: device.state().device_id.clone(),
+                })
+                .await?
+                .into_inner();
+            println!(
+                "removed {} and {} sessions from the server; the local state file stays",
+                device.state().device_id,
+                removed.sessions_removed
             );
         }
         Command::Status => {

@@ -211,6 +211,18 @@ impl KeyService for KeyApi {
         }))
     }
 
+    async fn remove_device(
+        &self,
+        request: Request<pb::RemoveDeviceRequest>,
+    ) -> Result<Response<pb::RemoveDeviceResponse>, Status> {
+        let caller = caller(&request)?;
+        let device_id = validate::device_id("device_id", &request.get_ref().device_id)?;
+        let sessions_removed = self.store.remove_device(caller.user_id, &device_id).await?;
+        self.view.mark();
+        tracing::info!(%device_id, "device removed");
+        Ok(Response::new(pb::RemoveDeviceResponse { sessions_removed }))
+    }
+
     async fn get_identity_keys(
         &self,
         request: Request<pb::GetIdentityKeysRequest>,

@@ -400,6 +400,11 @@ pub trait KeyStore: Send + Sync + 'static {
         writes::touch_session(self.begin_write().await?, user_id, key).await
     }
 
+    /// Removes a device of `user_id` with its keys and sessions; returns the sessions removed.
+    async fn remove_device(&self, user_id: Uuid, device_id: &str) -> Result<u32, StoreError> {
+        writes::remove_device(self.begin_write().await?, user_id, device_id).await
+    }
+
     /// Registers or re-registers a device of `device.user_id`.
     async fn register_device(&self, device: NewDevice) -> Result<Registered, StoreError> {
         writes::register(self.begin_write().await?, &device).await

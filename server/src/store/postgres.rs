@@ -418,6 +418,19 @@ impl KeyTx for PgTx {
         .await?)
     }
 
+    async fn delete_device(&mut self, device_id: &str) -> Result<u32, StoreError> {
+        let sessions: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM nchat_signal_sessions WHERE device_id = $1")
+                .bind(device_id)
+                .fetch_one(&mut *self.0)
+                .await?;
+        sqlx::query("DELETE FROM nchat_identity_keys WHERE device_id = $1")
+            .bind(device_id)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(sessions as u32)
+    }
+
     async fn lock_user(&mut self, user_id: Uuid) -> Result<(), StoreError> {
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 7))")
             .bind(user_id)

@@ -397,6 +397,19 @@ impl KeyTx for SqliteTx {
         .await?)
     }
 
+    async fn delete_device(&mut self, device_id: &str) -> Result<u32, StoreError> {
+        let sessions: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM nchat_signal_sessions WHERE device_id = ?1")
+                .bind(device_id)
+                .fetch_one(&mut *self.0)
+                .await?;
+        sqlx::query("DELETE FROM nchat_identity_keys WHERE device_id = ?1")
+            .bind(device_id)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(sessions as u32)
+    }
+
     async fn lock_user(&mut self, user_id: Uuid) -> Result<(), StoreError> {
         // BEGIN IMMEDIATE already serializes every write transaction.
         let _ = user_id;

@@ -112,6 +112,9 @@ pub trait KeyTx: Send {
         device_id: Option<&str>,
         metadata: serde_json::Value,
     ) -> Result<(), StoreError>;
+    /// Deletes the device's identity row; the schema's cascades delete its signed and one-time
+    /// prekeys and its sessions. Returns how many sessions it had.
+    async fn delete_device(&mut self, device_id: &str) -> Result<u32, StoreError>;
     /// Serializes the transactions that read or change a user's identity keys together with
     /// their safety numbers (a no-op where every write transaction is already serialized).
     async fn lock_user(&mut self, user_id: Uuid) -> Result<(), StoreError>;
@@ -511,4 +514,27 @@ pub async fn touch_session(
         .ok_or(StoreError::SessionNotFound)?;
     tx.commit().await?;
     Ok(at)
+}
+
+/// Removes a device of `user_id` with everything that hangs off it, recomputes the user's
+/// safety numbers, and audits the removal (as `device_keys_generated` with outcome
+/// `removed`: the schema has no event type of its own for it).
+pub async fn remove_device(
+    mut tx: Box<dyn KeyTx>,
+    user_id: Uuid,
+    device_id: &str,
+) -> Result<u32, StoreError> {
+    tx.lock_user(user_id).await?;
+    lock_owned(tx.as_mut(), user_id, device_id).await?;
+    let sessions = tx.delete_device(device_id).await?;
+    refresh_safety_numbers(tx.as_mut(), user_id).await?;
+    tx.audit(
+        AuditEvent::DeviceKeysGenerated,
+        user_id,
+        Some(device_id),
+        json!({ "outcome": "removed", "sessions_removed": sessions }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(sessions)
 }
