@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "keyserver/v1/session_service.proto",
         "keyserver/v1/audit_service.proto",
         "keyserver/v1/safety_number_service.proto",
+        "keyserver/v1/master_key_service.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

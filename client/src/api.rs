@@ -4,6 +4,7 @@
 use keyserver_proto::pb;
 use keyserver_proto::pb::audit_service_client::AuditServiceClient;
 use keyserver_proto::pb::key_service_client::KeyServiceClient;
+use keyserver_proto::pb::master_key_service_client::MasterKeyServiceClient;
 use keyserver_proto::pb::safety_number_service_client::SafetyNumberServiceClient;
 use keyserver_proto::pb::session_service_client::SessionServiceClient;
 use keyserver_proto::wire::{self, PublicKey};
@@ -37,6 +38,8 @@ pub type KeyClient = KeyServiceClient<InterceptedService<Channel, BearerToken>>;
 pub type SessionClient = SessionServiceClient<InterceptedService<Channel, BearerToken>>;
 /// An authenticated safety-number-service client.
 pub type SafetyNumberClient = SafetyNumberServiceClient<InterceptedService<Channel, BearerToken>>;
+/// An authenticated master-key-service client.
+pub type MasterKeyClient = MasterKeyServiceClient<InterceptedService<Channel, BearerToken>>;
 /// An authenticated audit-service client.
 pub type AuditClient = AuditServiceClient<InterceptedService<Channel, BearerToken>>;
 
@@ -68,6 +71,12 @@ pub async fn connect_sessions(url: &str, token: &str) -> anyhow::Result<SessionC
 pub async fn connect_safety_numbers(url: &str, token: &str) -> anyhow::Result<SafetyNumberClient> {
     let (channel, bearer) = authenticated(url, token).await?;
     Ok(SafetyNumberServiceClient::with_interceptor(channel, bearer))
+}
+
+/// Connects a master-key-service client to `url` with a bearer token.
+pub async fn connect_master_keys(url: &str, token: &str) -> anyhow::Result<MasterKeyClient> {
+    let (channel, bearer) = authenticated(url, token).await?;
+    Ok(MasterKeyServiceClient::with_interceptor(channel, bearer))
 }
 
 /// Connects an audit-service client to `url` with a bearer token.

@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use crate::api::{self, KeyClient, SessionClient, VerifiedBundle};
+use crate::api::{self, KeyClient, MasterKeyClient, SessionClient, VerifiedBundle};
 use crate::keys::{KeyPair, random_bytes};
 use crate::state::{
     DeviceState, Kdf, STATE_VERSION, StoredIdentity, StoredPreKey, StoredSignedPreKey,
@@ -97,6 +97,83 @@ impl Device {
             state,
             vault,
         })
+    }
+
+    /// Restores a device from what recovery returned: its identity key sealed under the
+    /// user's passphrase and the record's salt. Fails unless the passphrase opens the sealed
+    /// key and it matches the identity public key. The restored device has no prekeys yet:
+    /// `register` publishes fresh ones.
+    pub fn restore(
+        path: &Path,
+        passphrase: &[u8],
+        recovery: &pb::RecoverDeviceResponse,
+        device: &pb::RecoverableDevice,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            !path.exists(),
+            "{} already exists; restore into a new state file",
+            path.display()
+        );
+        let salt: [u8; 32] = recovery
+            .salt
+            .as_slice()
+            .try_into()
+            .context("the recovered salt is not 32 bytes")?;
+        let vault = VaultKey::derive(passphrase, &salt, recovery.pbkdf2_iterations);
+        let private = vault
+            .open_key(
+                &device.encrypted_identity_private_key,
+                &identity_label(&device.device_id),
+            )
+            .context("the passphrase does not open this device's identity key")?;
+        let identity = KeyPair::from_private(*private);
+        anyhow::ensure!(
+            identity.public().serialize().as_slice() == device.identity_key.as_slice(),
+            "the recovered identity key does not match its public key"
+        );
+        let state = DeviceState {
+            version: STATE_VERSION,
+            device_id: device.device_id.clone(),
+            registration_id: u16::try_from(device.registration_id)
+                .context("the recovered registration id is out of range")?,
+            kdf: Kdf {
+                salt,
+                iterations: recovery.pbkdf2_iterations,
+            },
+            identity: StoredIdentity {
+                public: device.identity_key.clone(),
+                sealed_private: device.encrypted_identity_private_key.clone(),
+            },
+            signed_prekeys: Vec::new(),
+            one_time_prekeys: Vec::new(),
+            next_signed_prekey_id: random_start_id(),
+            next_one_time_prekey_id: random_start_id(),
+        };
+        state.save(path)?;
+        Ok(Self {
+            path: path.to_owned(),
+            state,
+            vault,
+        })
+    }
+
+    /// Makes a recovery code (160 random bits in base32, shown in groups of four) and stores
+    /// the user's master-key record: this device's salt and iterations and the code's hash.
+    pub async fn backup(&self, client: &mut MasterKeyClient) -> anyhow::Result<String> {
+        let code = data_encoding::BASE32_NOPAD.encode(&random_bytes::<20>());
+        client
+            .put_master_key(pb::PutMasterKeyRequest {
+                salt: self.state.kdf.salt.to_vec(),
+                pbkdf2_iterations: self.state.kdf.iterations,
+                recovery_code: code.clone(),
+            })
+            .await?;
+        Ok(code
+            .as_bytes()
+            .chunks(4)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect::<Vec<_>>()
+            .join("-"))
     }
 
     /// Opens an existing device; fails on a wrong passphrase.

@@ -192,6 +192,31 @@ async fn alice_and_bob_agree_on_an_x3dh_secret_through_the_server(backend: Backe
             .contains("version 3, destroyed")
     );
 
+    // Bob backs up, then restores his phone into a new state file with the code and passphrase.
+    let backup = bob.run(&["backup"]).await;
+    let code = backup
+        .lines()
+        .find_map(|l| l.strip_prefix("recovery code: "))
+        .expect("a recovery code")
+        .to_owned();
+    assert_eq!(code.replace('-', "").len(), 32);
+    let restored = Keyctl {
+        server: &server,
+        user: bob.user,
+        state: dir.join("bob-restored.json"),
+    };
+    let out = restored.run(&["restore", "--recovery-code", &code]).await;
+    assert!(out.contains("restored bob-phone"), "{out}");
+    let original = Device::open(&bob.state, PASSPHRASE.as_bytes()).unwrap();
+    let copy = Device::open(&restored.state, PASSPHRASE.as_bytes()).unwrap();
+    assert_eq!(
+        *copy.identity().unwrap().private_bytes(),
+        *original.identity().unwrap().private_bytes(),
+        "the restored device decrypts the same identity private key"
+    );
+    let out = restored.run(&["register"]).await;
+    assert!(out.contains("Updated"), "{out}");
+
     assert_no_plaintext_private_keys(&bob.state);
     std::fs::remove_dir_all(&dir).unwrap();
 }

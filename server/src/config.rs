@@ -86,4 +86,11 @@ pub struct ServeArgs {
     /// nchat_prekey_bundles view ("0s" turns the refresher off).
     #[arg(long, env = "KEYSERVER_BUNDLE_VIEW_REFRESH", default_value = "10s", value_parser = humantime::parse_duration)]
     pub bundle_view_refresh: Duration,
+    /// Fewest PBKDF2 iterations a master-key record may declare (the schema's default).
+    #[arg(
+        long,
+        env = "KEYSERVER_MIN_PBKDF2_ITERATIONS",
+        default_value_t = 100_000
+    )]
+    pub min_pbkdf2_iterations: u32,
 }

@@ -150,6 +150,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             store: db.store(),
             tokens: TokenAuthority::new(&key)?,
             bundle_view_refresh: args.bundle_view_refresh,
+            min_pbkdf2_iterations: args.min_pbkdf2_iterations,
         },
         stop,
     )

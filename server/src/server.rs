@@ -1,4 +1,4 @@
-//! Assembles the gRPC server: the key, session, safety-number and audit services behind token authentication, the standard health
+//! Assembles the gRPC server: every service behind token authentication, the standard health
 //! service, and server reflection (v1 and v1alpha), served until shutdown is requested.
 
 use std::sync::Arc;
@@ -13,11 +13,13 @@ use crate::auth::TokenAuthority;
 use crate::bundle_view;
 use crate::service::audit::AuditApi;
 use crate::service::keys::KeyApi;
+use crate::service::master_keys::MasterKeyApi;
 use crate::service::safety_numbers::SafetyNumberApi;
 use crate::service::sessions::SessionApi;
 use crate::shutdown::CancellationToken;
 use crate::store::KeyStore;
 use keyserver_proto::pb::audit_service_server::AuditServiceServer;
+use keyserver_proto::pb::master_key_service_server::MasterKeyServiceServer;
 use keyserver_proto::pb::safety_number_service_server::SafetyNumberServiceServer;
 use keyserver_proto::pb::session_service_server::SessionServiceServer;
 
@@ -31,6 +33,8 @@ pub struct ServerParts {
     pub tokens: TokenAuthority,
     /// How long the bundle-view refresher gathers changes before refreshing; zero disables it.
     pub bundle_view_refresh: Duration,
+    /// Fewest PBKDF2 iterations a master-key record may declare.
+    pub min_pbkdf2_iterations: u32,
 }
 
 /// Serves on `listener` until `shutdown` is cancelled, then finishes requests in flight.
@@ -59,6 +63,13 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let master_keys = tonic::service::interceptor::InterceptedService::new(
+        MasterKeyServiceServer::new(MasterKeyApi::new(
+            parts.store.clone(),
+            parts.min_pbkdf2_iterations,
+        )),
+        parts.tokens.clone(),
+    );
     let safety_numbers = tonic::service::interceptor::InterceptedService::new(
         SafetyNumberServiceServer::new(SafetyNumberApi::new(parts.store.clone())),
         parts.tokens.clone(),
@@ -88,6 +99,7 @@ pub async fn run(
         .add_service(sessions)
         .add_service(audit)
         .add_service(safety_numbers)
+        .add_service(master_keys)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             stopping.cancelled().await;
             health.set_not_serving::<KeyServiceServer<KeyApi>>().await;

@@ -550,6 +550,7 @@ impl TestServer {
             store: db.store(),
             tokens: tokens.clone(),
             bundle_view_refresh: Duration::from_millis(200),
+            min_pbkdf2_iterations: 100_000,
         };
         let task = tokio::spawn(server::run(listener, parts, stop.clone()));
         Self {

@@ -97,6 +97,17 @@ enum Command {
         #[arg(long)]
         verify: Option<String>,
     },
+    /// Make a recovery code and store the master-key record, so a new device can be restored.
+    Backup,
+    /// Restore a device into a new state file with a recovery code and the passphrase.
+    Restore {
+        /// The recovery code `keyctl backup` printed.
+        #[arg(long)]
+        recovery_code: String,
+        /// Which of the user's devices to restore (needed when there are several).
+        #[arg(long)]
+        device_id: Option<String>,
+    },
     /// The user's audit trail, newest first.
     Audit {
         /// Only events of this type (repeatable), for example signed_prekey_rotated.
@@ -370,6 +381,41 @@ async fn main() -> anyhow::Result<()> {
                     if check.server.verified { "yes" } else { "no" }
                 ),
             }
+        }
+        Command::Backup => {
+            let device = Device::open(&cli.state, &passphrase(&cli)?)?;
+            let mut master = api::connect_master_keys(&cli.server, token(&cli)?).await?;
+            let code = device.backup(&mut master).await?;
+            println!("recovery code: {code}");
+            println!("write it down and keep it offline: it is shown only this once");
+        }
+        Command::Restore {
+            recovery_code,
+            device_id,
+        } => {
+            let passphrase = passphrase(&cli)?;
+            let mut master = api::connect_master_keys(&cli.server, token(&cli)?).await?;
+            let recovery = master
+                .recover_device(pb::RecoverDeviceRequest {
+                    recovery_code: recovery_code.clone(),
+                })
+                .await?
+                .into_inner();
+            let device = match device_id {
+                Some(id) => recovery.devices.iter().find(|d| &d.device_id == id),
+                None if recovery.devices.len() == 1 => recovery.devices.first(),
+                None => anyhow::bail!(
+                    "the user has {} devices; name one with --device-id",
+                    recovery.devices.len()
+                ),
+            }
+            .context("no such device to restore")?;
+            let restored = Device::restore(&cli.state, &passphrase, &recovery, device)?;
+            println!(
+                "restored {} into {}; run `keyctl register` to publish fresh prekeys",
+                restored.state().device_id,
+                cli.state.display()
+            );
         }
         Command::Audit { event_types, limit } => {
             let mut audit = api::connect_audit(&cli.server, token(&cli)?).await?;

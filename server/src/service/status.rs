@@ -53,6 +53,15 @@ impl From<StoreError> for Status {
                 "safety_number: is not the current safety number; an identity key may have \
                  changed, compare again",
             ),
+            StoreError::NoMasterKey => {
+                Status::not_found("the user has no master-key record (PutMasterKey first)")
+            }
+            StoreError::WrongRecoveryCode { attempts_left } => Status::permission_denied(format!(
+                "recovery_code: does not match; {attempts_left} attempts left before recovery locks"
+            )),
+            StoreError::RecoveryLocked { until } => Status::resource_exhausted(format!(
+                "recovery is locked after repeated failures until {until}"
+            )),
             StoreError::Database(e) => database(e),
         }
     }

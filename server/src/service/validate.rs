@@ -4,6 +4,7 @@
 use keyserver_proto::pb;
 use keyserver_proto::wire::{self, PublicKey};
 use keyserver_proto::xeddsa;
+use sha2::Digest;
 use uuid::Uuid;
 
 use crate::store::{BundleTarget, NewOneTimePreKey, NewSignedPreKey, SessionKey};
@@ -213,6 +214,30 @@ pub fn page_token(field: &str, token: &str) -> Result<Option<(Uuid, String)>> {
 /// The token that continues a listing after `key`.
 pub fn next_page_token(key: &SessionKey) -> String {
     hex::encode(format!("{}/{}", key.peer_user_id, key.peer_device_id))
+}
+
+/// Characters of a recovery code once dashes and spaces are removed: base32, 160 bits.
+pub const RECOVERY_CODE_LEN: usize = 32;
+
+/// The SHA-256 (hex) of a recovery code, normalized (dashes and spaces removed, upper case);
+/// the code must be 32 base32 characters.
+pub fn recovery_code_hash(field: &str, code: &str) -> Result<String> {
+    let normalized: String = code
+        .chars()
+        .filter(|c| !matches!(c, '-' | ' '))
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    if normalized.len() != RECOVERY_CODE_LEN
+        || !normalized
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
+    {
+        return Err(invalid(
+            field,
+            format!("must be {RECOVERY_CODE_LEN} base32 characters (A-Z, 2-7)"),
+        ));
+    }
+    Ok(hex::encode(sha2::Sha256::digest(normalized.as_bytes())))
 }
 
 pub fn target(field: &str, target: Option<pb::Target>) -> Result<BundleTarget> {

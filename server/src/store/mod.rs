@@ -249,6 +249,29 @@ pub struct SafetyRecord {
     pub verified: Option<(OffsetDateTime, VerificationMethod)>,
 }
 
+/// A user's master-key record, as a device reads it (never the recovery-code hash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterKeyRecord {
+    pub salt: Vec<u8>,
+    pub pbkdf2_iterations: u32,
+}
+
+/// A device's identity as a restoring device receives it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RecoverableDevice {
+    pub device_id: String,
+    pub registration_id: u32,
+    pub identity_key: PublicKey,
+    pub encrypted_identity_private: Vec<u8>,
+}
+
+/// What a proven recovery code unlocks.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Recovery {
+    pub record: MasterKeyRecord,
+    pub devices: Vec<RecoverableDevice>,
+}
+
 /// Why a store call failed, in terms a handler can map to a status.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -280,6 +303,12 @@ pub enum StoreError {
     CallerHasNoDevices,
     #[error("the safety number is not the current one")]
     SafetyNumberMismatch,
+    #[error("the user has no master-key record")]
+    NoMasterKey,
+    #[error("the recovery code does not match ({attempts_left} attempts left)")]
+    WrongRecoveryCode { attempts_left: u32 },
+    #[error("recovery is locked after repeated failures")]
+    RecoveryLocked { until: OffsetDateTime },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -398,6 +427,29 @@ pub trait KeyStore: Send + Sync + 'static {
         key: &SessionKey,
     ) -> Result<OffsetDateTime, StoreError> {
         writes::touch_session(self.begin_write().await?, user_id, key).await
+    }
+
+    /// `user_id`'s master-key record, if any.
+    async fn master_key(&self, user_id: Uuid) -> Result<Option<MasterKeyRecord>, StoreError>;
+
+    /// Stores or replaces `user_id`'s record; true when it is new.
+    async fn put_master_key(
+        &self,
+        user_id: Uuid,
+        record: &MasterKeyRecord,
+        recovery_code_hash: &str,
+    ) -> Result<bool, StoreError> {
+        let tx = self.begin_write().await?;
+        writes::put_master_key(tx, user_id, record, recovery_code_hash).await
+    }
+
+    /// Proves a recovery code (by its hash) for `user_id`, counting failures.
+    async fn recover_device(
+        &self,
+        user_id: Uuid,
+        recovery_code_hash: &str,
+    ) -> Result<Recovery, StoreError> {
+        writes::recover_device(self.begin_write().await?, user_id, recovery_code_hash).await
     }
 
     /// Removes a device of `user_id` with its keys and sessions; returns the sessions removed.

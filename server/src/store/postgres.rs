@@ -17,9 +17,10 @@ use uuid::Uuid;
 
 use super::writes::{KeyTx, StoredOneTimePreKey, StoredSignedPreKey};
 use super::{
-    AuditQuery, AuditRecord, BundleTarget, DeviceBundle, KeyStatus, KeyStore, NewDevice,
-    NewOneTimePreKey, NewSignedPreKey, PublishedSignedPreKey, SafetyRecord, SessionKey,
-    SessionQuery, StoreError, StoredSession, VerificationMethod, stored_key, stored_signature,
+    AuditQuery, AuditRecord, BundleTarget, DeviceBundle, KeyStatus, KeyStore, MasterKeyRecord,
+    NewDevice, NewOneTimePreKey, NewSignedPreKey, PublishedSignedPreKey, RecoverableDevice,
+    SafetyRecord, SessionKey, SessionQuery, StoreError, StoredSession, VerificationMethod,
+    stored_key, stored_signature,
 };
 use crate::audit::AuditEvent;
 
@@ -418,6 +419,90 @@ impl KeyTx for PgTx {
         .await?)
     }
 
+    async fn master_key_for_update(
+        &mut self,
+        user_id: Uuid,
+    ) -> Result<Option<(MasterKeyRecord, String, u32, Option<OffsetDateTime>)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT master_key_salt, pbkdf2_iterations, recovery_code_hash,
+                    failed_recovery_attempts, recovery_locked_until
+             FROM nchat_user_master_keys WHERE user_id = $1 FOR UPDATE",
+        )
+        .bind(user_id)
+        .fetch_optional(&mut *self.0)
+        .await?;
+        Ok(row.map(|r| {
+            (
+                MasterKeyRecord {
+                    salt: r.get("master_key_salt"),
+                    pbkdf2_iterations: r.get::<i32, _>("pbkdf2_iterations") as u32,
+                },
+                r.get("recovery_code_hash"),
+                r.get::<i32, _>("failed_recovery_attempts") as u32,
+                r.get("recovery_locked_until"),
+            )
+        }))
+    }
+
+    async fn upsert_master_key(
+        &mut self,
+        user_id: Uuid,
+        record: &MasterKeyRecord,
+        recovery_code_hash: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO nchat_user_master_keys (user_id, master_key_salt, pbkdf2_iterations, recovery_code_hash) VALUES ($1, $2, $3, $4) ON CONFLICT (user_id) DO UPDATE SET master_key_salt = excluded.master_key_salt, pbkdf2_iterations = excluded.pbkdf2_iterations, recovery_code_hash = excluded.recovery_code_hash, failed_recovery_attempts = 0, recovery_locked_until = NULL, updated_at = NOW()")
+            .bind(user_id)
+            .bind(&record.salt)
+            .bind(record.pbkdf2_iterations as i32)
+            .bind(recovery_code_hash)
+            .execute(&mut *self.0)
+            .await?;
+        Ok(())
+    }
+
+    async fn set_recovery_state(
+        &mut self,
+        user_id: Uuid,
+        failed_attempts: u32,
+        locked_until: Option<OffsetDateTime>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE nchat_user_master_keys
+             SET failed_recovery_attempts = $2, recovery_locked_until = $3
+             WHERE user_id = $1",
+        )
+        .bind(user_id)
+        .bind(failed_attempts as i32)
+        .bind(locked_until)
+        .execute(&mut *self.0)
+        .await?;
+        Ok(())
+    }
+
+    async fn recoverable_devices(
+        &mut self,
+        user_id: Uuid,
+    ) -> Result<Vec<RecoverableDevice>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT device_id, COALESCE(registration_id, 0) AS registration_id,
+                    identity_key_public, identity_key_private_encrypted
+             FROM nchat_identity_keys WHERE user_id = $1 ORDER BY device_id",
+        )
+        .bind(user_id)
+        .fetch_all(&mut *self.0)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RecoverableDevice {
+                    device_id: r.get("device_id"),
+                    registration_id: r.get::<i32, _>("registration_id") as u32,
+                    identity_key: stored_key(r.get("identity_key_public"))?,
+                    encrypted_identity_private: r.get("identity_key_private_encrypted"),
+                })
+            })
+            .collect()
+    }
+
     async fn delete_device(&mut self, device_id: &str) -> Result<u32, StoreError> {
         let sessions: i64 =
             sqlx::query_scalar("SELECT count(*) FROM nchat_signal_sessions WHERE device_id = $1")
@@ -627,6 +712,20 @@ impl KeyStore for PgStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(rows.iter().map(session_row).collect())
+    }
+
+    async fn master_key(&self, user_id: Uuid) -> Result<Option<MasterKeyRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT master_key_salt, pbkdf2_iterations FROM nchat_user_master_keys
+             WHERE user_id = $1",
+        )
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| MasterKeyRecord {
+            salt: r.get("master_key_salt"),
+            pbkdf2_iterations: r.get::<i32, _>("pbkdf2_iterations") as u32,
+        }))
     }
 
     async fn identity_keys(&self, user_id: Uuid) -> Result<Vec<PublicKey>, StoreError> {

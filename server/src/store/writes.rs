@@ -14,8 +14,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{
-    NewDevice, NewOneTimePreKey, NewSignedPreKey, RegisterOutcome, Registered, Rotated, SessionKey,
-    StoreError, UploadReport, VerificationMethod,
+    MasterKeyRecord, NewDevice, NewOneTimePreKey, NewSignedPreKey, RecoverableDevice, Recovery,
+    RegisterOutcome, Registered, Rotated, SessionKey, StoreError, UploadReport, VerificationMethod,
 };
 use crate::audit::AuditEvent;
 
@@ -112,6 +112,30 @@ pub trait KeyTx: Send {
         device_id: Option<&str>,
         metadata: serde_json::Value,
     ) -> Result<(), StoreError>;
+    /// The user's master-key record with its recovery state, locked until commit:
+    /// (record, recovery-code hash, failed attempts in a row, locked until).
+    async fn master_key_for_update(
+        &mut self,
+        user_id: Uuid,
+    ) -> Result<Option<(MasterKeyRecord, String, u32, Option<OffsetDateTime>)>, StoreError>;
+    /// Stores or replaces the record and resets its recovery state.
+    async fn upsert_master_key(
+        &mut self,
+        user_id: Uuid,
+        record: &MasterKeyRecord,
+        recovery_code_hash: &str,
+    ) -> Result<(), StoreError>;
+    async fn set_recovery_state(
+        &mut self,
+        user_id: Uuid,
+        failed_attempts: u32,
+        locked_until: Option<OffsetDateTime>,
+    ) -> Result<(), StoreError>;
+    /// Every device of the user as a restoring device needs it, ordered by device id.
+    async fn recoverable_devices(
+        &mut self,
+        user_id: Uuid,
+    ) -> Result<Vec<RecoverableDevice>, StoreError>;
     /// Deletes the device's identity row; the schema's cascades delete its signed and one-time
     /// prekeys and its sessions. Returns how many sessions it had.
     async fn delete_device(&mut self, device_id: &str) -> Result<u32, StoreError>;
@@ -537,4 +561,81 @@ pub async fn remove_device(
     .await?;
     tx.commit().await?;
     Ok(sessions)
+}
+
+/// Failed recovery attempts in a row before recovery locks.
+pub const RECOVERY_ATTEMPTS: u32 = 5;
+/// How long recovery stays locked after that many failures.
+pub const RECOVERY_LOCKOUT: time::Duration = time::Duration::hours(1);
+
+/// Stores or replaces a master-key record; the first is audited `master_key_created`.
+pub async fn put_master_key(
+    mut tx: Box<dyn KeyTx>,
+    user_id: Uuid,
+    record: &MasterKeyRecord,
+    recovery_code_hash: &str,
+) -> Result<bool, StoreError> {
+    tx.ensure_user(user_id).await?;
+    let created = tx.master_key_for_update(user_id).await?.is_none();
+    tx.upsert_master_key(user_id, record, recovery_code_hash)
+        .await?;
+    if created {
+        tx.audit(
+            AuditEvent::MasterKeyCreated,
+            user_id,
+            None,
+            json!({ "pbkdf2_iterations": record.pbkdf2_iterations }),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(created)
+}
+
+/// Compares the recovery-code hash in constant time. A failure is counted (and committed: the
+/// count is what limits guessing); the fifth in a row locks recovery for an hour. Success
+/// resets the count, is audited `recovery_code_used`, and returns the devices' sealed keys.
+pub async fn recover_device(
+    mut tx: Box<dyn KeyTx>,
+    user_id: Uuid,
+    recovery_code_hash: &str,
+) -> Result<Recovery, StoreError> {
+    use subtle::ConstantTimeEq;
+
+    let now = OffsetDateTime::now_utc();
+    let (record, stored_hash, failed, locked_until) = tx
+        .master_key_for_update(user_id)
+        .await?
+        .ok_or(StoreError::NoMasterKey)?;
+    if let Some(until) = locked_until.filter(|until| *until > now) {
+        return Err(StoreError::RecoveryLocked { until });
+    }
+    let matches: bool = stored_hash
+        .as_bytes()
+        .ct_eq(recovery_code_hash.as_bytes())
+        .into();
+    if !matches {
+        let failed = failed + 1;
+        let (count, lock) = if failed >= RECOVERY_ATTEMPTS {
+            (0, Some(now + RECOVERY_LOCKOUT))
+        } else {
+            (failed, None)
+        };
+        tx.set_recovery_state(user_id, count, lock).await?;
+        tx.commit().await?;
+        return Err(StoreError::WrongRecoveryCode {
+            attempts_left: RECOVERY_ATTEMPTS.saturating_sub(failed),
+        });
+    }
+    tx.set_recovery_state(user_id, 0, None).await?;
+    let devices = tx.recoverable_devices(user_id).await?;
+    tx.audit(
+        AuditEvent::RecoveryCodeUsed,
+        user_id,
+        None,
+        json!({ "devices": devices.len() }),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Recovery { record, devices })
 }

@@ -55,6 +55,8 @@ pub const TABLES: &[Table] = &[
             ("recovery_code_hash", Text),
             ("created_at", Time),
             ("updated_at", Time),
+            ("failed_recovery_attempts", Int),
+            ("recovery_locked_until", Time),
         ],
         references: &[("user_id", "nchat_users", "id")],
         serial: false,
