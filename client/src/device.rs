@@ -68,24 +68,44 @@ impl Device {
             "PBKDF2 iterations must be at least {}",
             vault::MIN_ITERATIONS
         );
+        let salt = random_bytes();
+        let vault = VaultKey::derive(passphrase, &salt, iterations);
+        let identity = KeyPair::generate();
+        let sealed_private = vault.seal(&*identity.private_bytes(), &identity_label(device_id));
+        Self::start(
+            path,
+            vault,
+            Kdf { salt, iterations },
+            device_id,
+            u16::from_le_bytes(random_bytes()) % 0x3FFF + 1,
+            StoredIdentity {
+                public: identity.public().serialize().to_vec(),
+                sealed_private,
+            },
+        )
+    }
+
+    /// Writes the state of a device that has an identity and no prekeys yet. Never overwrites
+    /// an existing state file: it holds a device's keys.
+    fn start(
+        path: &Path,
+        vault: VaultKey,
+        kdf: Kdf,
+        device_id: &str,
+        registration_id: u16,
+        identity: StoredIdentity,
+    ) -> anyhow::Result<Self> {
         anyhow::ensure!(
             !path.exists(),
             "{} already exists; it holds a device's keys and is never overwritten",
             path.display()
         );
-        let salt = random_bytes();
-        let vault = VaultKey::derive(passphrase, &salt, iterations);
-        let identity = KeyPair::generate();
-        let registration_id = u16::from_le_bytes(random_bytes()) % 0x3FFF + 1;
         let state = DeviceState {
             version: STATE_VERSION,
             device_id: device_id.to_owned(),
             registration_id,
-            kdf: Kdf { salt, iterations },
-            identity: StoredIdentity {
-                public: identity.public().serialize().to_vec(),
-                sealed_private: vault.seal(&*identity.private_bytes(), &identity_label(device_id)),
-            },
+            kdf,
+            identity,
             signed_prekeys: Vec::new(),
             one_time_prekeys: Vec::new(),
             next_signed_prekey_id: random_start_id(),
@@ -109,11 +129,6 @@ impl Device {
         recovery: &pb::RecoverDeviceResponse,
         device: &pb::RecoverableDevice,
     ) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            !path.exists(),
-            "{} already exists; restore into a new state file",
-            path.display()
-        );
         let salt: [u8; 32] = recovery
             .salt
             .as_slice()
@@ -131,30 +146,21 @@ impl Device {
             identity.public().serialize().as_slice() == device.identity_key.as_slice(),
             "the recovered identity key does not match its public key"
         );
-        let state = DeviceState {
-            version: STATE_VERSION,
-            device_id: device.device_id.clone(),
-            registration_id: u16::try_from(device.registration_id)
-                .context("the recovered registration id is out of range")?,
-            kdf: Kdf {
+        Self::start(
+            path,
+            vault,
+            Kdf {
                 salt,
                 iterations: recovery.pbkdf2_iterations,
             },
-            identity: StoredIdentity {
+            &device.device_id,
+            u16::try_from(device.registration_id)
+                .context("the recovered registration id is out of range")?,
+            StoredIdentity {
                 public: device.identity_key.clone(),
                 sealed_private: device.encrypted_identity_private_key.clone(),
             },
-            signed_prekeys: Vec::new(),
-            one_time_prekeys: Vec::new(),
-            next_signed_prekey_id: random_start_id(),
-            next_one_time_prekey_id: random_start_id(),
-        };
-        state.save(path)?;
-        Ok(Self {
-            path: path.to_owned(),
-            state,
-            vault,
-        })
+        )
     }
 
     /// Makes a recovery code (160 random bits in base32, shown in groups of four) and stores
