@@ -61,6 +61,24 @@ async fn populated(backend: Backend) -> (TestDb, HashMap<(Uuid, String), Vec<u32
     (db, remaining)
 }
 
+/// A device registered after a copy of 60 one-time prekeys gets ids after the copied ones:
+/// the copy carried the sequences over.
+async fn assert_new_ids_follow_the_copied_ones(server: &TestServer, keys: u32) {
+    let newcomer = TestDevice::new(Uuid::new_v4(), "newcomer", keys);
+    client(server, newcomer.user)
+        .await
+        .register_device(newcomer.register_request())
+        .await
+        .unwrap();
+    let above = server
+        .db
+        .count(
+            "SELECT count(*) FROM nchat_one_time_prekeys WHERE device_id = 'newcomer' AND id > 60",
+        )
+        .await;
+    assert_eq!(above, i64::from(keys));
+}
+
 async fn open_both(from: &TestDb, to: &TestDb) -> (Database, Database) {
     (from.open().await, to.open().await)
 }
@@ -109,19 +127,7 @@ async fn a_sqlite_store_copied_to_postgres_serves_the_same_remaining_prekeys() {
         );
     }
     // New rows get fresh ids: the sequences continue after the copied ones.
-    let newcomer = TestDevice::new(Uuid::new_v4(), "newcomer", 3);
-    client(&server, newcomer.user)
-        .await
-        .register_device(newcomer.register_request())
-        .await
-        .unwrap();
-    assert_eq!(
-        server
-            .db
-            .count("SELECT count(*) FROM nchat_one_time_prekeys WHERE device_id = 'newcomer' AND id > 60")
-            .await,
-        3
-    );
+    assert_new_ids_follow_the_copied_ones(&server, 3).await;
 }
 
 #[tokio::test]
@@ -222,17 +228,5 @@ async fn postgres_copies_back_to_sqlite_row_for_row() {
 
     // The local replay serves the next key, and a new device gets ids after the copied ones.
     let server = TestServer::start(&sqlite).await;
-    let newcomer = TestDevice::new(Uuid::new_v4(), "newcomer", 2);
-    client(&server, newcomer.user)
-        .await
-        .register_device(newcomer.register_request())
-        .await
-        .unwrap();
-    assert_eq!(
-        server
-            .db
-            .count("SELECT count(*) FROM nchat_one_time_prekeys WHERE device_id = 'newcomer' AND id > 60")
-            .await,
-        2
-    );
+    assert_new_ids_follow_the_copied_ones(&server, 2).await;
 }

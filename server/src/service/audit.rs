@@ -7,8 +7,7 @@ use keyserver_proto::pb::audit_service_server::AuditService;
 use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 
-use super::sessions::timestamp;
-use super::validate;
+use super::{timestamp, validate};
 use crate::audit::AuditEvent;
 use crate::auth::caller;
 use crate::store::{AuditQuery, KeyStore};

@@ -179,7 +179,7 @@ impl KeyService for KeyApi {
         Ok(Response::new(pb::GetKeyStatusResponse {
             one_time_prekeys_available: status.available,
             active_signed_prekey_id: id,
-            active_signed_prekey_created_at: created_at.map(super::sessions::timestamp),
+            active_signed_prekey_created_at: created_at.map(super::timestamp),
             active_signed_prekey_age_seconds: age,
             rotation_due: id.is_none() || age > ROTATION_AGE.as_secs(),
             replenish_recommended: status.available < REPLENISH_BELOW,

@@ -8,3 +8,11 @@ pub mod safety_numbers;
 pub mod sessions;
 pub mod status;
 pub mod validate;
+
+/// A stored time as a protobuf timestamp.
+fn timestamp(at: time::OffsetDateTime) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: at.unix_timestamp(),
+        nanos: at.nanosecond() as i32,
+    }
+}

@@ -8,8 +8,7 @@ use keyserver_proto::pb;
 use keyserver_proto::pb::safety_number_service_server::SafetyNumberService;
 use tonic::{Request, Response, Status};
 
-use super::sessions::timestamp;
-use super::validate;
+use super::{timestamp, validate};
 use crate::auth::caller;
 use crate::store::writes::safety_number;
 use crate::store::{KeyStore, StoreError, VerificationMethod};

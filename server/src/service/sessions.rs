@@ -4,10 +4,9 @@ use std::sync::Arc;
 
 use keyserver_proto::pb;
 use keyserver_proto::pb::session_service_server::SessionService;
-use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 
-use super::validate;
+use super::{timestamp, validate};
 use crate::auth::caller;
 use crate::store::{KeyStore, SessionKey, SessionQuery, StoredSession};
 
@@ -19,13 +18,6 @@ pub struct SessionApi {
 impl SessionApi {
     pub fn new(store: Arc<dyn KeyStore>) -> Self {
         Self { store }
-    }
-}
-
-pub(crate) fn timestamp(at: OffsetDateTime) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: at.unix_timestamp(),
-        nanos: at.nanosecond() as i32,
     }
 }
 
