@@ -90,6 +90,8 @@ pub struct VerifiedBundle {
     pub device_id: String,
     pub registration_id: u32,
     pub keys: PeerPreKeys,
+    /// The server marked the signed prekey stale: the device stopped rotating it.
+    pub stale: bool,
 }
 
 /// Why a fetched bundle must not be used.
@@ -143,5 +145,6 @@ pub fn verify_bundle(bundle: &pb::DevicePreKeyBundle) -> Result<VerifiedBundle, 
             signed_prekey,
             one_time_prekey,
         },
+        stale: signed.stale,
     })
 }

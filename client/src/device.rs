@@ -2,7 +2,6 @@
 //! (register, replenish, rotate, report status, fetch peers, run X3DH).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::Context;
 use keyserver_proto::pb;
@@ -23,8 +22,6 @@ use crate::x3dh::{self, InitialMessage, SessionSecret};
 pub const ONE_TIME_PREKEY_TARGET: u32 = 100;
 /// Below this many on the server, replenish (what Signal clients do).
 pub const REPLENISH_BELOW: u32 = 10;
-/// Rotate the signed prekey when it is this old (the nchat design's weekly rotation).
-pub const ROTATION_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Prekey ids stay below 2^24, as Signal clients keep them.
 const MAX_KEY_ID: u32 = 0xFF_FFFF;
 
@@ -46,6 +43,13 @@ fn next_id(id: u32) -> u32 {
 /// A random starting id in 1..2^24, so ids of a reinstalled device rarely collide.
 fn random_start_id() -> u32 {
     u32::from_le_bytes(random_bytes()) % MAX_KEY_ID + 1
+}
+
+/// What [`Device::refresh`] did; None where nothing was needed.
+#[derive(Debug, Clone)]
+pub struct Refreshed {
+    pub replenished: Option<pb::UploadOneTimePreKeysResponse>,
+    pub rotated: Option<pb::RotateSignedPreKeyResponse>,
 }
 
 /// A device with its state file open and its vault key derived.
@@ -322,18 +326,32 @@ impl Device {
         Ok(Some(response))
     }
 
-    /// Rotates the signed prekey when the server says it is due, or always with `force`.
-    /// Returns the rotation's answer, or None when it was not due.
+    /// Rotates the signed prekey: always, or with `if_due` only when the server says it is due.
+    /// Returns the rotation's answer, or None when nothing was done.
+    ///
+    /// Retry-safe: a key made by an earlier call whose answer never arrived (the local newest
+    /// key is not the server's active one) is sent again instead of a new one, and the server
+    /// treats a repeat of its active key as done. So a device's cron can run this until it
+    /// succeeds without piling up keys.
     pub async fn rotate(
         &mut self,
         client: &mut KeyClient,
-        force: bool,
+        if_due: bool,
     ) -> anyhow::Result<Option<pb::RotateSignedPreKeyResponse>> {
-        if !force && !self.status(client).await?.rotation_due {
-            return Ok(None);
-        }
-        let key = self.new_signed_prekey()?;
-        self.save()?;
+        let status = self.status(client).await?;
+        let pending = self
+            .active_signed_prekey()
+            .filter(|k| Some(k.id) != status.active_signed_prekey_id)
+            .cloned();
+        let key = match pending {
+            Some(key) => key,
+            None if if_due && !status.rotation_due => return Ok(None),
+            None => {
+                let key = self.new_signed_prekey()?;
+                self.save()?;
+                key
+            }
+        };
         let response = client
             .rotate_signed_pre_key(pb::RotateSignedPreKeyRequest {
                 device_id: self.state.device_id.clone(),
@@ -342,6 +360,17 @@ impl Device {
             .await?
             .into_inner();
         Ok(Some(response))
+    }
+
+    /// What a device does periodically: tops up one-time prekeys when fewer than
+    /// [`REPLENISH_BELOW`] are left and rotates the signed prekey when it is due.
+    pub async fn refresh(&mut self, client: &mut KeyClient) -> anyhow::Result<Refreshed> {
+        Ok(Refreshed {
+            replenished: self
+                .replenish(client, REPLENISH_BELOW, ONE_TIME_PREKEY_TARGET)
+                .await?,
+            rotated: self.rotate(client, true).await?,
+        })
     }
 
     /// Starts a session with one of the peer's verified bundles: returns the secret and the

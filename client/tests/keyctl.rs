@@ -127,9 +127,14 @@ async fn alice_and_bob_agree_on_an_x3dh_secret_through_the_server(backend: Backe
         out.contains("uploaded 2 one-time prekeys; 100 available"),
         "{out}"
     );
-    let out = bob.run(&["rotate"]).await;
+    let out = bob.run(&["rotate", "--if-due"]).await;
     assert!(out.contains("not due"), "{out}");
-    let out = bob.run(&["rotate", "--force"]).await;
+    let out = bob.run(&["refresh"]).await;
+    assert!(
+        out.contains("nothing uploaded") && out.contains("not due"),
+        "{out}"
+    );
+    let out = bob.run(&["rotate"]).await;
     assert!(out.contains("rotated the signed prekey"), "{out}");
 
     // After rotation Alice's next session uses the new signed prekey, and still agrees.

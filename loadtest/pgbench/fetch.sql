@@ -9,7 +9,7 @@ WITH targets AS (
 ),
 devices AS (
     SELECT DISTINCT ik.device_id, ik.user_id, ik.registration_id, ik.identity_key_public,
-           sp.signed_prekey_id, sp.signed_prekey_public, sp.signature
+           sp.signed_prekey_id, sp.signed_prekey_public, sp.signature, sp.rotation_date
     FROM targets t
     JOIN nchat_identity_keys ik
       ON ik.user_id = t.user_id AND (t.device_id IS NULL OR ik.device_id = t.device_id)
@@ -35,7 +35,7 @@ taken AS (
 )
 SELECT t.ord, d.device_id, COALESCE(d.registration_id, 0) AS registration_id,
        d.identity_key_public, d.signed_prekey_id, d.signed_prekey_public, d.signature,
-       k.prekey_id, k.prekey_public
+       d.rotation_date, k.prekey_id, k.prekey_public
 FROM targets t
 JOIN devices d
   ON d.user_id = t.user_id AND (t.device_id IS NULL OR d.device_id = t.device_id)

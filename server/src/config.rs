@@ -82,10 +82,12 @@ pub struct ServeArgs {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub secret: SecretArgs,
-    /// After a change, how long to gather further changes before refreshing the
-    /// nchat_prekey_bundles view ("0s" turns the refresher off).
-    #[arg(long, env = "KEYSERVER_BUNDLE_VIEW_REFRESH", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub bundle_view_refresh: Duration,
+    #[command(flatten)]
+    pub rotation: RotationPolicy,
+    #[command(flatten)]
+    pub cleanup: CleanupSettings,
+    #[command(flatten)]
+    pub schedule: Schedule,
     /// Fewest PBKDF2 iterations a master-key record may declare (the schema's default).
     #[arg(
         long,
@@ -93,4 +95,86 @@ pub struct ServeArgs {
         default_value_t = 100_000
     )]
     pub min_pbkdf2_iterations: u32,
+}
+
+/// When a device's signed prekey should be replaced, and when peers should distrust it.
+#[derive(Args, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RotationPolicy {
+    /// A signed prekey older than this is due for rotation (the design's weekly rotation).
+    #[arg(long, env = "KEYSERVER_ROTATION_AGE", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub rotation_age: Duration,
+    /// A signed prekey older than this is marked stale in bundles (the age Signal clients treat
+    /// as out of date).
+    #[arg(long, env = "KEYSERVER_STALE_SIGNED_PREKEY_AGE", default_value = "14days", value_parser = humantime::parse_duration)]
+    pub stale_signed_prekey_age: Duration,
+}
+
+impl Default for RotationPolicy {
+    fn default() -> Self {
+        Self {
+            rotation_age: Duration::from_secs(7 * 86_400),
+            stale_signed_prekey_age: Duration::from_secs(14 * 86_400),
+        }
+    }
+}
+
+/// How long expired rows are kept, and how cleanup deletes them.
+#[derive(Args, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CleanupSettings {
+    /// Consumed one-time prekeys are deleted this long after they were handed out.
+    #[arg(long, env = "KEYSERVER_CONSUMED_PREKEY_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub consumed_prekey_retention: Duration,
+    /// Superseded signed prekeys are deleted this long after they stopped being active (late
+    /// messages to them still decrypt on the device meanwhile).
+    #[arg(long, env = "KEYSERVER_SUPERSEDED_SIGNED_PREKEY_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub superseded_signed_prekey_retention: Duration,
+    /// Audit events are deleted at this age.
+    #[arg(long, env = "KEYSERVER_AUDIT_RETENTION", default_value = "90days", value_parser = humantime::parse_duration)]
+    pub audit_retention: Duration,
+    /// Records of finished job runs are deleted at this age.
+    #[arg(long, env = "KEYSERVER_JOB_RUN_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub job_run_retention: Duration,
+    /// Most rows one cleanup transaction deletes.
+    #[arg(long, env = "KEYSERVER_CLEANUP_BATCH_SIZE", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub cleanup_batch_size: u32,
+    /// Pause between cleanup batches, to leave the database to the API ("0s" for none).
+    #[arg(long, env = "KEYSERVER_CLEANUP_BATCH_PAUSE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub cleanup_batch_pause: Duration,
+}
+
+impl Default for CleanupSettings {
+    fn default() -> Self {
+        Self {
+            consumed_prekey_retention: Duration::from_secs(30 * 86_400),
+            superseded_signed_prekey_retention: Duration::from_secs(30 * 86_400),
+            audit_retention: Duration::from_secs(90 * 86_400),
+            job_run_retention: Duration::from_secs(30 * 86_400),
+            cleanup_batch_size: 5000,
+            cleanup_batch_pause: Duration::ZERO,
+        }
+    }
+}
+
+/// How often `keyserver serve` runs each job itself ("0s" leaves a job to an external cron).
+#[derive(Args, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    /// How often to run the rotation check.
+    #[arg(long, env = "KEYSERVER_ROTATION_CHECK_EVERY", default_value = "1day", value_parser = humantime::parse_duration)]
+    pub rotation_check_every: Duration,
+    /// How often to run cleanup.
+    #[arg(long, env = "KEYSERVER_CLEANUP_EVERY", default_value = "1day", value_parser = humantime::parse_duration)]
+    pub cleanup_every: Duration,
+    /// After a change, how long to gather further changes before refreshing the
+    /// nchat_prekey_bundles view.
+    #[arg(long, env = "KEYSERVER_BUNDLE_VIEW_REFRESH", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub bundle_view_refresh: Duration,
+}
+
+impl Schedule {
+    /// Nothing scheduled: every job is left to the command line.
+    pub const NONE: Schedule = Schedule {
+        rotation_check_every: Duration::ZERO,
+        cleanup_every: Duration::ZERO,
+        bundle_view_refresh: Duration::ZERO,
+    };
 }

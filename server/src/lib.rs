@@ -1,13 +1,15 @@
 //! keyserver: the Signal-protocol key server behind end-to-end encrypted chat.
 //!
 //! A request enters at [`server`], is authenticated by [`auth`], handled in [`service`] and
-//! stored through [`store`]. [`bundle_view`] keeps the operator read model fresh, [`secret`]
+//! stored through [`store`]. [`jobs`] rotates, cleans up and keeps the operator read model fresh,
+//! by the server's schedule or by cron; [`clock`] is the time their policies use. [`secret`]
 //! provides the token secret, [`shutdown`] stops everything gracefully.
 
 pub mod audit;
 pub mod auth;
-pub mod bundle_view;
+pub mod clock;
 pub mod config;
+pub mod jobs;
 pub mod secret;
 pub mod server;
 pub mod service;

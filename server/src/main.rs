@@ -1,11 +1,16 @@
-//! The `keyserver` command: serve the API, manage the schema, mint tokens.
+//! The `keyserver` command: serve the API, run the maintenance jobs, manage the schema, mint
+//! tokens.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keyserver::auth::TokenAuthority;
-use keyserver::config::{DataDirArgs, DatabaseArgs, SecretArgs, ServeArgs};
+use keyserver::clock::Clock;
+use keyserver::config::{
+    CleanupSettings, DataDirArgs, DatabaseArgs, RotationPolicy, SecretArgs, ServeArgs,
+};
+use keyserver::jobs::{Job, Jobs, Run, Trigger};
 use keyserver::secret;
 use keyserver::server::{self, ServerParts};
 use keyserver::shutdown::{self, CancellationToken};
@@ -28,6 +33,17 @@ enum Command {
     Migrate {
         #[command(subcommand)]
         action: MigrateAction,
+        #[command(flatten)]
+        data: DataDirArgs,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Run a maintenance job now (for cron), or list recent runs (applies pending migrations
+    /// first). A job already running in another process is not run twice: the command says so
+    /// and exits 0.
+    Jobs {
+        #[command(subcommand)]
+        action: JobAction,
         #[command(flatten)]
         data: DataDirArgs,
         #[command(flatten)]
@@ -80,6 +96,39 @@ enum DbAction {
 }
 
 #[derive(Subcommand)]
+enum JobAction {
+    /// Report active signed prekeys past the rotation age and the stale age.
+    Rotate {
+        #[command(flatten)]
+        policy: RotationPolicy,
+    },
+    /// Delete consumed one-time prekeys, superseded signed prekeys, audit events and job
+    /// records past their retention, in batches.
+    Cleanup {
+        #[command(flatten)]
+        settings: CleanupSettings,
+        /// Count what would be deleted, and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Refresh the nchat_prekey_bundles materialized view.
+    RefreshBundles,
+    /// The latest runs of every job (or one), newest first.
+    Status {
+        /// Only this job (rotate, cleanup, refresh-bundles).
+        #[arg(long, value_parser = parse_job)]
+        job: Option<Job>,
+        /// How many runs to list.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+}
+
+fn parse_job(name: &str) -> Result<Job, String> {
+    Job::from_name(name).ok_or_else(|| "expected rotate, cleanup or refresh-bundles".to_owned())
+}
+
+#[derive(Subcommand)]
 enum MigrateAction {
     /// Apply every pending migration.
     Up,
@@ -95,7 +144,9 @@ enum MigrateAction {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Logs go to stderr; stdout is the commands' output (reports a cron job mails, tokens).
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KEYSERVER_LOG")
                 .unwrap_or_else(|_| "info,sqlx::postgres::notice=warn".into()),
@@ -108,6 +159,11 @@ async fn main() -> anyhow::Result<()> {
             data,
             database,
         } => migrate(action, &connect(&database, &data).await?).await,
+        Command::Jobs {
+            action,
+            data,
+            database,
+        } => jobs(action, &connect(&database, &data).await?).await,
         Command::Db { action } => db(action).await,
         Command::Token {
             user,
@@ -149,12 +205,98 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ServerParts {
             store: db.store(),
             tokens: TokenAuthority::new(&key)?,
-            bundle_view_refresh: args.bundle_view_refresh,
+            jobs: Jobs::new(db.job_store(), args.rotation, args.cleanup, Clock::System),
+            schedule: args.schedule,
+            rotation: args.rotation,
+            clock: Clock::System,
             min_pbkdf2_iterations: args.min_pbkdf2_iterations,
         },
         stop,
     )
     .await
+}
+
+async fn jobs(action: JobAction, db: &Database) -> anyhow::Result<()> {
+    migrations::up(db)
+        .await
+        .context("the database schema cannot be used")?;
+    let (job, jobs) = match action {
+        JobAction::Status { job, limit } => {
+            let runs = db.job_store().job_runs(job, limit).await?;
+            if runs.is_empty() {
+                println!("no job runs recorded");
+            }
+            for run in runs {
+                let took = run
+                    .finished_at
+                    .map(|end| format!("{:.1}s", (end - run.started_at).as_seconds_f64()))
+                    .unwrap_or_else(|| "-".to_owned());
+                println!(
+                    "{:>6}  {:<15} {:<8} {:<9} {}  {:>8}  {}{}",
+                    run.id,
+                    run.job.as_str(),
+                    run.trigger.as_str(),
+                    run.outcome.as_str(),
+                    run.started_at,
+                    took,
+                    run.counts,
+                    run.message.map(|m| format!("  {m}")).unwrap_or_default()
+                );
+            }
+            return Ok(());
+        }
+        JobAction::Cleanup {
+            settings,
+            dry_run: true,
+        } => {
+            let jobs = Jobs::new(
+                db.job_store(),
+                RotationPolicy::default(),
+                settings,
+                Clock::System,
+            );
+            println!("{}", jobs.cleanup_dry_run().await?);
+            return Ok(());
+        }
+        JobAction::Cleanup { settings, .. } => (
+            Job::Cleanup,
+            Jobs::new(
+                db.job_store(),
+                RotationPolicy::default(),
+                settings,
+                Clock::System,
+            ),
+        ),
+        JobAction::Rotate { policy } => (
+            Job::Rotate,
+            Jobs::new(
+                db.job_store(),
+                policy,
+                CleanupSettings::default(),
+                Clock::System,
+            ),
+        ),
+        JobAction::RefreshBundles => (
+            Job::RefreshBundles,
+            Jobs::new(
+                db.job_store(),
+                RotationPolicy::default(),
+                CleanupSettings::default(),
+                Clock::System,
+            ),
+        ),
+    };
+    // Ctrl-C or SIGTERM stops a cleanup between two batches, recorded as such.
+    let stop = CancellationToken::new();
+    shutdown::cancel_on_signal(stop.clone());
+    match jobs.run(job, Trigger::Cli, &stop).await? {
+        Run::Finished(report) => {
+            println!("{report}");
+            anyhow::ensure!(report.completed, "{} was interrupted", job.as_str());
+        }
+        Run::Skipped(why) => println!("{} not run: {why}", job.as_str()),
+    }
+    Ok(())
 }
 
 async fn open(url: &str) -> anyhow::Result<Database> {

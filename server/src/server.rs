@@ -2,7 +2,6 @@
 //! service, and server reflection (v1 and v1alpha), served until shutdown is requested.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use keyserver_proto::pb;
 use keyserver_proto::pb::key_service_server::KeyServiceServer;
@@ -10,7 +9,9 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::auth::TokenAuthority;
-use crate::bundle_view;
+use crate::clock::Clock;
+use crate::config::{RotationPolicy, Schedule};
+use crate::jobs::{self, Job, Jobs};
 use crate::service::audit::AuditApi;
 use crate::service::keys::KeyApi;
 use crate::service::master_keys::MasterKeyApi;
@@ -31,8 +32,12 @@ const MAX_REQUEST_BYTES: usize = 256 * 1024;
 pub struct ServerParts {
     pub store: Arc<dyn KeyStore>,
     pub tokens: TokenAuthority,
-    /// How long the bundle-view refresher gathers changes before refreshing; zero disables it.
-    pub bundle_view_refresh: Duration,
+    /// The maintenance jobs, run here on `schedule`.
+    pub jobs: Jobs,
+    pub schedule: Schedule,
+    /// When signed prekeys are due for rotation and when bundles mark them stale.
+    pub rotation: RotationPolicy,
+    pub clock: Clock,
     /// Fewest PBKDF2 iterations a master-key record may declare.
     pub min_pbkdf2_iterations: u32,
 }
@@ -43,11 +48,21 @@ pub async fn run(
     parts: ServerParts,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (view, refresher) = bundle_view::spawn(
-        parts.store.clone(),
-        parts.bundle_view_refresh,
+    let (view, refresher) = jobs::bundle_view::spawn(
+        parts.jobs.clone(),
+        parts.schedule.bundle_view_refresh,
         shutdown.clone(),
     );
+    let scheduled: Vec<_> = [
+        (Job::Rotate, parts.schedule.rotation_check_every),
+        (Job::Cleanup, parts.schedule.cleanup_every),
+    ]
+    .into_iter()
+    .filter_map(|(job, every)| {
+        jobs::schedule::spawn(parts.jobs.clone(), job, every, shutdown.clone())
+    })
+    .chain(refresher)
+    .collect();
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<KeyServiceServer<KeyApi>>().await;
     health
@@ -84,7 +99,7 @@ pub async fn run(
         parts.tokens.clone(),
     );
     let keys = tonic::service::interceptor::InterceptedService::new(
-        KeyServiceServer::new(KeyApi::new(parts.store, view))
+        KeyServiceServer::new(KeyApi::new(parts.store, view, parts.rotation, parts.clock))
             .max_decoding_message_size(MAX_REQUEST_BYTES),
         parts.tokens,
     );
@@ -108,7 +123,7 @@ pub async fn run(
                 .await;
         })
         .await?;
-    if let Some(task) = refresher {
+    for task in scheduled {
         task.await?;
     }
     Ok(())

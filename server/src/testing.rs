@@ -14,10 +14,14 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use sqlx::{Connection, Executor, PgConnection};
+use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::auth::TokenAuthority;
+use crate::clock::Clock;
+use crate::config::{CleanupSettings, RotationPolicy, Schedule};
+use crate::jobs::Jobs;
 use crate::server::{self, ServerParts};
 use crate::shutdown::CancellationToken;
 use crate::store::database::Database;
@@ -81,18 +85,17 @@ fn prepare(cmd: &mut Command, user: Option<(u32, u32)>, death_signal: Option<i32
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if let Some((uid, gid)) = user {
-                if libc::setgroups(0, std::ptr::null()) != 0
+            if let Some((uid, gid)) = user
+                && (libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
+                    || libc::setuid(uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
             }
-            if let Some(signal) = death_signal {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            if let Some(signal) = death_signal
+                && libc::prctl(libc::PR_SET_PDEATHSIG, signal) != 0
+            {
+                return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
@@ -423,6 +426,12 @@ pub fn secret_looking(value: &serde_json::Value, path: &str) -> Option<String> {
     }
 }
 
+/// `at` as an SQL literal both backends read as a stored time: SQLite's storage format, which
+/// PostgreSQL reads as a timestamptz.
+pub fn time_literal(at: OffsetDateTime) -> String {
+    crate::store::sqlite::timestamp_text(at)
+}
+
 /// Queries the tests make to check what the server wrote, on either backend. SQL given once
 /// must mean the same on both (booleans as `WHERE is_consumed`, no casts).
 impl Database {
@@ -440,6 +449,16 @@ impl Database {
             Database::Postgres(_) => self.execute(postgres).await,
             Database::Sqlite(_) => self.execute(sqlite).await,
         }
+    }
+
+    /// Sets `column` of the rows of `table` that match `filter` to `at` (a test placing rows
+    /// in time).
+    pub async fn set_time(&self, table: &str, column: &str, filter: &str, at: OffsetDateTime) {
+        let at = time_literal(at);
+        self.execute(&format!(
+            "UPDATE {table} SET {column} = '{at}' WHERE {filter}"
+        ))
+        .await;
     }
 
     /// The single integer `sql` selects, if it selects a row.
@@ -536,9 +555,46 @@ pub struct TestServer {
 /// The token secret test servers share, so a token works on every server of a test.
 pub const TEST_SECRET: &[u8] = b"keyserver test secret, 32+ bytes long";
 
+/// How a test server is configured beyond its database.
+#[derive(Debug, Clone, Copy)]
+pub struct TestConfig {
+    pub clock: Clock,
+    pub schedule: Schedule,
+    pub rotation: RotationPolicy,
+    pub cleanup: CleanupSettings,
+}
+
+impl Default for TestConfig {
+    /// The defaults of `keyserver serve`, except that only the bundle view refresher runs (and
+    /// quickly); tests run the other jobs themselves.
+    fn default() -> Self {
+        Self {
+            clock: Clock::System,
+            schedule: Schedule {
+                bundle_view_refresh: Duration::from_millis(200),
+                ..Schedule::NONE
+            },
+            rotation: RotationPolicy::default(),
+            cleanup: CleanupSettings::default(),
+        }
+    }
+}
+
+impl TestConfig {
+    /// The jobs of a server with this configuration on `db`.
+    pub fn jobs(&self, db: &Database) -> Jobs {
+        Jobs::new(db.job_store(), self.rotation, self.cleanup, self.clock)
+    }
+}
+
 impl TestServer {
     /// Starts a server on `db` (which must be migrated).
     pub async fn start(db: &TestDb) -> Self {
+        Self::start_with(db, TestConfig::default()).await
+    }
+
+    /// Starts a server on `db` configured by `config`.
+    pub async fn start_with(db: &TestDb, config: TestConfig) -> Self {
         let db = db.open().await;
         let tokens = TokenAuthority::new(TEST_SECRET).expect("secret");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -549,7 +605,10 @@ impl TestServer {
         let parts = ServerParts {
             store: db.store(),
             tokens: tokens.clone(),
-            bundle_view_refresh: Duration::from_millis(200),
+            jobs: config.jobs(&db),
+            schedule: config.schedule,
+            rotation: config.rotation,
+            clock: config.clock,
             min_pbkdf2_iterations: 100_000,
         };
         let task = tokio::spawn(server::run(listener, parts, stop.clone()));

@@ -66,7 +66,7 @@ async fn migrations_go_up_down_and_up_again_on_an_empty_database(backend: Backen
 
     migrations::up(&db).await.unwrap();
     assert_eq!(db.schema_objects().await, schema);
-    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(4));
+    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(5));
 }
 conformance!(migrations_go_up_down_and_up_again_on_an_empty_database);
 

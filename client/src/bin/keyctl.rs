@@ -66,11 +66,15 @@ enum Command {
         #[arg(long, default_value_t = ONE_TIME_PREKEY_TARGET)]
         to: u32,
     },
-    /// Rotate the signed prekey when it is due (older than 7 days), or now with --force.
+    /// Rotate the signed prekey now, or with --if-due only when the server says it is due
+    /// (for a device's cron). Safe to retry: an unanswered rotation resends the same key.
     Rotate {
         #[arg(long)]
-        force: bool,
+        if_due: bool,
     },
+    /// What a device does periodically: replenish one-time prekeys when fewer than 10 are left,
+    /// and rotate the signed prekey when it is due.
+    Refresh,
     /// Fetch and verify a peer's prekey bundles (takes one one-time prekey per device).
     Fetch {
         #[arg(long)]
@@ -188,6 +192,28 @@ async fn sessions(cli: &Cli) -> anyhow::Result<api::SessionClient> {
     api::connect_sessions(&cli.server, token(cli)?).await
 }
 
+fn print_replenish(done: Option<pb::UploadOneTimePreKeysResponse>) {
+    match done {
+        Some(r) => println!(
+            "uploaded {} one-time prekeys; {} available",
+            r.stored_key_ids.len(),
+            r.one_time_prekeys_available
+        ),
+        None => println!("enough one-time prekeys on the server; nothing uploaded"),
+    }
+}
+
+fn print_rotation(done: Option<pb::RotateSignedPreKeyResponse>) {
+    match done {
+        Some(r) if r.rotated => println!(
+            "rotated the signed prekey (previous: {:?})",
+            r.previous_key_id
+        ),
+        Some(_) => println!("the signed prekey was already installed; nothing to do"),
+        None => println!("signed prekey is not due for rotation; nothing done"),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -248,38 +274,37 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Replenish { below, to } => {
             let mut device = Device::open(&cli.state, &passphrase(&cli)?)?;
-            match device
-                .replenish(&mut client(&cli).await?, *below, *to)
-                .await?
-            {
-                Some(r) => println!(
-                    "uploaded {} one-time prekeys; {} available",
-                    r.stored_key_ids.len(),
-                    r.one_time_prekeys_available
-                ),
-                None => println!("enough one-time prekeys on the server; nothing uploaded"),
-            }
+            print_replenish(
+                device
+                    .replenish(&mut client(&cli).await?, *below, *to)
+                    .await?,
+            );
         }
-        Command::Rotate { force } => {
+        Command::Rotate { if_due } => {
             let mut device = Device::open(&cli.state, &passphrase(&cli)?)?;
-            match device.rotate(&mut client(&cli).await?, *force).await? {
-                Some(r) => println!(
-                    "rotated the signed prekey (previous: {:?})",
-                    r.previous_key_id
-                ),
-                None => println!("signed prekey is not due for rotation; nothing done"),
-            }
+            print_rotation(device.rotate(&mut client(&cli).await?, *if_due).await?);
+        }
+        Command::Refresh => {
+            let mut device = Device::open(&cli.state, &passphrase(&cli)?)?;
+            let done = device.refresh(&mut client(&cli).await?).await?;
+            print_replenish(done.replenished);
+            print_rotation(done.rotated);
         }
         Command::Fetch { user, device } => {
             let bundles =
                 device::fetch_verified(&mut client(&cli).await?, user, device.as_deref()).await?;
             for b in bundles {
                 println!(
-                    "device {} (registration id {}): identity {}, signed prekey {} (signature verified), one-time prekey {}",
+                    "device {} (registration id {}): identity {}, signed prekey {} (signature verified{}), one-time prekey {}",
                     b.device_id,
                     b.registration_id,
                     hex::encode(b.keys.identity_key.serialize()),
                     b.keys.signed_prekey_id,
+                    if b.stale {
+                        "; STALE: the device stopped rotating it"
+                    } else {
+                        ""
+                    },
                     b.keys
                         .one_time_prekey
                         .map_or("none left".to_owned(), |(id, _)| id.to_string())

@@ -1,20 +1,18 @@
 //! `keyserver.v1.KeyService`: validates each request, calls the store, shapes the answer.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use keyserver_proto::pb;
 use keyserver_proto::pb::key_service_server::KeyService;
-use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 
 use super::validate;
 use crate::auth::caller;
-use crate::bundle_view::ViewChanges;
+use crate::clock::Clock;
+use crate::config::RotationPolicy;
+use crate::jobs::bundle_view::ViewChanges;
 use crate::store::{DeviceBundle, KeyStore, NewDevice, RegisterOutcome};
 
-/// A signed prekey older than this is due for rotation (the nchat design's weekly rotation).
-pub const ROTATION_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Below this many one-time prekeys a device should upload more (what Signal clients do).
 pub const REPLENISH_BELOW: u32 = 10;
 
@@ -22,11 +20,35 @@ pub const REPLENISH_BELOW: u32 = 10;
 pub struct KeyApi {
     store: Arc<dyn KeyStore>,
     view: ViewChanges,
+    rotation: RotationPolicy,
+    clock: Clock,
 }
 
 impl KeyApi {
-    pub fn new(store: Arc<dyn KeyStore>, view: ViewChanges) -> Self {
-        Self { store, view }
+    pub fn new(
+        store: Arc<dyn KeyStore>,
+        view: ViewChanges,
+        rotation: RotationPolicy,
+        clock: Clock,
+    ) -> Self {
+        Self {
+            store,
+            view,
+            rotation,
+            clock,
+        }
+    }
+
+    /// The bundles as sent, each marked stale by the rotation policy at one instant.
+    fn bundle_messages(&self, bundles: Vec<DeviceBundle>) -> Vec<pb::DevicePreKeyBundle> {
+        let now = self.clock.now();
+        bundles
+            .into_iter()
+            .map(|b| {
+                let stale = self.rotation.stale(b.signed_prekey.rotated_at, now);
+                bundle_message(b, stale)
+            })
+            .collect()
     }
 
     async fn fetch(
@@ -45,7 +67,7 @@ impl KeyApi {
     }
 }
 
-fn bundle_message(b: DeviceBundle) -> pb::DevicePreKeyBundle {
+fn bundle_message(b: DeviceBundle, stale: bool) -> pb::DevicePreKeyBundle {
     pb::DevicePreKeyBundle {
         device_id: b.device_id,
         registration_id: b.registration_id,
@@ -54,6 +76,8 @@ fn bundle_message(b: DeviceBundle) -> pb::DevicePreKeyBundle {
             key_id: b.signed_prekey.key_id,
             public_key: b.signed_prekey.public.serialize().to_vec(),
             signature: b.signed_prekey.signature.to_vec(),
+            rotated_at: Some(super::timestamp(b.signed_prekey.rotated_at)),
+            stale,
         }),
         one_time_prekey: b.one_time_prekey.map(|(key_id, public)| pb::OneTimePreKey {
             key_id,
@@ -171,7 +195,7 @@ impl KeyService for KeyApi {
         let caller = caller(&request)?;
         let device_id = validate::device_id("device_id", &request.get_ref().device_id)?;
         let status = self.store.key_status(caller.user_id, &device_id).await?;
-        let now = OffsetDateTime::now_utc();
+        let now = self.clock.now();
         let (id, created_at, age) = match status.active_signed_prekey {
             Some((id, at)) => (Some(id), Some(at), (now - at).whole_seconds().max(0) as u64),
             None => (None, None, 0),
@@ -181,7 +205,7 @@ impl KeyService for KeyApi {
             active_signed_prekey_id: id,
             active_signed_prekey_created_at: created_at.map(super::timestamp),
             active_signed_prekey_age_seconds: age,
-            rotation_due: id.is_none() || age > ROTATION_AGE.as_secs(),
+            rotation_due: created_at.is_none_or(|at| self.rotation.due(at, now)),
             replenish_recommended: status.available < REPLENISH_BELOW,
         }))
     }
@@ -207,7 +231,7 @@ impl KeyService for KeyApi {
             }));
         }
         Ok(Response::new(pb::FetchPreKeyBundleResponse {
-            devices: bundles.into_iter().map(bundle_message).collect(),
+            devices: self.bundle_messages(bundles),
         }))
     }
 
@@ -266,7 +290,7 @@ impl KeyService for KeyApi {
                         pb::TargetStatus::Found
                     }
                     .into(),
-                    devices: bundles.into_iter().map(bundle_message).collect(),
+                    devices: self.bundle_messages(bundles),
                 })
                 .collect(),
         }))

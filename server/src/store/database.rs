@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use super::KeyStore;
+use super::jobs::JobStore;
 use super::postgres::PgStore;
 use super::sqlite::SqliteStore;
 
@@ -42,6 +43,14 @@ impl Database {
 
     /// The key store on this database.
     pub fn store(&self) -> Arc<dyn KeyStore> {
+        match self {
+            Self::Postgres(store) => Arc::new(store.clone()),
+            Self::Sqlite(store) => Arc::new(store.clone()),
+        }
+    }
+
+    /// The maintenance jobs' storage on this database.
+    pub fn job_store(&self) -> Arc<dyn JobStore> {
         match self {
             Self::Postgres(store) => Arc::new(store.clone()),
             Self::Sqlite(store) => Arc::new(store.clone()),

@@ -6,6 +6,7 @@
 //! embedded backend implements the same trait.
 
 pub mod database;
+pub mod jobs;
 pub mod migrations;
 pub mod postgres;
 pub mod sqlite;
@@ -138,6 +139,8 @@ pub struct PublishedSignedPreKey {
     pub key_id: u32,
     pub public: PublicKey,
     pub signature: [u8; 64],
+    /// When the device installed it.
+    pub rotated_at: OffsetDateTime,
 }
 
 /// What a peer needs to start a session with one device.
@@ -353,10 +356,6 @@ pub trait KeyStore: Send + Sync + 'static {
         &self,
         targets: &[BundleTarget],
     ) -> Result<Vec<Vec<DeviceBundle>>, StoreError>;
-
-    /// Refreshes the `nchat_prekey_bundles` read model. Returns false without waiting when
-    /// another process is refreshing it.
-    async fn refresh_bundle_view(&self) -> Result<bool, StoreError>;
 
     /// One session of a device of `user_id`, active or not.
     async fn session(&self, user_id: Uuid, key: &SessionKey) -> Result<StoredSession, StoreError>;

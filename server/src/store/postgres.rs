@@ -6,6 +6,8 @@
 //! behind this choice). Writes to one device lock its identity row first, which serializes
 //! uploads, rotations and re-registrations of that device without blocking fetches.
 
+mod maintenance;
+
 use std::collections::HashMap;
 
 use async_trait::async_trait;
@@ -15,6 +17,7 @@ use sqlx::{Postgres, Row, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::jobs::KeyKind;
 use super::writes::{KeyTx, StoredOneTimePreKey, StoredSignedPreKey};
 use super::{
     AuditQuery, AuditRecord, BundleTarget, DeviceBundle, KeyStatus, KeyStore, MasterKeyRecord,
@@ -23,9 +26,6 @@ use super::{
     stored_key, stored_signature,
 };
 use crate::audit::AuditEvent;
-
-/// Advisory lock that keeps bundle-view refreshes of all server processes one at a time.
-const BUNDLE_VIEW_LOCK: i64 = 0x6b65_7973_7276_0001;
 
 /// Takes one one-time prekey per device of the targets ($1 order, $2 user ids, $3 optional
 /// device ids) and returns their bundles. `devices` holds each device once however many targets
@@ -36,7 +36,7 @@ const FETCH_BUNDLES: &str = "WITH targets AS (
              ),
              devices AS (
                  SELECT DISTINCT ik.device_id, ik.user_id, ik.registration_id, ik.identity_key_public,
-                        sp.signed_prekey_id, sp.signed_prekey_public, sp.signature
+                        sp.signed_prekey_id, sp.signed_prekey_public, sp.signature, sp.rotation_date
                  FROM targets t
                  JOIN nchat_identity_keys ik
                    ON ik.user_id = t.user_id AND (t.device_id IS NULL OR ik.device_id = t.device_id)
@@ -62,7 +62,7 @@ const FETCH_BUNDLES: &str = "WITH targets AS (
              )
              SELECT t.ord, d.device_id, COALESCE(d.registration_id, 0) AS registration_id,
                     d.identity_key_public, d.signed_prekey_id, d.signed_prekey_public, d.signature,
-                    k.prekey_id, k.prekey_public
+                    d.rotation_date, k.prekey_id, k.prekey_public
              FROM targets t
              JOIN devices d
                ON d.user_id = t.user_id AND (t.device_id IS NULL OR d.device_id = t.device_id)
@@ -202,7 +202,13 @@ impl KeyTx for PgTx {
     }
 
     async fn delete_prekeys(&mut self, device_id: &str) -> Result<(), StoreError> {
-        for table in ["nchat_one_time_prekeys", "nchat_signed_prekeys"] {
+        // Retired ids last: a cleanup that deleted some of these keys first has then committed
+        // its ranges, which this statement sees and deletes too.
+        for table in [
+            "nchat_one_time_prekeys",
+            "nchat_signed_prekeys",
+            "keyserver_retired_prekeys",
+        ] {
             sqlx::query(&format!("DELETE FROM {table} WHERE device_id = $1"))
                 .bind(device_id)
                 .execute(&mut *self.0)
@@ -235,6 +241,24 @@ impl KeyTx for PgTx {
                 (r.get::<i32, _>("prekey_id") as u32, stored)
             })
             .collect())
+    }
+
+    async fn retired_ids(
+        &mut self,
+        device_id: &str,
+        kind: KeyKind,
+    ) -> Result<Vec<(u32, u32)>, StoreError> {
+        Ok(sqlx::query_as::<_, (i32, i32)>(
+            "SELECT first_id, last_id FROM keyserver_retired_prekeys
+             WHERE device_id = $1 AND key_kind = $2",
+        )
+        .bind(device_id)
+        .bind(kind.as_str())
+        .fetch_all(&mut *self.0)
+        .await?
+        .into_iter()
+        .map(|(first, last)| (first as u32, last as u32))
+        .collect())
     }
 
     async fn insert_one_time_prekeys(
@@ -291,7 +315,7 @@ impl KeyTx for PgTx {
 
     async fn deactivate_signed_prekeys(&mut self, device_id: &str) -> Result<(), StoreError> {
         sqlx::query(
-            "UPDATE nchat_signed_prekeys SET is_active = FALSE
+            "UPDATE nchat_signed_prekeys SET is_active = FALSE, superseded_at = NOW()
              WHERE device_id = $1 AND is_active = TRUE",
         )
         .bind(device_id)
@@ -828,28 +852,13 @@ impl KeyStore for PgStore {
                     key_id: row.get::<i32, _>("signed_prekey_id") as u32,
                     public: stored_key(row.get("signed_prekey_public"))?,
                     signature: stored_signature(row.get("signature"))?,
+                    rotated_at: row.get("rotation_date"),
                 },
                 one_time_prekey,
             };
             results[row.get::<i32, _>("ord") as usize].push(bundle);
         }
         Ok(results)
-    }
-
-    async fn refresh_bundle_view(&self) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(BUNDLE_VIEW_LOCK)
-            .fetch_one(&mut *tx)
-            .await?;
-        if !locked {
-            return Ok(false);
-        }
-        sqlx::query("REFRESH MATERIALIZED VIEW CONCURRENTLY nchat_prekey_bundles")
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(true)
     }
 }
 

@@ -7,8 +7,12 @@
 //! meanwhile; the busy timeout makes writers queue instead of failing; `synchronous=FULL` makes
 //! a handed-out key's consumed flag durable before the bundle leaves the server.
 
+mod maintenance;
+
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,6 +24,7 @@ use sqlx::{Row, Sqlite, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::jobs::KeyKind;
 use super::writes::{KeyTx, StoredOneTimePreKey, StoredSignedPreKey};
 use super::{
     AuditQuery, AuditRecord, BundleTarget, DeviceBundle, KeyStatus, KeyStore, MasterKeyRecord,
@@ -39,6 +44,8 @@ const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The database file; job lock files sit beside it.
+    path: Arc<PathBuf>,
 }
 
 impl SqliteStore {
@@ -50,12 +57,13 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT);
+        let path = Arc::new(options.get_filename().to_owned());
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(BUSY_TIMEOUT)
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self { pool, path })
     }
 
     /// The underlying pool, for migrations and operator tools.
@@ -189,7 +197,11 @@ impl KeyTx for SqliteTx {
     }
 
     async fn delete_prekeys(&mut self, device_id: &str) -> Result<(), StoreError> {
-        for table in ["nchat_one_time_prekeys", "nchat_signed_prekeys"] {
+        for table in [
+            "nchat_one_time_prekeys",
+            "nchat_signed_prekeys",
+            "keyserver_retired_prekeys",
+        ] {
             sqlx::query(&format!("DELETE FROM {table} WHERE device_id = ?1"))
                 .bind(device_id)
                 .execute(&mut *self.0)
@@ -221,6 +233,24 @@ impl KeyTx for SqliteTx {
                 (r.get::<i64, _>("prekey_id") as u32, stored)
             })
             .collect())
+    }
+
+    async fn retired_ids(
+        &mut self,
+        device_id: &str,
+        kind: KeyKind,
+    ) -> Result<Vec<(u32, u32)>, StoreError> {
+        Ok(sqlx::query_as::<_, (i64, i64)>(
+            "SELECT first_id, last_id FROM keyserver_retired_prekeys
+             WHERE device_id = ?1 AND key_kind = ?2",
+        )
+        .bind(device_id)
+        .bind(kind.as_str())
+        .fetch_all(&mut *self.0)
+        .await?
+        .into_iter()
+        .map(|(first, last)| (first as u32, last as u32))
+        .collect())
     }
 
     async fn insert_one_time_prekeys(
@@ -270,9 +300,10 @@ impl KeyTx for SqliteTx {
     }
 
     async fn deactivate_signed_prekeys(&mut self, device_id: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE nchat_signed_prekeys SET is_active = 0 WHERE device_id = ?1 AND is_active = 1",
-        )
+        sqlx::query(&format!(
+            "UPDATE nchat_signed_prekeys SET is_active = 0, superseded_at = {NOW}
+             WHERE device_id = ?1 AND is_active = 1"
+        ))
         .bind(device_id)
         .execute(&mut *self.0)
         .await?;
@@ -799,7 +830,8 @@ impl KeyStore for SqliteStore {
                  FROM json_each(?1) t
              )
              SELECT t.ord, ik.device_id, COALESCE(ik.registration_id, 0) AS registration_id,
-                    ik.identity_key_public, sp.signed_prekey_id, sp.signed_prekey_public, sp.signature
+                    ik.identity_key_public, sp.signed_prekey_id, sp.signed_prekey_public, sp.signature,
+                    sp.rotation_date
              FROM targets t
              JOIN nchat_identity_keys ik
                ON ik.user_id = t.user_id AND (t.device_id IS NULL OR ik.device_id = t.device_id)
@@ -850,15 +882,11 @@ impl KeyStore for SqliteStore {
                     key_id: row.get::<i64, _>("signed_prekey_id") as u32,
                     public: stored_key(row.get("signed_prekey_public"))?,
                     signature: stored_signature(row.get("signature"))?,
+                    rotated_at: row.get("rotation_date"),
                 },
             };
             results[row.get::<i64, _>("ord") as usize].push(bundle);
         }
         Ok(results)
-    }
-
-    async fn refresh_bundle_view(&self) -> Result<bool, StoreError> {
-        // A plain view: always current, nothing to refresh.
-        Ok(true)
     }
 }

@@ -13,6 +13,7 @@ use serde_json::json;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use super::jobs::{KeyKind, is_retired};
 use super::{
     MasterKeyRecord, NewDevice, NewOneTimePreKey, NewSignedPreKey, RecoverableDevice, Recovery,
     RegisterOutcome, Registered, Rotated, SessionKey, StoreError, UploadReport, VerificationMethod,
@@ -50,7 +51,7 @@ pub trait KeyTx: Send {
         device: &NewDevice,
         new_identity: bool,
     ) -> Result<(), StoreError>;
-    /// Deletes every signed and one-time prekey of the device.
+    /// Deletes every signed and one-time prekey of the device, and its retired ids.
     async fn delete_prekeys(&mut self, device_id: &str) -> Result<(), StoreError>;
     /// The stored one-time prekeys among `ids`.
     async fn one_time_prekeys(
@@ -58,6 +59,13 @@ pub trait KeyTx: Send {
         device_id: &str,
         ids: &[u32],
     ) -> Result<HashMap<u32, StoredOneTimePreKey>, StoreError>;
+    /// The device's ranges (first, last) of ids that cleanup deleted. Read after the stored
+    /// keys: a cleanup committing in between moved ids from those rows into these ranges.
+    async fn retired_ids(
+        &mut self,
+        device_id: &str,
+        kind: KeyKind,
+    ) -> Result<Vec<(u32, u32)>, StoreError>;
     /// Inserts one-time prekeys in the given order (their serial ids record upload order).
     async fn insert_one_time_prekeys(
         &mut self,
@@ -70,6 +78,7 @@ pub trait KeyTx: Send {
         device_id: &str,
         key_id: u32,
     ) -> Result<Vec<StoredSignedPreKey>, StoreError>;
+    /// Deactivates the active signed prekey, recording now as the time it was superseded.
     async fn deactivate_signed_prekeys(&mut self, device_id: &str) -> Result<(), StoreError>;
     /// Inserts an active signed prekey.
     async fn insert_signed_prekey(
@@ -176,7 +185,8 @@ async fn lock_owned(
 }
 
 /// Stores the keys that are new, leaves identical unconsumed ones alone and refuses consumed
-/// ids; any id stored with a different public key fails the whole call.
+/// ids, including those cleanup has since deleted; any id stored with a different public key
+/// fails the whole call.
 async fn merge_one_time_prekeys(
     tx: &mut dyn KeyTx,
     device_id: &str,
@@ -184,10 +194,16 @@ async fn merge_one_time_prekeys(
 ) -> Result<UploadReport, StoreError> {
     let ids: Vec<u32> = keys.iter().map(|k| k.key_id).collect();
     let existing = tx.one_time_prekeys(device_id, &ids).await?;
+    let retired = if ids.iter().any(|id| !existing.contains_key(id)) {
+        tx.retired_ids(device_id, KeyKind::OneTime).await?
+    } else {
+        Vec::new()
+    };
     let mut report = UploadReport::default();
     let mut new_keys = Vec::new();
     for key in keys {
         match existing.get(&key.key_id) {
+            None if is_retired(&retired, key.key_id) => report.refused_consumed.push(key.key_id),
             None => {
                 report.stored.push(key.key_id);
                 new_keys.push(key);
@@ -210,7 +226,16 @@ async fn install_signed_prekey(
     key: &NewSignedPreKey,
 ) -> Result<Rotated, StoreError> {
     let mut previous = None;
-    for stored in tx.signed_prekeys(device_id, key.key_id).await? {
+    let stored_keys = tx.signed_prekeys(device_id, key.key_id).await?;
+    if !stored_keys.iter().any(|k| k.key_id == key.key_id)
+        && is_retired(
+            &tx.retired_ids(device_id, KeyKind::Signed).await?,
+            key.key_id,
+        )
+    {
+        return Err(StoreError::SignedPreKeySuperseded { key_id: key.key_id });
+    }
+    for stored in stored_keys {
         if stored.key_id == key.key_id {
             if stored.public.as_slice() != key.public.as_raw() {
                 return Err(StoreError::SignedPreKeyConflict { key_id: key.key_id });

@@ -1,17 +1,41 @@
 //! Keeps the `nchat_prekey_bundles` materialized view fresh, off the request path.
 //!
 //! Bundles are served from the base tables; the view is a read model for operator reports. A
-//! write marks it stale, and a background task refreshes it concurrently at most once per
-//! interval. The store's advisory lock keeps refreshes of all server processes one at a time.
+//! write marks it stale, and a background task runs the `refresh-bundles` job at most once per
+//! interval; the job's lock keeps refreshes of all processes one at a time.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use super::{Job, Jobs, Run, Step, Trigger};
 use crate::shutdown::CancellationToken;
-use crate::store::KeyStore;
+use crate::store::StoreError;
+use crate::store::jobs::JobStore;
+use std::sync::Arc;
+
+/// The job itself: one concurrent refresh.
+pub async fn refresh(store: &dyn JobStore) -> Result<(Vec<Step>, Vec<String>, bool), StoreError> {
+    if !store.bundle_view_is_materialized() {
+        return Ok((
+            Vec::new(),
+            vec!["nchat_prekey_bundles is a plain view here: always current".to_owned()],
+            true,
+        ));
+    }
+    let started = Instant::now();
+    store.refresh_bundle_view().await?;
+    Ok((
+        vec![Step {
+            name: "refreshed",
+            count: 1,
+            duration: started.elapsed(),
+        }],
+        Vec::new(),
+        true,
+    ))
+}
 
 /// Marks the view stale; cheap enough to call after every write.
 #[derive(Clone, Default)]
@@ -25,14 +49,14 @@ impl ViewChanges {
 }
 
 /// Starts the refresher: after a change it waits `interval` (gathering further changes), then
-/// refreshes. A zero interval starts no task and changes are ignored.
+/// runs the job. No task starts for a zero interval or a plain view; changes are then ignored.
 pub fn spawn(
-    store: Arc<dyn KeyStore>,
+    jobs: Jobs,
     interval: Duration,
     shutdown: CancellationToken,
 ) -> (ViewChanges, Option<JoinHandle<()>>) {
     let changes = ViewChanges::default();
-    if interval.is_zero() {
+    if interval.is_zero() || !jobs.store().bundle_view_is_materialized() {
         return (changes, None);
     }
     let notify = changes.0.clone();
@@ -46,15 +70,13 @@ pub fn spawn(
                 _ = tokio::time::sleep(interval) => {}
                 _ = shutdown.cancelled() => return,
             }
-            let started = std::time::Instant::now();
-            match store.refresh_bundle_view().await {
-                Ok(true) => {
-                    tracing::debug!(elapsed = ?started.elapsed(), "refreshed nchat_prekey_bundles")
-                }
-                Ok(false) => {
-                    tracing::debug!(
-                        "another process is refreshing nchat_prekey_bundles; retrying later"
-                    );
+            match jobs
+                .run(Job::RefreshBundles, Trigger::Schedule, &shutdown)
+                .await
+            {
+                Ok(Run::Finished(_)) => {}
+                Ok(Run::Skipped(why)) => {
+                    tracing::debug!(%why, "bundle view refresh skipped; retrying later");
                     notify.notify_one();
                 }
                 Err(e) => {

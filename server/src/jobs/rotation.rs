@@ -1,0 +1,89 @@
+//! The rotation check. Only a device can sign its next signed prekey, so rotation is a
+//! contract: devices rotate when their key reaches the rotation age (`keyctl rotate --if-due`),
+//! and the server reports the devices that did not. Bundles whose signed prekey is past the
+//! stale age carry `stale` whenever they are fetched, so senders see it without waiting for
+//! this job.
+
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+
+use super::Step;
+use crate::clock::Clock;
+use crate::config::RotationPolicy;
+use crate::store::StoreError;
+use crate::store::jobs::JobStore;
+
+/// How many of the oldest overdue devices a report names.
+const LISTED: u32 = 20;
+
+impl RotationPolicy {
+    /// Whether a signed prekey installed at `rotated_at` is due for rotation at `now`.
+    pub fn due(&self, rotated_at: OffsetDateTime, now: OffsetDateTime) -> bool {
+        rotated_at < now - self.rotation_age
+    }
+
+    /// Whether peers should treat a signed prekey installed at `rotated_at` as out of date.
+    pub fn stale(&self, rotated_at: OffsetDateTime, now: OffsetDateTime) -> bool {
+        rotated_at < now - self.stale_signed_prekey_age
+    }
+}
+
+/// Counts active signed prekeys past the rotation age and the stale age, naming the oldest.
+pub async fn check(
+    store: &dyn JobStore,
+    policy: &RotationPolicy,
+    clock: Clock,
+) -> Result<(Vec<Step>, Vec<String>, bool), StoreError> {
+    let now = clock.now();
+    let started = Instant::now();
+    let scan = store
+        .scan_rotation(
+            now - policy.rotation_age,
+            now - policy.stale_signed_prekey_age,
+            LISTED,
+        )
+        .await?;
+    let duration = started.elapsed();
+    let mut notes: Vec<String> = scan
+        .oldest
+        .iter()
+        .map(|d| {
+            let age = Duration::from_secs((now - d.rotated_at).whole_seconds().max(0) as u64);
+            format!(
+                "user {} device {}: signed prekey installed {} ({} ago){}",
+                d.user_id,
+                d.device_id,
+                d.rotated_at,
+                humantime::format_duration(Duration::from_secs(age.as_secs() / 60 * 60)),
+                if policy.stale(d.rotated_at, now) {
+                    ", stale"
+                } else {
+                    ""
+                }
+            )
+        })
+        .collect();
+    if scan.due > scan.oldest.len() as u64 {
+        notes.push(format!(
+            "… and {} more overdue",
+            scan.due - scan.oldest.len() as u64
+        ));
+    }
+    Ok((
+        vec![
+            Step {
+                name: "rotation_due",
+                count: scan.due,
+                duration,
+            },
+            Step {
+                name: "stale",
+                count: scan.stale,
+                duration,
+            },
+        ],
+        notes,
+        true,
+    ))
+}
