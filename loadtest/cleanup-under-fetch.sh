@@ -3,7 +3,8 @@
 # does to the latency of concurrent fetches (the fetch statement under pgbench), side by side:
 #   1. fetches alone for $SECONDS_ALONE s;
 #   2. cleanup alone;
-#   3. fetches while cleanup runs (latency counted over the cleanup's own window).
+#   3. fetches for $SECONDS_BUSY s with cleanup started 10 s in: latency of the fetches that
+#      completed during the cleanup, and of those before and after it, in the same run.
 # Each phase starts from the same freshly seeded database. Needs psql, pgbench and python3.
 #   DATABASE_URL=postgres://…/scratch loadtest/cleanup-under-fetch.sh
 # The database is emptied and reseeded: never point this at data you keep.
@@ -15,13 +16,15 @@ DEVICES=${DEVICES:-10000}
 EXPIRED=${EXPIRED:-100}        # per device: DEVICES × EXPIRED expired rows
 CLIENTS=${CLIENTS:-8}
 SECONDS_ALONE=${SECONDS_ALONE:-30}
+SECONDS_BUSY=${SECONDS_BUSY:-90}
 BATCH=${BATCH:-5000}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
+export KEYSERVER_LOG=${KEYSERVER_LOG:-warn}
 "$KEYSERVER" migrate up >/dev/null
 seed() {
-    psql -q "$DATABASE_URL" -v devices="$DEVICES" -f loadtest/pgbench/seed.sql >/dev/null
+    PGOPTIONS='-c client_min_messages=warning' psql -q "$DATABASE_URL" -v devices="$DEVICES" -f loadtest/pgbench/seed.sql >/dev/null
     psql -q "$DATABASE_URL" -v devices="$DEVICES" -v expired="$EXPIRED" \
         -f loadtest/pgbench/backlog.sql >/dev/null
     psql -q "$DATABASE_URL" -c "CHECKPOINT" >/dev/null
@@ -37,10 +40,11 @@ cleanup() {
     end=$(date +%s.%N)
     echo "$start $end" >"$work/$1.window"
 }
-latency() { # log prefix, [window file]: percentiles of fetches that completed in the window
-    python3 - "$work" "$1" "${2:-}" <<'PY'
+latency() { # log prefix, [window file, in|out]: percentiles of fetches that completed inside
+            # (or outside) the window
+    python3 - "$work" "$1" "${2:-}" "${3:-in}" <<'PY'
 import glob, sys
-work, prefix, window = sys.argv[1:4]
+work, prefix, window, side = sys.argv[1:5]
 lo, hi = (map(float, open(window).read().split())) if window else (0, float("inf"))
 lat = []
 for path in glob.glob(f"{work}/{prefix}.*"):
@@ -49,7 +53,7 @@ for path in glob.glob(f"{work}/{prefix}.*"):
     for line in open(path):
         f = line.split()
         done = int(f[4]) + int(f[5]) / 1e6
-        if lo <= done <= hi:
+        if (lo <= done <= hi) == (side == "in"):
             lat.append(int(f[2]) / 1000)
 lat.sort()
 pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
@@ -70,14 +74,14 @@ echo "cleanup alone:"
 cat "$work/quiet.report"
 
 seed
-fetches 600 busy &
+fetches "$SECONDS_BUSY" busy &
 bench=$!
-sleep 5
+sleep 10
 cleanup busy
-kill -INT "$bench" 2>/dev/null || true
-wait "$bench" 2>/dev/null || true
+wait "$bench"
 read -r s e <"$work/busy.window"
 echo "cleanup under fetches:"
 cat "$work/busy.report"
-echo "fetches during that cleanup ($(python3 -c "print(f'{$e - $s:.1f}')") s):"
-echo "  $(latency busy "$work/busy.window")"
+echo "fetches of the same run ($SECONDS_BUSY s): $(grep -E '^tps' "$work/busy.out" | head -1)"
+echo "  during the cleanup ($(python3 -c "print(f'{$e - $s:.1f}')") s): $(latency busy "$work/busy.window" in)"
+echo "  before and after it:          $(latency busy "$work/busy.window" out)"

@@ -137,6 +137,53 @@ async fn alice_and_bob_agree_on_an_x3dh_secret_through_the_server(backend: Backe
     let out = bob.run(&["rotate"]).await;
     assert!(out.contains("rotated the signed prekey"), "{out}");
 
+    // A rotation that never reached the server (simulated by undoing it there) is resent by
+    // the next `rotate --if-due` with the same key, although the old key is not yet due.
+    let active = || async {
+        server
+            .db
+            .integer(
+                "SELECT CAST(signed_prekey_id AS BIGINT) FROM nchat_signed_prekeys
+                 WHERE device_id = 'bob-phone' AND is_active",
+            )
+            .await
+            .unwrap()
+    };
+    let rotated_to = active().await;
+    server
+        .db
+        .execute(&format!(
+            "DELETE FROM nchat_signed_prekeys WHERE device_id = 'bob-phone'
+                 AND signed_prekey_id = {rotated_to}"
+        ))
+        .await;
+    server
+        .db
+        .execute_either(
+            "UPDATE nchat_signed_prekeys SET is_active = TRUE, superseded_at = NULL
+             WHERE device_id = 'bob-phone'",
+            "UPDATE nchat_signed_prekeys SET is_active = 1, superseded_at = NULL
+             WHERE device_id = 'bob-phone'",
+        )
+        .await;
+    assert_ne!(active().await, rotated_to);
+    let out = bob.run(&["rotate", "--if-due"]).await;
+    assert!(out.contains("rotated the signed prekey"), "{out}");
+    assert_eq!(active().await, rotated_to, "the pending key, not a new one");
+    // Once the active key is past the rotation age, --if-due makes a new one.
+    server
+        .db
+        .set_time(
+            "nchat_signed_prekeys",
+            "rotation_date",
+            "device_id = 'bob-phone'",
+            time::OffsetDateTime::now_utc() - time::Duration::days(8),
+        )
+        .await;
+    let out = bob.run(&["refresh"]).await;
+    assert!(out.contains("rotated the signed prekey"), "{out}");
+    assert_ne!(active().await, rotated_to);
+
     // After rotation Alice's next session uses the new signed prekey, and still agrees.
     let (sent, received) = x3dh_round_trip(&alice, &bob, &message).await;
     assert_eq!(sent, received);

@@ -82,6 +82,9 @@ pub struct ServeArgs {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub secret: SecretArgs,
+    /// Serve Prometheus metrics (job runs) on this address at /metrics; off when unset.
+    #[arg(long, env = "KEYSERVER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub rotation: RotationPolicy,
     #[command(flatten)]

@@ -198,6 +198,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
+    if let Some(addr) = args.metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+    }
     let stop = CancellationToken::new();
     shutdown::cancel_on_signal(stop.clone());
     server::run(
@@ -237,7 +244,7 @@ async fn jobs(action: JobAction, db: &Database) -> anyhow::Result<()> {
                     run.job.as_str(),
                     run.trigger.as_str(),
                     run.outcome.as_str(),
-                    run.started_at,
+                    keyserver::jobs::when(run.started_at),
                     took,
                     run.counts,
                     run.message.map(|m| format!("  {m}")).unwrap_or_default()

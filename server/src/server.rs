@@ -62,6 +62,7 @@ pub async fn run(
         jobs::schedule::spawn(parts.jobs.clone(), job, every, shutdown.clone())
     })
     .chain(refresher)
+    .chain([jobs::metrics::spawn(parts.jobs.clone(), shutdown.clone())])
     .collect();
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<KeyServiceServer<KeyApi>>().await;

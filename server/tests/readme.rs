@@ -1,6 +1,7 @@
 //! The README's first command works with nothing but the binary: `keyserver serve` with no
 //! DATABASE_URL, started in an empty directory, creates its embedded database and token secret,
-//! answers a health check, and registers a device for a token minted by `keyserver token`.
+//! answers a health check, registers a device for a token minted by `keyserver token`, and runs
+//! its maintenance jobs on schedule, visible in `keyserver jobs status` and in its metrics.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,19 +30,35 @@ fn keyserver(dir: &std::path::Path) -> Command {
     cmd
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The Prometheus text the server exports.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connecting to the metrics listener");
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    conn.read_to_string(&mut text).unwrap();
+    text
+}
+
 #[tokio::test]
 async fn serve_with_no_setup_runs_on_the_embedded_database() {
     let dir = std::env::temp_dir().join(format!("keyserver-readme-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let listen = format!("127.0.0.1:{port}");
+    let metrics = format!("127.0.0.1:{}", free_port());
     let _server = Running(
         keyserver(&dir)
-            .args(["serve", "--listen", &listen])
+            .args(["serve", "--listen", &listen, "--metrics-listen", &metrics])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -87,5 +104,35 @@ async fn serve_with_no_setup_runs_on_the_embedded_database() {
     let mut client = api::connect(&url, &token).await.unwrap();
     let registered = device.register(&mut client).await.unwrap();
     assert_eq!(registered.one_time_prekeys_available, 100);
+
+    // Its schedule ran the rotation check and cleanup at start: on record and in the metrics.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let runs = loop {
+        let out = keyserver(&dir).args(["jobs", "status"]).output().unwrap();
+        let runs = String::from_utf8(out.stdout).unwrap();
+        if runs.matches("schedule succeeded").count() == 2 || Instant::now() > deadline {
+            break runs;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        runs.contains(" cleanup ") && runs.contains(" rotate "),
+        "{runs}"
+    );
+    assert_eq!(runs.matches("schedule succeeded").count(), 2, "{runs}");
+    let exported = scrape(&metrics);
+    assert!(
+        exported
+            .lines()
+            .any(|l| l.starts_with("keyserver_job_runs_total{")
+                && l.contains("job=\"cleanup\"")
+                && l.contains("outcome=\"succeeded\"")
+                && l.ends_with(" 1")),
+        "{exported}"
+    );
+    assert!(
+        exported.contains("keyserver_job_rows_total{job=\"cleanup\",kind=\"audit_events\"} 0"),
+        "{exported}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -81,10 +81,10 @@ pub async fn run(
             duration: started.elapsed(),
         });
         notes.push(format!(
-            "{}: older than {} ({})",
+            "{}: older than {} (before {})",
             kind.as_str(),
-            humantime::format_duration(retention(settings, kind)),
-            before
+            super::period(retention(settings, kind)),
+            super::when(before)
         ));
     }
     if mode == Mode::DryRun {

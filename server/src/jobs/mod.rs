@@ -8,6 +8,7 @@
 
 pub mod bundle_view;
 pub mod cleanup;
+pub mod metrics;
 pub mod rotation;
 pub mod schedule;
 
@@ -22,6 +23,23 @@ use crate::config::{CleanupSettings, RotationPolicy};
 use crate::shutdown::CancellationToken;
 use crate::store::StoreError;
 pub use crate::store::jobs::{Job, JobRun, JobStore, Outcome, Trigger};
+
+/// A time as reports show it: RFC 3339, UTC, whole seconds.
+pub fn when(t: time::OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    t.replace_nanosecond(0)
+        .unwrap_or(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+/// A period as reports show it: whole days as days ("30 days"), anything else as humantime.
+pub fn period(d: Duration) -> String {
+    match d.as_secs() {
+        s if s > 0 && s % 86_400 == 0 => format!("{} days", s / 86_400),
+        _ => humantime::format_duration(d).to_string(),
+    }
+}
 
 /// What one part of a job did: a kind of row and how many, or a step and how long.
 #[derive(Debug, Clone, PartialEq)]
@@ -138,6 +156,7 @@ impl Jobs {
         let Some(lock) = self.store.try_lock(job).await? else {
             let reason = self.holder(job).await?;
             self.store.record_skipped(job, trigger, &reason).await?;
+            metrics::observe(job, trigger, Outcome::Skipped, None);
             return Ok(Run::Skipped(reason));
         };
         let result = self.run_locked(job, trigger, stop).await;
@@ -187,6 +206,7 @@ impl Jobs {
                 self.store
                     .finish_run(id, outcome, &report.counts(), message)
                     .await?;
+                metrics::observe(job, trigger, outcome, Some(&report));
                 tracing::info!(
                     job = job.as_str(),
                     trigger = trigger.as_str(),
@@ -198,6 +218,7 @@ impl Jobs {
             }
             Err(e) => {
                 let message = e.to_string();
+                metrics::observe(job, trigger, Outcome::Failed, None);
                 if let Err(record) = self
                     .store
                     .finish_run(id, Outcome::Failed, &json!({}), Some(&message))
@@ -243,7 +264,7 @@ impl Jobs {
                 "another {} run holds the lock (run {}, started {} by {})",
                 job.as_str(),
                 run.id,
-                run.started_at,
+                when(run.started_at),
                 run.trigger.as_str()
             ),
             None => format!("another {} run holds the lock", job.as_str()),

@@ -54,8 +54,8 @@ pub async fn check(
                 "user {} device {}: signed prekey installed {} ({} ago){}",
                 d.user_id,
                 d.device_id,
-                d.rotated_at,
-                humantime::format_duration(Duration::from_secs(age.as_secs() / 60 * 60)),
+                super::when(d.rotated_at),
+                super::period(Duration::from_secs(age.as_secs() / 60 * 60)),
                 if policy.stale(d.rotated_at, now) {
                     ", stale"
                 } else {
