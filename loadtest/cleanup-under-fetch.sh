@@ -18,6 +18,7 @@ CLIENTS=${CLIENTS:-8}
 SECONDS_ALONE=${SECONDS_ALONE:-30}
 SECONDS_BUSY=${SECONDS_BUSY:-90}
 BATCH=${BATCH:-5000}
+PAUSE=${PAUSE:-0s}          # --cleanup-batch-pause
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -36,7 +37,7 @@ fetches() { # duration, log prefix
 cleanup() {
     local start end
     start=$(date +%s.%N)
-    "$KEYSERVER" jobs cleanup --cleanup-batch-size "$BATCH" >"$work/$1.report"
+    "$KEYSERVER" jobs cleanup --cleanup-batch-size "$BATCH" --cleanup-batch-pause "$PAUSE" >"$work/$1.report"
     end=$(date +%s.%N)
     echo "$start $end" >"$work/$1.window"
 }
@@ -62,7 +63,7 @@ print(f"fetches {len(lat)}  p50 {pick(.5):.2f} ms  p95 {pick(.95):.2f} ms  "
 PY
 }
 
-echo "== $((DEVICES * EXPIRED)) expired rows, $DEVICES devices, $CLIENTS fetch clients, batch $BATCH"
+echo "== $((DEVICES * EXPIRED)) expired rows, $DEVICES devices, $CLIENTS fetch clients, batch $BATCH, pause $PAUSE"
 seed
 fetches "$SECONDS_ALONE" alone
 echo "fetches alone ($SECONDS_ALONE s):   $(grep -E '^tps' "$work/alone.out" | head -1)"
