@@ -27,6 +27,24 @@ fn lock_key(job: Job) -> i64 {
         }
 }
 
+/// Where rows of `kind` live: (table, the time they expire by, the condition before it).
+fn expiring(kind: Expiring) -> (&'static str, &'static str, &'static str) {
+    match kind {
+        Expiring::ConsumedOneTimePreKeys => (
+            "nchat_one_time_prekeys",
+            "consumed_at",
+            "is_consumed = TRUE AND ",
+        ),
+        Expiring::SupersededSignedPreKeys => (
+            "nchat_signed_prekeys",
+            "superseded_at",
+            "is_active = FALSE AND ",
+        ),
+        Expiring::AuditEvents => ("nchat_e2ee_audit_log", "created_at", ""),
+        Expiring::JobRuns => ("keyserver_job_runs", "finished_at", ""),
+    }
+}
+
 /// Deletes the given rows of one key table and records their ids as retired, after taking a
 /// key-share lock on their devices so a device removal cannot slip in between. `select` picks
 /// (row id, device id) of expired rows; `delete` deletes rows by id, returning
@@ -227,24 +245,13 @@ impl JobStore for PgStore {
         kind: Expiring,
         before: OffsetDateTime,
     ) -> Result<u64, StoreError> {
-        let sql = match kind {
-            Expiring::ConsumedOneTimePreKeys => {
-                "SELECT count(*) FROM nchat_one_time_prekeys
-                 WHERE is_consumed = TRUE AND consumed_at < $1"
-            }
-            Expiring::SupersededSignedPreKeys => {
-                "SELECT count(*) FROM nchat_signed_prekeys
-                 WHERE is_active = FALSE AND superseded_at < $1"
-            }
-            Expiring::AuditEvents => {
-                "SELECT count(*) FROM nchat_e2ee_audit_log WHERE created_at < $1"
-            }
-            Expiring::JobRuns => "SELECT count(*) FROM keyserver_job_runs WHERE finished_at < $1",
-        };
-        let n: i64 = sqlx::query_scalar(sql)
-            .bind(before)
-            .fetch_one(self.pool())
-            .await?;
+        let (table, time, filter) = expiring(kind);
+        let n: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {table} WHERE {filter}{time} < $1"
+        ))
+        .bind(before)
+        .fetch_one(self.pool())
+        .await?;
         Ok(n as u64)
     }
 
@@ -254,56 +261,38 @@ impl JobStore for PgStore {
         before: OffsetDateTime,
         limit: u32,
     ) -> Result<u64, StoreError> {
+        let (table, time, filter) = expiring(kind);
+        let oldest = |columns: &str| {
+            format!(
+                "SELECT {columns} FROM {table} WHERE {filter}{time} < $1 ORDER BY {time} LIMIT $2"
+            )
+        };
         let mut tx = self.pool().begin().await?;
-        let deleted =
-            match kind {
-                Expiring::ConsumedOneTimePreKeys => retire_keys(
-                    &mut tx,
-                    KeyKind::OneTime,
-                    "SELECT id, device_id FROM nchat_one_time_prekeys
-                     WHERE is_consumed = TRUE AND consumed_at < $1
-                     ORDER BY consumed_at LIMIT $2",
+        let deleted = match kind {
+            Expiring::ConsumedOneTimePreKeys => {
+                let delete =
                     "DELETE FROM nchat_one_time_prekeys WHERE id = ANY($1) AND is_consumed = TRUE
-                     RETURNING device_id, prekey_id",
-                    before,
-                    limit,
-                )
-                .await?,
-                Expiring::SupersededSignedPreKeys => {
-                    retire_keys(
-                        &mut tx,
-                        KeyKind::Signed,
-                        "SELECT id, device_id FROM nchat_signed_prekeys
-                     WHERE is_active = FALSE AND superseded_at < $1
-                     ORDER BY superseded_at LIMIT $2",
-                        "DELETE FROM nchat_signed_prekeys WHERE id = ANY($1) AND is_active = FALSE
-                     RETURNING device_id, signed_prekey_id",
-                        before,
-                        limit,
-                    )
-                    .await?
-                }
-                Expiring::AuditEvents => sqlx::query(
-                    "DELETE FROM nchat_e2ee_audit_log WHERE id IN (
-                         SELECT id FROM nchat_e2ee_audit_log WHERE created_at < $1
-                         ORDER BY created_at LIMIT $2)",
-                )
-                .bind(before)
-                .bind(i64::from(limit))
-                .execute(&mut *tx)
-                .await?
-                .rows_affected(),
-                Expiring::JobRuns => sqlx::query(
-                    "DELETE FROM keyserver_job_runs WHERE id IN (
-                         SELECT id FROM keyserver_job_runs WHERE finished_at < $1
-                         ORDER BY finished_at LIMIT $2)",
-                )
-                .bind(before)
-                .bind(i64::from(limit))
-                .execute(&mut *tx)
-                .await?
-                .rows_affected(),
-            };
+                     RETURNING device_id, prekey_id";
+                let select = oldest("id, device_id");
+                retire_keys(&mut tx, KeyKind::OneTime, &select, delete, before, limit).await?
+            }
+            Expiring::SupersededSignedPreKeys => {
+                let delete =
+                    "DELETE FROM nchat_signed_prekeys WHERE id = ANY($1) AND is_active = FALSE
+                     RETURNING device_id, signed_prekey_id";
+                let select = oldest("id, device_id");
+                retire_keys(&mut tx, KeyKind::Signed, &select, delete, before, limit).await?
+            }
+            Expiring::AuditEvents | Expiring::JobRuns => sqlx::query(&format!(
+                "DELETE FROM {table} WHERE id IN ({})",
+                oldest("id")
+            ))
+            .bind(before)
+            .bind(i64::from(limit))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected(),
+        };
         tx.commit().await?;
         Ok(deleted)
     }

@@ -16,6 +16,24 @@ use crate::store::jobs::{
     Trigger, plan_retirement,
 };
 
+/// Where rows of `kind` live: (table, the time they expire by, the condition before it).
+fn expiring(kind: Expiring) -> (&'static str, &'static str, &'static str) {
+    match kind {
+        Expiring::ConsumedOneTimePreKeys => (
+            "nchat_one_time_prekeys",
+            "consumed_at",
+            "is_consumed = 1 AND ",
+        ),
+        Expiring::SupersededSignedPreKeys => (
+            "nchat_signed_prekeys",
+            "superseded_at",
+            "is_active = 0 AND ",
+        ),
+        Expiring::AuditEvents => ("nchat_e2ee_audit_log", "created_at", ""),
+        Expiring::JobRuns => ("keyserver_job_runs", "finished_at", ""),
+    }
+}
+
 /// Deletes up to `limit` expired rows of one key table and records their ids as retired.
 /// `select` picks ids of expired rows; `delete` deletes the rows whose ids are in the JSON array
 /// `?1`, returning (device_id, key_id).
@@ -197,24 +215,13 @@ impl JobStore for SqliteStore {
         kind: Expiring,
         before: OffsetDateTime,
     ) -> Result<u64, StoreError> {
-        let sql = match kind {
-            Expiring::ConsumedOneTimePreKeys => {
-                "SELECT count(*) FROM nchat_one_time_prekeys
-                 WHERE is_consumed = 1 AND consumed_at < ?1"
-            }
-            Expiring::SupersededSignedPreKeys => {
-                "SELECT count(*) FROM nchat_signed_prekeys
-                 WHERE is_active = 0 AND superseded_at < ?1"
-            }
-            Expiring::AuditEvents => {
-                "SELECT count(*) FROM nchat_e2ee_audit_log WHERE created_at < ?1"
-            }
-            Expiring::JobRuns => "SELECT count(*) FROM keyserver_job_runs WHERE finished_at < ?1",
-        };
-        let n: i64 = sqlx::query_scalar(sql)
-            .bind(timestamp_text(before))
-            .fetch_one(self.pool())
-            .await?;
+        let (table, time, filter) = expiring(kind);
+        let n: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {table} WHERE {filter}{time} < ?1"
+        ))
+        .bind(timestamp_text(before))
+        .fetch_one(self.pool())
+        .await?;
         Ok(n as u64)
     }
 
@@ -224,58 +231,31 @@ impl JobStore for SqliteStore {
         before: OffsetDateTime,
         limit: u32,
     ) -> Result<u64, StoreError> {
+        let (table, time, filter) = expiring(kind);
+        let oldest =
+            format!("SELECT id FROM {table} WHERE {filter}{time} < ?1 ORDER BY {time} LIMIT ?2");
         let mut tx = self.begin_immediate().await?;
         let deleted = match kind {
             Expiring::ConsumedOneTimePreKeys => {
-                retire_keys(
-                    &mut tx,
-                    KeyKind::OneTime,
-                    "SELECT id FROM nchat_one_time_prekeys
-                     WHERE is_consumed = 1 AND consumed_at < ?1
-                     ORDER BY consumed_at LIMIT ?2",
-                    "DELETE FROM nchat_one_time_prekeys
+                let delete = "DELETE FROM nchat_one_time_prekeys
                      WHERE id IN (SELECT value FROM json_each(?1)) AND is_consumed = 1
-                     RETURNING device_id, prekey_id",
-                    before,
-                    limit,
-                )
-                .await?
+                     RETURNING device_id, prekey_id";
+                retire_keys(&mut tx, KeyKind::OneTime, &oldest, delete, before, limit).await?
             }
             Expiring::SupersededSignedPreKeys => {
-                retire_keys(
-                    &mut tx,
-                    KeyKind::Signed,
-                    "SELECT id FROM nchat_signed_prekeys
-                     WHERE is_active = 0 AND superseded_at < ?1
-                     ORDER BY superseded_at LIMIT ?2",
-                    "DELETE FROM nchat_signed_prekeys
+                let delete = "DELETE FROM nchat_signed_prekeys
                      WHERE id IN (SELECT value FROM json_each(?1)) AND is_active = 0
-                     RETURNING device_id, signed_prekey_id",
-                    before,
-                    limit,
-                )
-                .await?
+                     RETURNING device_id, signed_prekey_id";
+                retire_keys(&mut tx, KeyKind::Signed, &oldest, delete, before, limit).await?
             }
-            Expiring::AuditEvents => sqlx::query(
-                "DELETE FROM nchat_e2ee_audit_log WHERE id IN (
-                         SELECT id FROM nchat_e2ee_audit_log WHERE created_at < ?1
-                         ORDER BY created_at LIMIT ?2)",
-            )
-            .bind(timestamp_text(before))
-            .bind(i64::from(limit))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected(),
-            Expiring::JobRuns => sqlx::query(
-                "DELETE FROM keyserver_job_runs WHERE id IN (
-                         SELECT id FROM keyserver_job_runs WHERE finished_at < ?1
-                         ORDER BY finished_at LIMIT ?2)",
-            )
-            .bind(timestamp_text(before))
-            .bind(i64::from(limit))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected(),
+            Expiring::AuditEvents | Expiring::JobRuns => {
+                sqlx::query(&format!("DELETE FROM {table} WHERE id IN ({oldest})"))
+                    .bind(timestamp_text(before))
+                    .bind(i64::from(limit))
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+            }
         };
         tx.commit().await?;
         Ok(deleted)
