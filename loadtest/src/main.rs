@@ -1,0 +1,165 @@
+//! `loadtest`: drives a keyserver with realistic scenarios and reports how fast and how correct
+//! it was: throughput and latency percentiles per RPC (HDR histograms), failures by status code,
+//! and the one-time prekeys it was handed (none may come twice; every bundle's signature is
+//! checked on the client).
+//!
+//! ```sh
+//! loadtest --scenario register --devices 10000      # the seed
+//! loadtest --scenario fetch --devices 10000 --concurrency 16 --duration 30s --json fetch.json
+//! ```
+
+mod population;
+mod scenario;
+mod stats;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use keyserver::auth::TokenAuthority;
+use keyserver::config::{DataDirArgs, SecretArgs};
+use keyserver::secret;
+
+use scenario::{Plan, Scenario};
+use stats::Recorder;
+
+#[derive(Parser)]
+#[command(name = "loadtest", about = "Load generator for the keyserver")]
+struct Cli {
+    /// The server to drive.
+    #[arg(long, env = "KEYSERVER_URL", default_value = "http://127.0.0.1:50051")]
+    url: String,
+    /// Allow a server that is not on this machine (refused by default: a load run is an attack
+    /// on whatever it points at).
+    #[arg(long)]
+    allow_remote: bool,
+    #[arg(long, value_enum)]
+    scenario: Scenario,
+    /// Devices the run works on (registered by `--scenario register`, used by the others).
+    #[arg(long, default_value_t = 1000)]
+    devices: u32,
+    /// Concurrent workers, each with its own connection.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Longest the run may take.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Most calls the run may make (register: at most one per device anyway).
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Write the full results (percentiles, failures, correctness, per-second timeline) here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[command(flatten)]
+    data: DataDirArgs,
+    #[command(flatten)]
+    secret: SecretArgs,
+}
+
+/// Refuses URLs that leave this machine unless asked.
+fn check_loopback(url: &str, allow_remote: bool) -> anyhow::Result<()> {
+    let host = url
+        .split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .split(['/', ':'])
+        .next()
+        .unwrap_or("");
+    let host = if url.contains("://[") {
+        url.split('[')
+            .nth(1)
+            .and_then(|h| h.split(']').next())
+            .unwrap_or("")
+    } else {
+        host
+    };
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    anyhow::ensure!(
+        loopback || allow_remote,
+        "{url} is not on this machine; pass --allow-remote to load it anyway"
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    check_loopback(&cli.url, cli.allow_remote)?;
+    anyhow::ensure!(cli.devices > 0, "--devices must be at least 1");
+    anyhow::ensure!(cli.concurrency > 0, "--concurrency must be at least 1");
+    let key = secret::load_or_create(cli.secret.token_secret.as_deref(), &cli.data)
+        .context("the server's token secret (KEYSERVER_TOKEN_SECRET or its data directory)")?;
+    let plan = Plan {
+        scenario: cli.scenario,
+        devices: cli.devices,
+        concurrency: cli.concurrency,
+        duration: cli.duration,
+        max_calls: cli.requests,
+    };
+    let recorder = Arc::new(Recorder::new());
+    let bar = indicatif::ProgressBar::new_spinner();
+    let progress = {
+        let (recorder, bar) = (recorder.clone(), bar.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let (calls, failures) = recorder.progress();
+                let secs = recorder.elapsed().as_secs_f64();
+                bar.set_message(format!(
+                    "{secs:>6.1} s  {calls} calls  {:.0}/s  {failures} failed",
+                    calls as f64 / secs
+                ));
+            }
+        })
+    };
+    scenario::run(
+        &cli.url,
+        TokenAuthority::new(&key)?,
+        &plan,
+        recorder.clone(),
+    )
+    .await?;
+    progress.abort();
+    bar.finish_and_clear();
+
+    let mut summary = recorder.summary(recorder.elapsed());
+    summary["scenario"] = serde_json::json!(format!("{:?}", cli.scenario).to_lowercase());
+    summary["devices"] = cli.devices.into();
+    summary["concurrency"] = cli.concurrency.into();
+    summary["url"] = cli.url.clone().into();
+    println!("{}", stats::render(&summary));
+    if let Some(path) = &cli.json {
+        std::fs::write(path, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let (failed, twice, bad) = recorder.problems();
+    anyhow::ensure!(twice == 0, "{twice} one-time prekeys were served twice");
+    anyhow::ensure!(bad == 0, "{bad} bundles failed signature verification");
+    anyhow::ensure!(failed == 0, "{failed} calls failed");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_loopback;
+
+    #[test]
+    fn only_loopback_targets_unless_allowed() {
+        for url in [
+            "http://127.0.0.1:50051",
+            "http://localhost:1",
+            "http://[::1]:50051",
+        ] {
+            assert!(check_loopback(url, false).is_ok(), "{url}");
+        }
+        for url in ["http://10.0.0.1:50051", "http://example.com:50051"] {
+            assert!(check_loopback(url, false).is_err(), "{url}");
+            assert!(check_loopback(url, true).is_ok(), "{url}");
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! The scenarios: what each worker does in a loop until the run's time or call budget is spent.
+//!
+//! - `register`: registers devices 0..N (each with 100 one-time prekeys); also the seed for the
+//!   other scenarios.
+//! - `fetch`: single-device bundles of random seeded devices.
+//! - `bulk`: bundles of 10 random devices per call, as a group chat fetches.
+//! - `replenish`: random devices upload 10 fresh one-time prekeys.
+//! - `mixed`: 90 % fetches, 5 % key status, 4 % replenish, 1 % signed-prekey rotation.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use keyserver::auth::TokenAuthority;
+use keyserver_client::api::verify_bundle;
+use keyserver_client::keys::random_bytes;
+use keyserver_proto::pb;
+use keyserver_proto::pb::key_service_client::KeyServiceClient;
+use tonic::transport::Channel;
+
+use crate::population::{self, ONE_TIME_PREKEYS};
+use crate::stats::Recorder;
+
+/// Targets of one bulk fetch.
+const BULK_TARGETS: usize = 10;
+/// One-time prekeys one replenish uploads.
+const REPLENISH_KEYS: u32 = 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    Register,
+    Fetch,
+    Bulk,
+    Replenish,
+    Mixed,
+}
+
+/// What one run does.
+pub struct Plan {
+    pub scenario: Scenario,
+    pub devices: u32,
+    pub concurrency: usize,
+    pub duration: Duration,
+    pub max_calls: Option<u64>,
+}
+
+/// State every worker shares.
+struct Shared {
+    tokens: TokenAuthority,
+    recorder: Arc<Recorder>,
+    devices: u32,
+    deadline: Instant,
+    /// Calls started; the budget is checked against it.
+    calls: AtomicU64,
+    max_calls: Option<u64>,
+    /// The next device to register.
+    next_device: AtomicU32,
+    /// The next key id for uploads and rotations: above the seeded ids, random per run so
+    /// repeated runs do not collide, below 2^24.
+    next_key_id: AtomicU32,
+}
+
+impl Shared {
+    /// Whether another call may start.
+    fn go(&self) -> bool {
+        if Instant::now() >= self.deadline {
+            return false;
+        }
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        self.max_calls.is_none_or(|max| n < max)
+    }
+
+    fn request<T>(&self, message: T, device: u32) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        let token = self
+            .tokens
+            .mint(population::user(device), Duration::from_secs(3600));
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}")
+                .parse()
+                .expect("a token is header-safe"),
+        );
+        request
+    }
+
+    fn random_device(&self) -> u32 {
+        u32::from_le_bytes(random_bytes::<4>()) % self.devices
+    }
+
+    fn key_ids(&self, n: u32) -> u32 {
+        self.next_key_id.fetch_add(n, Ordering::Relaxed)
+    }
+}
+
+/// Runs `plan` with `concurrency` workers, each on its own connection to `url`.
+pub async fn run(
+    url: &str,
+    tokens: TokenAuthority,
+    plan: &Plan,
+    recorder: Arc<Recorder>,
+) -> anyhow::Result<()> {
+    let start_id = 1_000 + u32::from_le_bytes(random_bytes::<4>()) % 8_000_000;
+    let shared = Arc::new(Shared {
+        tokens,
+        recorder,
+        devices: plan.devices,
+        deadline: Instant::now() + plan.duration,
+        calls: AtomicU64::new(0),
+        max_calls: plan.max_calls,
+        next_device: AtomicU32::new(0),
+        next_key_id: AtomicU32::new(start_id),
+    });
+    let mut workers = Vec::with_capacity(plan.concurrency);
+    for _ in 0..plan.concurrency {
+        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to {url}: {e}"))?;
+        let client = KeyServiceClient::new(channel);
+        let shared = shared.clone();
+        let scenario = plan.scenario;
+        workers.push(tokio::spawn(worker(scenario, client, shared)));
+    }
+    for w in workers {
+        w.await?;
+    }
+    Ok(())
+}
+
+async fn worker(scenario: Scenario, mut client: KeyServiceClient<Channel>, shared: Arc<Shared>) {
+    loop {
+        match scenario {
+            Scenario::Register => {
+                let n = shared.next_device.fetch_add(1, Ordering::Relaxed);
+                if n >= shared.devices || !shared.go() {
+                    return;
+                }
+                register(&mut client, &shared, n).await
+            }
+            _ if !shared.go() => return,
+            Scenario::Fetch => fetch(&mut client, &shared).await,
+            Scenario::Bulk => bulk(&mut client, &shared).await,
+            Scenario::Replenish => replenish(&mut client, &shared).await,
+            Scenario::Mixed => match random_bytes::<1>()[0] % 100 {
+                0..90 => fetch(&mut client, &shared).await,
+                90..95 => status(&mut client, &shared).await,
+                95..99 => replenish(&mut client, &shared).await,
+                _ => rotate(&mut client, &shared).await,
+            },
+        }
+    }
+}
+
+/// Times `call` and records it under `rpc`; the answer when it succeeded.
+async fn timed<T>(
+    shared: &Shared,
+    rpc: &'static str,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Option<T> {
+    let started = Instant::now();
+    let result = call.await;
+    let took = started.elapsed();
+    match result {
+        Ok(response) => {
+            shared.recorder.call(rpc, took, None);
+            Some(response.into_inner())
+        }
+        Err(status) => {
+            shared
+                .recorder
+                .call(rpc, took, Some(format!("{:?}", status.code())));
+            None
+        }
+    }
+}
+
+async fn register(client: &mut KeyServiceClient<Channel>, shared: &Shared, n: u32) {
+    let request = shared.request(population::registration(n), n);
+    timed(shared, "RegisterDevice", client.register_device(request)).await;
+}
+
+/// Verifies each bundle and records the one-time prekey it carried.
+fn check_bundles(shared: &Shared, bundles: &[pb::DevicePreKeyBundle]) {
+    for bundle in bundles {
+        let device = bundle
+            .device_id
+            .strip_prefix("load-")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(u32::MAX);
+        let verified = verify_bundle(bundle).is_ok();
+        let key = bundle.one_time_prekey.as_ref().map(|k| k.key_id);
+        shared
+            .recorder
+            .bundle(device, key, verified, ONE_TIME_PREKEYS);
+    }
+}
+
+fn target(n: u32) -> pb::Target {
+    pb::Target {
+        user_id: population::user(n).to_string(),
+        device_id: Some(population::device_id(n)),
+    }
+}
+
+async fn fetch(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
+    let n = shared.random_device();
+    let request = shared.request(
+        pb::FetchPreKeyBundleRequest {
+            target: Some(target(n)),
+        },
+        shared.random_device(),
+    );
+    if let Some(answer) = timed(
+        shared,
+        "FetchPreKeyBundle",
+        client.fetch_pre_key_bundle(request),
+    )
+    .await
+    {
+        check_bundles(shared, &answer.devices);
+    }
+}
+
+async fn bulk(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
+    let mut devices: Vec<u32> = Vec::with_capacity(BULK_TARGETS);
+    while devices.len() < BULK_TARGETS.min(shared.devices as usize) {
+        let n = shared.random_device();
+        if !devices.contains(&n) {
+            devices.push(n);
+        }
+    }
+    let request = shared.request(
+        pb::FetchPreKeyBundlesRequest {
+            targets: devices.iter().map(|&n| target(n)).collect(),
+        },
+        shared.random_device(),
+    );
+    if let Some(answer) = timed(
+        shared,
+        "FetchPreKeyBundles",
+        client.fetch_pre_key_bundles(request),
+    )
+    .await
+    {
+        for result in &answer.results {
+            check_bundles(shared, &result.devices);
+        }
+    }
+}
+
+async fn replenish(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
+    let n = shared.random_device();
+    let first = shared.key_ids(REPLENISH_KEYS);
+    let request = shared.request(
+        pb::UploadOneTimePreKeysRequest {
+            device_id: population::device_id(n),
+            one_time_prekeys: (first..first + REPLENISH_KEYS)
+                .map(population::one_time_prekey)
+                .collect(),
+        },
+        n,
+    );
+    timed(
+        shared,
+        "UploadOneTimePreKeys",
+        client.upload_one_time_pre_keys(request),
+    )
+    .await;
+}
+
+async fn status(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
+    let n = shared.random_device();
+    let request = shared.request(
+        pb::GetKeyStatusRequest {
+            device_id: population::device_id(n),
+        },
+        n,
+    );
+    timed(shared, "GetKeyStatus", client.get_key_status(request)).await;
+}
+
+async fn rotate(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
+    let n = shared.random_device();
+    let request = shared.request(
+        pb::RotateSignedPreKeyRequest {
+            device_id: population::device_id(n),
+            signed_prekey: Some(population::signed_prekey(n, shared.key_ids(1))),
+        },
+        n,
+    );
+    timed(
+        shared,
+        "RotateSignedPreKey",
+        client.rotate_signed_pre_key(request),
+    )
+    .await;
+}

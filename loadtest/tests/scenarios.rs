@@ -1,0 +1,132 @@
+//! Every scenario of the `loadtest` binary against a real server on each backend: the runs
+//! succeed, verify every bundle, report no key served twice, and what they report matches what
+//! the server stored.
+
+use std::process::Command;
+
+use keyserver::testing::{Backend, TEST_SECRET, TestDb, TestServer};
+
+fn loadtest(server: &TestServer, args: &[&str], json: &std::path::Path) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args([
+            "--url",
+            &server.url,
+            "--concurrency",
+            "4",
+            "--duration",
+            "60s",
+        ])
+        .args(["--json", json.to_str().unwrap()])
+        .args(args)
+        .env(
+            "KEYSERVER_TOKEN_SECRET",
+            std::str::from_utf8(TEST_SECRET).unwrap(),
+        )
+        .output()
+        .expect("running loadtest");
+    assert!(
+        out.status.success(),
+        "loadtest {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap()
+}
+
+async fn every_scenario_runs_and_reports_what_the_server_did(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
+    let server = TestServer::start(&db).await;
+    let dir = std::env::temp_dir().join(format!("loadtest-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("run.json");
+    let devices = ["--devices", "40"];
+
+    let seed = loadtest(
+        &server,
+        &[&devices[..], &["--scenario", "register"]].concat(),
+        &json,
+    );
+    assert_eq!(seed["rpcs"]["RegisterDevice"]["ok"], 40);
+    assert_eq!(
+        server
+            .db
+            .count("SELECT count(*) FROM nchat_one_time_prekeys")
+            .await,
+        4_000
+    );
+
+    let fetch = loadtest(
+        &server,
+        &[&devices[..], &["--scenario", "fetch", "--requests", "200"]].concat(),
+        &json,
+    );
+    let bulk = loadtest(
+        &server,
+        &[&devices[..], &["--scenario", "bulk", "--requests", "30"]].concat(),
+        &json,
+    );
+    assert_eq!(fetch["rpcs"]["FetchPreKeyBundle"]["ok"], 200);
+    assert_eq!(bulk["rpcs"]["FetchPreKeyBundles"]["ok"], 30);
+    for run in [&fetch, &bulk] {
+        assert_eq!(run["correctness"]["served_twice"], 0);
+        assert_eq!(run["correctness"]["bad_signatures"], 0);
+        assert_eq!(
+            run["correctness"]["without_one_time_prekey_while_keys_were_left"],
+            0
+        );
+    }
+    // Every key the runs report was handed out is flagged consumed, and no other.
+    assert_eq!(
+        server
+            .db
+            .count("SELECT count(*) FROM nchat_one_time_prekeys WHERE is_consumed")
+            .await,
+        200 + 300
+    );
+
+    let replenish = loadtest(
+        &server,
+        &[
+            &devices[..],
+            &["--scenario", "replenish", "--requests", "20"],
+        ]
+        .concat(),
+        &json,
+    );
+    assert_eq!(replenish["rpcs"]["UploadOneTimePreKeys"]["ok"], 20);
+    assert_eq!(
+        server
+            .db
+            .count("SELECT count(*) FROM nchat_one_time_prekeys")
+            .await,
+        4_000 + 20 * 10
+    );
+    let mixed = loadtest(
+        &server,
+        &[&devices[..], &["--scenario", "mixed", "--requests", "300"]].concat(),
+        &json,
+    );
+    let ok: u64 = mixed["rpcs"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|r| r["ok"].as_u64().unwrap())
+        .sum();
+    assert_eq!(ok, 300);
+    assert!(mixed["rpcs"]["FetchPreKeyBundle"]["ok"].as_u64().unwrap() > 200);
+    assert_eq!(mixed["correctness"]["served_twice"], 0);
+    assert!(mixed["timeline"].as_array().is_some_and(|t| !t.is_empty()));
+
+    std::fs::remove_dir_all(&dir).unwrap();
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres() {
+    every_scenario_runs_and_reports_what_the_server_did(Backend::Postgres).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite() {
+    every_scenario_runs_and_reports_what_the_server_did(Backend::Sqlite).await
+}
