@@ -5,9 +5,11 @@
 //!
 //! ```sh
 //! loadtest --scenario register --devices 10000      # the seed
-//! loadtest --scenario fetch --devices 10000 --concurrency 16 --duration 30s --json fetch.json
+//! loadtest --scenario fetch --devices 10000 --concurrency 16 --duration 30s --json fetch.json \
+//!     --svg fetch.svg
 //! ```
 
+mod chart;
 mod population;
 mod scenario;
 mod stats;
@@ -52,6 +54,9 @@ struct Cli {
     /// Write the full results (percentiles, failures, correctness, per-second timeline) here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Draw throughput and latency over time into this SVG file.
+    #[arg(long)]
+    svg: Option<PathBuf>,
     #[command(flatten)]
     data: DataDirArgs,
     #[command(flatten)]
@@ -136,6 +141,15 @@ async fn main() -> anyhow::Result<()> {
     if let Some(path) = &cli.json {
         std::fs::write(path, serde_json::to_string_pretty(&summary)?)
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &cli.svg {
+        let title = format!(
+            "{} · {} devices · concurrency {}",
+            summary["scenario"].as_str().unwrap_or(""),
+            cli.devices,
+            cli.concurrency
+        );
+        chart::write_svg(path, &summary, &title)?;
     }
     let (failed, twice, bad) = recorder.problems();
     anyhow::ensure!(twice == 0, "{twice} one-time prekeys were served twice");

@@ -8,17 +8,25 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
-/// Latencies up to a minute, to 3 significant digits.
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+/// Latencies up to a minute, to 3 significant digits (2 for the per-second ones, which only
+/// feed the chart).
+fn histogram(digits: u8) -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, digits).expect("valid histogram bounds")
+}
+
+/// One second of the run.
+struct Second {
+    calls: u64,
+    failures: u64,
+    latency: Histogram<u64>,
 }
 
 #[derive(Default)]
 struct Inner {
     latency: BTreeMap<&'static str, Histogram<u64>>,
     failures: BTreeMap<(&'static str, String), u64>,
-    /// Per second since the start: (requests completed, failures, slowest in µs).
-    timeline: Vec<(u64, u64, u64)>,
+    /// Per second since the start.
+    timeline: Vec<Second>,
     /// (device, one-time prekey id) handed out during the run.
     served: HashSet<(u32, u32)>,
     served_twice: u64,
@@ -53,21 +61,25 @@ impl Recorder {
         let micros = (took.as_micros() as u64).clamp(1, 60_000_000);
         let second = self.started.elapsed().as_secs() as usize;
         let mut inner = self.inner.lock().expect("recorder lock");
-        if inner.timeline.len() <= second {
-            inner.timeline.resize(second + 1, (0, 0, 0));
+        while inner.timeline.len() <= second {
+            inner.timeline.push(Second {
+                calls: 0,
+                failures: 0,
+                latency: histogram(2),
+            });
         }
         let slot = &mut inner.timeline[second];
-        slot.0 += 1;
-        slot.2 = slot.2.max(micros);
+        slot.calls += 1;
+        slot.latency.record(micros).expect("latency within bounds");
         match failure {
             Some(code) => {
-                slot.1 += 1;
+                slot.failures += 1;
                 *inner.failures.entry((rpc, code)).or_default() += 1;
             }
             None => inner
                 .latency
                 .entry(rpc)
-                .or_insert_with(histogram)
+                .or_insert_with(|| histogram(3))
                 .record(micros)
                 .expect("latency within bounds"),
         }
@@ -113,7 +125,7 @@ impl Recorder {
         inner
             .timeline
             .iter()
-            .fold((0, 0), |(n, f), s| (n + s.0, f + s.1))
+            .fold((0, 0), |(n, f), s| (n + s.calls, f + s.failures))
     }
 
     /// The run as JSON: per-RPC counts and percentiles (ms), failures, correctness, timeline.
@@ -153,8 +165,15 @@ impl Recorder {
                 "without_one_time_prekey_while_keys_were_left": inner.without_key_while_left,
                 "bad_signatures": inner.bad_signatures,
             },
-            "timeline": inner.timeline.iter().enumerate().map(|(s, (n, f, slowest))| {
-                json!({ "second": s, "calls": n, "failures": f, "slowest_ms": ms(*slowest) })
+            "timeline": inner.timeline.iter().enumerate().map(|(s, second)| {
+                json!({
+                    "second": s,
+                    "calls": second.calls,
+                    "failures": second.failures,
+                    "p50_ms": ms(second.latency.value_at_quantile(0.5)),
+                    "p99_ms": ms(second.latency.value_at_quantile(0.99)),
+                    "max_ms": ms(second.latency.max()),
+                })
             }).collect::<Vec<_>>(),
         })
     }

@@ -101,11 +101,19 @@ async fn every_scenario_runs_and_reports_what_the_server_did(backend: Backend) {
             .await,
         4_000 + 20 * 10
     );
+    let svg = dir.join("mixed.svg");
     let mixed = loadtest(
         &server,
-        &[&devices[..], &["--scenario", "mixed", "--requests", "300"]].concat(),
+        &[
+            &devices[..],
+            &["--scenario", "mixed", "--requests", "300"],
+            &["--svg", svg.to_str().unwrap()],
+        ]
+        .concat(),
         &json,
     );
+    let chart = std::fs::read_to_string(&svg).unwrap();
+    assert!(chart.starts_with("<svg") && chart.contains("calls/s") && chart.contains("p99"));
     let ok: u64 = mixed["rpcs"]
         .as_object()
         .unwrap()
@@ -115,7 +123,9 @@ async fn every_scenario_runs_and_reports_what_the_server_did(backend: Backend) {
     assert_eq!(ok, 300);
     assert!(mixed["rpcs"]["FetchPreKeyBundle"]["ok"].as_u64().unwrap() > 200);
     assert_eq!(mixed["correctness"]["served_twice"], 0);
-    assert!(mixed["timeline"].as_array().is_some_and(|t| !t.is_empty()));
+    let timeline = mixed["timeline"].as_array().unwrap();
+    let charted: u64 = timeline.iter().map(|s| s["calls"].as_u64().unwrap()).sum();
+    assert_eq!(charted, 300, "every call is in the timeline");
 
     std::fs::remove_dir_all(&dir).unwrap();
     server.stop().await.unwrap();
