@@ -1,6 +1,6 @@
 //! Runs the rotation check and cleanup inside `keyserver serve` at a fixed period.
 //!
-//! The next run is due one period after the last run that started successfully, wherever it
+//! The next run is due one period after the start of the last successful run, wherever it
 //! ran (this process, another server, or cron), so restarts do not postpone a job forever and
 //! several servers do not run it several times a period.
 
@@ -60,15 +60,16 @@ pub fn spawn(
     }))
 }
 
-/// How long until `job` is due: one period after the start of its last successful (or still
-/// running) run; now when it never ran.
+/// How long until `job` is due: one period after the start of its last successful run; now
+/// when it never succeeded. (A run still going elsewhere makes this run skip and retry; a run
+/// recorded as running by a killed process must not postpone the job.)
 async fn until_due(jobs: &Jobs, job: Job, every: Duration) -> Result<Duration, StoreError> {
     let last = jobs
         .store()
         .job_runs(Some(job), HISTORY)
         .await?
         .into_iter()
-        .find(|r| matches!(r.outcome, Outcome::Succeeded | Outcome::Running));
+        .find(|r| r.outcome == Outcome::Succeeded);
     let Some(last) = last else {
         return Ok(Duration::ZERO);
     };
