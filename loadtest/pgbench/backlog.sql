@@ -4,8 +4,8 @@
 \set ON_ERROR_STOP on
 INSERT INTO nchat_one_time_prekeys (device_id, prekey_id, prekey_public, prekey_private_encrypted,
                                     is_consumed, consumed_at)
-SELECT 'dev-' || n, 1000 + k, decode(md5('x' || n || '/' || k) || md5('y' || n || '/' || k), 'hex'),
+SELECT 'load-' || n, 1000 + k, decode(md5('x' || n || '/' || k) || md5('y' || n || '/' || k), 'hex'),
        decode(repeat('ab', 61), 'hex'), TRUE, NOW() - INTERVAL '40 days' - k * INTERVAL '1 second'
-FROM generate_series(1, :devices) AS n, generate_series(1, :expired) AS k
+FROM generate_series(0, :devices - 1) AS n, generate_series(1, :expired) AS k
 ORDER BY k, n;
 VACUUM ANALYZE nchat_one_time_prekeys;
