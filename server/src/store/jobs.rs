@@ -150,6 +150,41 @@ impl Expiring {
     }
 }
 
+impl Expiring {
+    /// Where rows of this kind live: (table, the time they expire by, the condition before it),
+    /// with booleans written as the backend writes them (`yes`, `no`).
+    pub fn location(self, yes: &str, no: &str) -> (&'static str, &'static str, String) {
+        match self {
+            Self::ConsumedOneTimePreKeys => (
+                "nchat_one_time_prekeys",
+                "consumed_at",
+                format!("is_consumed = {yes} AND "),
+            ),
+            Self::SupersededSignedPreKeys => (
+                "nchat_signed_prekeys",
+                "superseded_at",
+                format!("is_active = {no} AND "),
+            ),
+            Self::AuditEvents => ("nchat_e2ee_audit_log", "created_at", String::new()),
+            Self::JobRuns => ("keyserver_job_runs", "finished_at", String::new()),
+        }
+    }
+}
+
+/// The job, trigger and outcome names of a stored run; an unknown one is a corrupt row.
+pub fn run_names(
+    job: &str,
+    trigger: &str,
+    outcome: &str,
+) -> Result<(Job, Trigger, Outcome), StoreError> {
+    let corrupt = |what: &str| StoreError::Database(sqlx::Error::Decode(what.to_owned().into()));
+    Ok((
+        Job::from_name(job).ok_or_else(|| corrupt("unknown job name"))?,
+        Trigger::from_name(trigger).ok_or_else(|| corrupt("unknown job trigger"))?,
+        Outcome::from_name(outcome).ok_or_else(|| corrupt("unknown job outcome"))?,
+    ))
+}
+
 /// A device whose active signed prekey is past the rotation age.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverdueDevice {

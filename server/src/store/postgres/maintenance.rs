@@ -14,7 +14,7 @@ use super::PgStore;
 use crate::store::StoreError;
 use crate::store::jobs::{
     Expiring, Job, JobLock, JobRun, JobStore, KeyKind, Outcome, OverdueDevice, RotationScan,
-    Trigger, plan_retirement,
+    Trigger, plan_retirement, run_names,
 };
 
 /// The advisory lock key of each job (a fixed prefix, "keysrv", and the job's number).
@@ -25,24 +25,6 @@ fn lock_key(job: Job) -> i64 {
             Job::Cleanup => 2,
             Job::Rotate => 3,
         }
-}
-
-/// Where rows of `kind` live: (table, the time they expire by, the condition before it).
-fn expiring(kind: Expiring) -> (&'static str, &'static str, &'static str) {
-    match kind {
-        Expiring::ConsumedOneTimePreKeys => (
-            "nchat_one_time_prekeys",
-            "consumed_at",
-            "is_consumed = TRUE AND ",
-        ),
-        Expiring::SupersededSignedPreKeys => (
-            "nchat_signed_prekeys",
-            "superseded_at",
-            "is_active = FALSE AND ",
-        ),
-        Expiring::AuditEvents => ("nchat_e2ee_audit_log", "created_at", ""),
-        Expiring::JobRuns => ("keyserver_job_runs", "finished_at", ""),
-    }
 }
 
 /// Deletes the given rows of one key table and records their ids as retired, after taking a
@@ -137,16 +119,15 @@ fn split3<T>(items: impl Iterator<Item = (T, u32, u32)>) -> (Vec<T>, Vec<i32>, V
 }
 
 fn job_run(row: &sqlx::postgres::PgRow) -> Result<JobRun, StoreError> {
-    let corrupt = |what: &str| StoreError::Database(sqlx::Error::Decode(what.to_owned().into()));
+    let (job, trigger, outcome) =
+        run_names(row.get("job"), row.get("trigger"), row.get("outcome"))?;
     Ok(JobRun {
         id: i64::from(row.get::<i32, _>("id")),
-        job: Job::from_name(row.get("job")).ok_or_else(|| corrupt("unknown job name"))?,
-        trigger: Trigger::from_name(row.get("trigger"))
-            .ok_or_else(|| corrupt("unknown job trigger"))?,
+        job,
+        trigger,
         started_at: row.get("started_at"),
         finished_at: row.get("finished_at"),
-        outcome: Outcome::from_name(row.get("outcome"))
-            .ok_or_else(|| corrupt("unknown job outcome"))?,
+        outcome,
         counts: row.get("counts"),
         message: row.get("message"),
     })
@@ -245,7 +226,7 @@ impl JobStore for PgStore {
         kind: Expiring,
         before: OffsetDateTime,
     ) -> Result<u64, StoreError> {
-        let (table, time, filter) = expiring(kind);
+        let (table, time, filter) = kind.location("TRUE", "FALSE");
         let n: i64 = sqlx::query_scalar(&format!(
             "SELECT count(*) FROM {table} WHERE {filter}{time} < $1"
         ))
@@ -261,7 +242,7 @@ impl JobStore for PgStore {
         before: OffsetDateTime,
         limit: u32,
     ) -> Result<u64, StoreError> {
-        let (table, time, filter) = expiring(kind);
+        let (table, time, filter) = kind.location("TRUE", "FALSE");
         let oldest = |columns: &str| {
             format!(
                 "SELECT {columns} FROM {table} WHERE {filter}{time} < $1 ORDER BY {time} LIMIT $2"

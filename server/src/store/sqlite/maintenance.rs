@@ -13,26 +13,8 @@ use super::{NOW, SqliteStore, timestamp_text};
 use crate::store::StoreError;
 use crate::store::jobs::{
     Expiring, Job, JobLock, JobRun, JobStore, KeyKind, Outcome, OverdueDevice, RotationScan,
-    Trigger, plan_retirement,
+    Trigger, plan_retirement, run_names,
 };
-
-/// Where rows of `kind` live: (table, the time they expire by, the condition before it).
-fn expiring(kind: Expiring) -> (&'static str, &'static str, &'static str) {
-    match kind {
-        Expiring::ConsumedOneTimePreKeys => (
-            "nchat_one_time_prekeys",
-            "consumed_at",
-            "is_consumed = 1 AND ",
-        ),
-        Expiring::SupersededSignedPreKeys => (
-            "nchat_signed_prekeys",
-            "superseded_at",
-            "is_active = 0 AND ",
-        ),
-        Expiring::AuditEvents => ("nchat_e2ee_audit_log", "created_at", ""),
-        Expiring::JobRuns => ("keyserver_job_runs", "finished_at", ""),
-    }
-}
 
 /// Deletes up to `limit` expired rows of one key table and records their ids as retired.
 /// `select` picks ids of expired rows; `delete` deletes the rows whose ids are in the JSON array
@@ -108,18 +90,18 @@ async fn retire_keys(
 }
 
 fn job_run(row: &sqlx::sqlite::SqliteRow) -> Result<JobRun, StoreError> {
-    let corrupt = |what: &str| StoreError::Database(sqlx::Error::Decode(what.to_owned().into()));
+    let (job, trigger, outcome) =
+        run_names(row.get("job"), row.get("trigger"), row.get("outcome"))?;
     let counts: String = row.get("counts");
     Ok(JobRun {
         id: row.get("id"),
-        job: Job::from_name(row.get("job")).ok_or_else(|| corrupt("unknown job name"))?,
-        trigger: Trigger::from_name(row.get("trigger"))
-            .ok_or_else(|| corrupt("unknown job trigger"))?,
+        job,
+        trigger,
         started_at: row.get("started_at"),
         finished_at: row.get("finished_at"),
-        outcome: Outcome::from_name(row.get("outcome"))
-            .ok_or_else(|| corrupt("unknown job outcome"))?,
-        counts: serde_json::from_str(&counts).map_err(|e| corrupt(&e.to_string()))?,
+        outcome,
+        counts: serde_json::from_str(&counts)
+            .map_err(|e| StoreError::Database(sqlx::Error::Decode(e.into())))?,
         message: row.get("message"),
     })
 }
@@ -215,7 +197,7 @@ impl JobStore for SqliteStore {
         kind: Expiring,
         before: OffsetDateTime,
     ) -> Result<u64, StoreError> {
-        let (table, time, filter) = expiring(kind);
+        let (table, time, filter) = kind.location("1", "0");
         let n: i64 = sqlx::query_scalar(&format!(
             "SELECT count(*) FROM {table} WHERE {filter}{time} < ?1"
         ))
@@ -231,7 +213,7 @@ impl JobStore for SqliteStore {
         before: OffsetDateTime,
         limit: u32,
     ) -> Result<u64, StoreError> {
-        let (table, time, filter) = expiring(kind);
+        let (table, time, filter) = kind.location("1", "0");
         let oldest =
             format!("SELECT id FROM {table} WHERE {filter}{time} < ?1 ORDER BY {time} LIMIT ?2");
         let mut tx = self.begin_immediate().await?;
