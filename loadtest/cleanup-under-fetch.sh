@@ -31,7 +31,7 @@ seed() {
     psql -q "$DATABASE_URL" -c "CHECKPOINT" >/dev/null
 }
 fetches() { # duration, log prefix
-    pgbench -n -f loadtest/pgbench/fetch.sql -D devices="$DEVICES" -c "$CLIENTS" -j 2 -T "$1" \
+    pgbench -n -M prepared -f loadtest/pgbench/fetch.sql -D devices="$DEVICES" -c "$CLIENTS" -j 2 -T "$1" \
         -l --log-prefix="$work/$2" "$DATABASE_URL" >"$work/$2.out" 2>&1
 }
 cleanup() {
@@ -41,26 +41,9 @@ cleanup() {
     end=$(date +%s.%N)
     echo "$start $end" >"$work/$1.window"
 }
-latency() { # log prefix, [window file, in|out]: percentiles of fetches that completed inside
-            # (or outside) the window
-    python3 - "$work" "$1" "${2:-}" "${3:-in}" <<'PY'
-import glob, sys
-work, prefix, window, side = sys.argv[1:5]
-lo, hi = (map(float, open(window).read().split())) if window else (0, float("inf"))
-lat = []
-for path in glob.glob(f"{work}/{prefix}.*"):
-    if path.endswith((".out", ".report", ".window")):
-        continue
-    for line in open(path):
-        f = line.split()
-        done = int(f[4]) + int(f[5]) / 1e6
-        if (lo <= done <= hi) == (side == "in"):
-            lat.append(int(f[2]) / 1000)
-lat.sort()
-pick = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
-print(f"fetches {len(lat)}  p50 {pick(.5):.2f} ms  p95 {pick(.95):.2f} ms  "
-      f"p99 {pick(.99):.2f} ms  max {lat[-1]:.2f} ms")
-PY
+latency() { # log prefix, [window file, in|out]: percentiles (ms) of the fetches that completed
+            # inside (or outside) the window
+    python3 loadtest/pgbench/latency.py "$work/$1" "${2:-}" "${3:-in}"
 }
 
 echo "== $((DEVICES * EXPIRED)) expired rows, $DEVICES devices, $CLIENTS fetch clients, batch $BATCH, pause $PAUSE"

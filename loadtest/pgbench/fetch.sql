@@ -1,13 +1,15 @@
 -- One single-device bundle fetch: the statement the server runs (store/postgres.rs,
--- fetch_bundles), for a random device of the seed. Devices are named as `loadtest` names them
--- (loadtest/src/population.rs): device n is 'load-n' of user 6c6f6164-7465-4000-8000-<n in hex>,
--- so pgbench and loadtest can run on the same rows, seeded by either.
---   pgbench -n -f loadtest/pgbench/fetch.sql -D devices=1000 -c 16 -j 2 -T 30 "$DATABASE_URL"
+-- FETCH_ONE_BUNDLE), for a random device of the seed, its target a one-row CTE as there.
+-- Devices are named as `loadtest` names them (loadtest/src/population.rs): device n is 'load-n'
+-- of user 6c6f6164-7465-4000-8000-<n in hex>, so pgbench and loadtest can run on the same rows,
+-- seeded by either.
+-- Run it prepared, as the server does (a named statement that PostgreSQL plans once):
+--   pgbench -n -M prepared -f loadtest/pgbench/fetch.sql -D devices=1000 -c 16 -j 2 -T 30 "$DATABASE_URL"
 \set d random(0, :devices - 1)
 WITH targets AS (
-    SELECT * FROM unnest(ARRAY[0]::int4[],
-                         ARRAY[('6c6f6164-7465-4000-8000-' || lpad(to_hex(:d), 12, '0'))::uuid],
-                         ARRAY['load-' || :d]::text[]) AS t(ord, user_id, device_id)
+    SELECT 0 AS ord,
+           ('6c6f6164-7465-4000-8000-' || lpad(to_hex(:d::int4), 12, '0'))::uuid AS user_id,
+           'load-' || :d::int4 AS device_id
 ),
 devices AS (
     SELECT DISTINCT ik.device_id, ik.user_id, ik.registration_id, ik.identity_key_public,

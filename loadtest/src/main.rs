@@ -7,9 +7,12 @@
 //! loadtest --scenario register --devices 10000      # the seed
 //! loadtest --scenario fetch --devices 10000 --concurrency 16 --duration 30s --json fetch.json \
 //!     --svg fetch.svg
+//! loadtest --scenario fetch --devices 10000 --duration 60s \
+//!     --during 'keyserver jobs refresh-bundles' --during-after 20s
 //! ```
 
 mod chart;
+mod during;
 mod population;
 mod scenario;
 mod stats;
@@ -28,7 +31,11 @@ use scenario::{Plan, Scenario};
 use stats::Recorder;
 
 #[derive(Parser)]
-#[command(name = "loadtest", about = "Load generator for the keyserver")]
+#[command(
+    name = "loadtest",
+    about = "Load generator for the keyserver",
+    args_override_self = true
+)]
 struct Cli {
     /// The server to drive.
     #[arg(long, env = "KEYSERVER_URL", default_value = "http://127.0.0.1:50051")]
@@ -57,6 +64,13 @@ struct Cli {
     /// Draw throughput and latency over time into this SVG file.
     #[arg(long)]
     svg: Option<PathBuf>,
+    /// A shell command to run while the load goes on (say `keyserver jobs refresh-bundles`);
+    /// calls that complete while it runs are reported apart from the rest of the run.
+    #[arg(long)]
+    during: Option<String>,
+    /// When to start the `--during` command, from the start of the run.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    during_after: Duration,
     #[command(flatten)]
     data: DataDirArgs,
     #[command(flatten)]
@@ -97,6 +111,10 @@ async fn main() -> anyhow::Result<()> {
     check_loopback(&cli.url, cli.allow_remote)?;
     anyhow::ensure!(cli.devices > 0, "--devices must be at least 1");
     anyhow::ensure!(cli.concurrency > 0, "--concurrency must be at least 1");
+    anyhow::ensure!(
+        cli.during.is_none() || cli.during_after < cli.duration,
+        "--during-after must be shorter than --duration"
+    );
     let key = secret::load_or_create(cli.secret.token_secret.as_deref(), &cli.data)
         .context("the server's token secret (KEYSERVER_TOKEN_SECRET or its data directory)")?;
     let plan = Plan {
@@ -107,6 +125,10 @@ async fn main() -> anyhow::Result<()> {
         max_calls: cli.requests,
     };
     let recorder = Arc::new(Recorder::new());
+    let during = cli
+        .during
+        .clone()
+        .map(|command| during::spawn(command, cli.during_after, recorder.clone()));
     let bar = indicatif::ProgressBar::new_spinner();
     let progress = {
         let (recorder, bar) = (recorder.clone(), bar.clone());
@@ -131,8 +153,24 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     progress.abort();
     bar.finish_and_clear();
+    let wall = recorder.elapsed();
+    let during = match during {
+        Some(task) if !task.is_finished() => {
+            task.abort();
+            anyhow::bail!(
+                "the --during command had not finished when the load stopped at {:.1} s; \
+                 give a longer --duration",
+                wall.as_secs_f64()
+            );
+        }
+        Some(task) => Some(task.await??),
+        None => None,
+    };
 
-    let mut summary = recorder.summary(recorder.elapsed());
+    let mut summary = recorder.summary(wall);
+    if let Some(finished) = &during {
+        finished.report(&recorder, wall, &mut summary);
+    }
     summary["scenario"] = serde_json::json!(format!("{:?}", cli.scenario).to_lowercase());
     summary["devices"] = cli.devices.into();
     summary["concurrency"] = cli.concurrency.into();
@@ -150,6 +188,11 @@ async fn main() -> anyhow::Result<()> {
             cli.concurrency
         );
         chart::write_svg(path, &summary, &title)?;
+    }
+    if let Some(finished) = &during {
+        let (succeeded, output) = finished.outcome();
+        print!("{output}");
+        anyhow::ensure!(succeeded, "the --during command failed");
     }
     let (failed, twice, bad) = recorder.problems();
     anyhow::ensure!(twice == 0, "{twice} one-time prekeys were served twice");

@@ -1,8 +1,11 @@
 //! What a run measured: a latency histogram per RPC (HDR, microseconds), failures by status
-//! code, a per-second timeline, and the correctness ledger of one-time prekeys handed out.
+//! code, a per-second timeline, and the correctness ledger of one-time prekeys handed out. When a
+//! command runs alongside the load (`--during`), latencies are also kept apart by whether the
+//! call completed while it ran, so its effect is measured within one run.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -21,9 +24,18 @@ struct Second {
     latency: Histogram<u64>,
 }
 
+/// Whether a call completed while the `--during` command ran.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Outside = 1,
+    During = 2,
+}
+
 #[derive(Default)]
 struct Inner {
     latency: BTreeMap<&'static str, Histogram<u64>>,
+    /// Successful calls by phase, kept only once [`Recorder::enter`] has been called.
+    phases: BTreeMap<(Phase, &'static str), Histogram<u64>>,
     failures: BTreeMap<(&'static str, String), u64>,
     /// Per second since the start.
     timeline: Vec<Second>,
@@ -41,6 +53,8 @@ struct Inner {
 /// Shared by every worker of a run.
 pub struct Recorder {
     started: Instant,
+    /// 0 while calls are not split by phase, else the current [`Phase`].
+    phase: AtomicU8,
     inner: Mutex<Inner>,
 }
 
@@ -48,6 +62,7 @@ impl Recorder {
     pub fn new() -> Self {
         Self {
             started: Instant::now(),
+            phase: AtomicU8::new(0),
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -56,10 +71,20 @@ impl Recorder {
         self.started.elapsed()
     }
 
+    /// From now on, calls that complete are also counted under `phase`.
+    pub fn enter(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::SeqCst);
+    }
+
     /// Records one call of `rpc` that took `took`, failed with `failure` (a status code name).
     pub fn call(&self, rpc: &'static str, took: Duration, failure: Option<String>) {
         let micros = (took.as_micros() as u64).clamp(1, 60_000_000);
         let second = self.started.elapsed().as_secs() as usize;
+        let phase = match self.phase.load(Ordering::SeqCst) {
+            1 => Some(Phase::Outside),
+            2 => Some(Phase::During),
+            _ => None,
+        };
         let mut inner = self.inner.lock().expect("recorder lock");
         while inner.timeline.len() <= second {
             inner.timeline.push(Second {
@@ -76,12 +101,15 @@ impl Recorder {
                 slot.failures += 1;
                 *inner.failures.entry((rpc, code)).or_default() += 1;
             }
-            None => inner
-                .latency
-                .entry(rpc)
-                .or_insert_with(|| histogram(3))
-                .record(micros)
-                .expect("latency within bounds"),
+            None => {
+                let overall = inner.latency.entry(rpc).or_insert_with(|| histogram(3));
+                overall.record(micros).expect("latency within bounds");
+                if let Some(phase) = phase {
+                    let split = inner.phases.entry((phase, rpc));
+                    let split = split.or_insert_with(|| histogram(3));
+                    split.record(micros).expect("latency within bounds");
+                }
+            }
         }
     }
 
@@ -132,22 +160,7 @@ impl Recorder {
     pub fn summary(&self, wall: Duration) -> Value {
         let inner = self.inner.lock().expect("recorder lock");
         let ms = |micros: u64| micros as f64 / 1000.0;
-        let mut rpcs = serde_json::Map::new();
-        for (rpc, h) in &inner.latency {
-            rpcs.insert(
-                (*rpc).to_owned(),
-                json!({
-                    "ok": h.len(),
-                    "per_second": h.len() as f64 / wall.as_secs_f64(),
-                    "p50_ms": ms(h.value_at_quantile(0.50)),
-                    "p95_ms": ms(h.value_at_quantile(0.95)),
-                    "p99_ms": ms(h.value_at_quantile(0.99)),
-                    "p999_ms": ms(h.value_at_quantile(0.999)),
-                    "max_ms": ms(h.max()),
-                    "mean_ms": h.mean() / 1000.0,
-                }),
-            );
-        }
+        let rpcs = per_rpc(inner.latency.iter().map(|(rpc, h)| (*rpc, h)), wall);
         let failures: Vec<Value> = inner
             .failures
             .iter()
@@ -177,6 +190,38 @@ impl Recorder {
             }).collect::<Vec<_>>(),
         })
     }
+
+    /// Per-RPC counts and percentiles of the calls that completed in `phase`, which lasted
+    /// `seconds` in all.
+    pub fn phase_summary(&self, phase: Phase, seconds: Duration) -> Value {
+        let inner = self.inner.lock().expect("recorder lock");
+        let split = inner.phases.iter().filter(|((p, _), _)| *p == phase);
+        per_rpc(split.map(|((_, rpc), h)| (*rpc, h)), seconds)
+    }
+}
+
+/// Count, rate over `wall` and percentiles (ms) of each RPC's histogram.
+fn per_rpc<'a>(
+    histograms: impl Iterator<Item = (&'a str, &'a Histogram<u64>)>,
+    wall: Duration,
+) -> Value {
+    let ms = |micros: u64| micros as f64 / 1000.0;
+    let rpcs: serde_json::Map<String, Value> = histograms
+        .map(|(rpc, h)| {
+            let figures = json!({
+                "ok": h.len(),
+                "per_second": h.len() as f64 / wall.as_secs_f64(),
+                "p50_ms": ms(h.value_at_quantile(0.50)),
+                "p95_ms": ms(h.value_at_quantile(0.95)),
+                "p99_ms": ms(h.value_at_quantile(0.99)),
+                "p999_ms": ms(h.value_at_quantile(0.999)),
+                "max_ms": ms(h.max()),
+                "mean_ms": h.mean() / 1000.0,
+            });
+            (rpc.to_owned(), figures)
+        })
+        .collect();
+    Value::Object(rpcs)
 }
 
 /// The human summary of [`Recorder::summary`].
@@ -184,23 +229,20 @@ pub fn render(summary: &Value) -> String {
     let mut out = String::new();
     let seconds = summary["seconds"].as_f64().unwrap_or(0.0);
     out.push_str(&format!(
-        "{:<22} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
+        "{:<28} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
         "rpc", "ok", "per s", "p50 ms", "p95 ms", "p99 ms", "p99.9", "max ms"
     ));
-    if let Some(rpcs) = summary["rpcs"].as_object() {
-        for (rpc, r) in rpcs {
-            out.push_str(&format!(
-                "{:<22} {:>9} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}\n",
-                rpc,
-                r["ok"],
-                r["per_second"].as_f64().unwrap_or(0.0),
-                r["p50_ms"].as_f64().unwrap_or(0.0),
-                r["p95_ms"].as_f64().unwrap_or(0.0),
-                r["p99_ms"].as_f64().unwrap_or(0.0),
-                r["p999_ms"].as_f64().unwrap_or(0.0),
-                r["max_ms"].as_f64().unwrap_or(0.0),
-            ));
-        }
+    render_rpcs(&mut out, &summary["rpcs"], "");
+    if let Some(during) = summary.get("during") {
+        render_rpcs(&mut out, &during["rpcs"], " during");
+        render_rpcs(&mut out, &summary["outside"]["rpcs"], " outside");
+        out.push_str(&format!(
+            "during: `{}` started at {:.1} s, took {:.2} s, {}\n",
+            during["command"].as_str().unwrap_or(""),
+            during["started_s"].as_f64().unwrap_or(0.0),
+            during["seconds"].as_f64().unwrap_or(0.0),
+            during["exit"].as_str().unwrap_or(""),
+        ));
     }
     for f in summary["failures"].as_array().into_iter().flatten() {
         out.push_str(&format!(
@@ -223,6 +265,24 @@ pub fn render(summary: &Value) -> String {
     ));
     out.push_str(&format!("{seconds:.1} s"));
     out
+}
+
+/// One line per RPC of a [`per_rpc`] object, its name followed by `label`.
+fn render_rpcs(out: &mut String, rpcs: &Value, label: &str) {
+    for (rpc, r) in rpcs.as_object().into_iter().flatten() {
+        let f = |key: &str| r[key].as_f64().unwrap_or(0.0);
+        out.push_str(&format!(
+            "{:<28} {:>9} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}\n",
+            format!("{rpc}{label}"),
+            r["ok"],
+            f("per_second"),
+            f("p50_ms"),
+            f("p95_ms"),
+            f("p99_ms"),
+            f("p999_ms"),
+            f("max_ms"),
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -257,5 +317,37 @@ mod tests {
         assert!((98.0..=100.0).contains(&p99), "{p99}");
         assert_eq!(s["failures"][0]["code"], "NotFound");
         assert_eq!(r.progress(), (101, 1));
+    }
+
+    #[test]
+    fn calls_are_split_by_whether_they_completed_while_the_command_ran() {
+        let r = Recorder::new();
+        r.call("Fetch", Duration::from_millis(1), None);
+        r.enter(Phase::Outside);
+        r.call("Fetch", Duration::from_millis(2), None);
+        r.enter(Phase::During);
+        r.call("Fetch", Duration::from_millis(10), None);
+        r.call("Fetch", Duration::from_millis(12), None);
+        r.call(
+            "Fetch",
+            Duration::from_millis(5),
+            Some("Unavailable".into()),
+        );
+        r.enter(Phase::Outside);
+        r.call("Fetch", Duration::from_millis(3), None);
+
+        let during = r.phase_summary(Phase::During, Duration::from_secs(2));
+        assert_eq!(during["Fetch"]["ok"], 2);
+        assert_eq!(during["Fetch"]["per_second"], 1.0);
+        let max = during["Fetch"]["max_ms"].as_f64().unwrap();
+        assert!((12.0..12.1).contains(&max), "{max}");
+        let outside = r.phase_summary(Phase::Outside, Duration::from_secs(8));
+        assert_eq!(
+            outside["Fetch"]["ok"], 2,
+            "calls before the split are in neither"
+        );
+        let max = outside["Fetch"]["max_ms"].as_f64().unwrap();
+        assert!((3.0..3.01).contains(&max), "{max}");
+        assert_eq!(r.summary(Duration::from_secs(10))["rpcs"]["Fetch"]["ok"], 5);
     }
 }

@@ -127,6 +127,58 @@ async fn every_scenario_runs_and_reports_what_the_server_did(backend: Backend) {
     let charted: u64 = timeline.iter().map(|s| s["calls"].as_u64().unwrap()).sum();
     assert_eq!(charted, 300, "every call is in the timeline");
 
+    // A command alongside the load: the calls that completed while it ran are reported apart.
+    let split = loadtest(
+        &server,
+        &[
+            &devices[..],
+            &["--scenario", "fetch", "--duration", "3s"],
+            &["--during", "sleep 1", "--during-after", "1s"],
+        ]
+        .concat(),
+        &json,
+    );
+    let fetched = |part: &serde_json::Value| part["FetchPreKeyBundle"]["ok"].as_u64().unwrap();
+    let (during, outside) = (
+        fetched(&split["during"]["rpcs"]),
+        fetched(&split["outside"]["rpcs"]),
+    );
+    assert!(
+        during > 0 && outside > 0,
+        "{during} during, {outside} outside"
+    );
+    assert_eq!(during + outside, fetched(&split["rpcs"]));
+    let took = split["during"]["seconds"].as_f64().unwrap();
+    assert!((1.0..2.0).contains(&took), "sleep 1 took {took} s");
+    let failing = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args([
+            "--url",
+            &server.url,
+            "--devices",
+            "40",
+            "--scenario",
+            "fetch",
+        ])
+        .args([
+            "--duration",
+            "2s",
+            "--during",
+            "exit 3",
+            "--during-after",
+            "1s",
+        ])
+        .env(
+            "KEYSERVER_TOKEN_SECRET",
+            std::str::from_utf8(TEST_SECRET).unwrap(),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        !failing.status.success(),
+        "a failed --during command fails the run"
+    );
+    assert!(String::from_utf8_lossy(&failing.stderr).contains("--during command failed"));
+
     std::fs::remove_dir_all(&dir).unwrap();
     server.stop().await.unwrap();
 }

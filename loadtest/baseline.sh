@@ -1,0 +1,234 @@
+#!/usr/bin/env bash
+# The fetch baseline of docs/PERFORMANCE.md, end to end, on this machine:
+#   for each backend and each size, seed N devices × 100 one-time prekeys through the API
+#   (`loadtest --scenario register`), then, each run from an identical copy of that seed and on
+#   a freshly started server:
+#     - `loadtest --scenario fetch` at each concurrency, with the server's CPU and peak RSS, the
+#       load generator's CPU and the whole machine's;
+#     - PostgreSQL: the same statement under pgbench (loadtest/pgbench/fetch.sql), same clients;
+#     - PostgreSQL: `keyserver jobs refresh-bundles` alone, then under fetches at the first
+#       concurrency, with the latency of the fetches that completed while it ran.
+# Writes $OUT/results.tsv and $OUT/baseline.md (the tables), and every run's JSON and SVG.
+#   cargo build --release -p keyserver -p keyserver-loadtest
+#   loadtest/baseline.sh                      # SIZES="1000 10000" BACKENDS=postgres RUN=20 …
+# Needs psql, createdb, pgbench, jq and python3. PostgreSQL databases named ks_base_* are dropped
+# and recreated on the cluster of $ADMIN_URL: never point this at data you keep.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ADMIN_URL=${ADMIN_URL:-postgres://postgres@127.0.0.1:5432}
+SIZES=${SIZES:-1000 10000 100000}
+CONCURRENCY=${CONCURRENCY:-16 64}
+BACKENDS=${BACKENDS:-postgres sqlite}
+RUN=${RUN:-30}                  # seconds per fetch run
+REFRESH_AFTER=${REFRESH_AFTER:-10}
+PORT=${PORT:-50100}
+OUT=${OUT:-target/baseline}
+BIN=${BIN:-target/release}
+SCRATCH=${SCRATCH:-/tmp/ks-baseline}
+
+export KEYSERVER_LOG=${KEYSERVER_LOG:-warn}
+KEYSERVER_TOKEN_SECRET=$(head -c 48 /dev/urandom | base64 | tr -d '\n')
+export KEYSERVER_TOKEN_SECRET
+mkdir -p "$OUT"
+rm -rf "$SCRATCH"
+mkdir -p "$SCRATCH"
+results=$OUT/results.tsv
+printf 'backend\tdevices\tconcurrency\tfetches_per_s\tp50\tp95\tp99\tp999\tmax\tserved_twice\twithout_key_while_left\tserver_cores\tserver_rss_mb\tloadtest_cores\tmachine_busy\tpgbench_per_s\tpgbench_p50\tpgbench_p99\n' >"$results"
+refreshes=$OUT/refresh.tsv
+printf 'devices\tview_rows\trefresh_alone_s\trefresh_under_load_s\tduring_per_s\tduring_p50\tduring_p99\tduring_max\toutside_per_s\toutside_p50\toutside_p99\toutside_max\n' >"$refreshes"
+
+db_url() { echo "$ADMIN_URL/$1"; }
+psql_admin() { psql -qAt "$(db_url postgres)" -c "$1"; }
+recreate_db() { # name [template]
+    psql_admin "DROP DATABASE IF EXISTS $1" >/dev/null
+    if [ -n "${2:-}" ]; then
+        psql_admin "CREATE DATABASE $1 TEMPLATE $2 STRATEGY FILE_COPY" >/dev/null
+    else
+        psql_admin "CREATE DATABASE $1" >/dev/null
+    fi
+}
+
+# The database a server or job of this backend uses, by name.
+url_for() { # backend name
+    if [ "$1" = postgres ]; then db_url "$2"; else echo "sqlite://$SCRATCH/$2/keyserver.db"; fi
+}
+# An identical copy of the seed `from` named `to`.
+copy_seed() { # backend from to
+    if [ "$1" = postgres ]; then
+        recreate_db "$3" "$2"
+    else
+        rm -rf "${SCRATCH:?}/$3"
+        cp -a "$SCRATCH/$2" "$SCRATCH/$3"
+    fi
+}
+
+server_pid=
+start_server() { # backend name
+    mkdir -p "$SCRATCH/$2"
+    DATABASE_URL=$(url_for "$1" "$2") "$BIN/keyserver" serve --listen "127.0.0.1:$PORT" \
+        --data-dir "$SCRATCH/$2" --bundle-view-refresh 0s --rotation-check-every 0s \
+        --cleanup-every 0s 2>>"$OUT/server.log" &
+    server_pid=$!
+    for _ in $(seq 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then return; fi
+        sleep 0.1
+    done
+    echo "the server did not start; see $OUT/server.log" >&2
+    exit 1
+}
+stop_server() {
+    kill -TERM "$server_pid"
+    wait "$server_pid" || true
+}
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # user + system, in clock ticks
+busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat; }
+idle_ticks() { awk '/^cpu / { print $5 + $6; exit }' /proc/stat; }
+peak_rss_mb() { awk '/VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
+hz=$(getconf CLK_TCK)
+
+# One loadtest run against the running server; its JSON in $OUT/$name.json, and the CPU it,
+# the server and the whole machine used in $OUT/$name.cpu (cores).
+load() { # name devices concurrency seconds [loadtest args…]
+    local name=$1 devices=$2 concurrency=$3 seconds=$4
+    shift 4
+    local s0 b0 i0 t0 t1 took
+    s0=$(cpu_ticks "$server_pid") b0=$(busy_ticks) i0=$(idle_ticks) t0=$(date +%s.%N)
+    TIMEFORMAT='%U %S'
+    { time "$BIN/loadtest" --url "http://127.0.0.1:$PORT" --scenario fetch \
+        --devices "$devices" --concurrency "$concurrency" --duration "${seconds}s" \
+        --json "$OUT/$name.json" --svg "$OUT/$name.svg" "$@" >"$OUT/$name.txt" 2>&1; } \
+        2>"$OUT/$name.time"
+    t1=$(date +%s.%N)
+    took=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
+    read -r user sys <"$OUT/$name.time"
+    echo "$(cpu_ticks "$server_pid") $s0 $(busy_ticks) $b0 $(idle_ticks) $i0 $took $user $sys" |
+        awk -v hz="$hz" '{ printf "%.2f\t%.2f\t%.0f%%\n", ($1 - $2) / hz / $7,
+                          ($8 + $9) / $7, 100 * ($3 - $4) / (($3 - $4) + ($5 - $6)) }' \
+        >"$OUT/$name.cpu"
+}
+fetch_figures() { # json: fetches/s p50 p95 p99 p99.9 max served_twice without_while_left
+    jq -r '[.rpcs.FetchPreKeyBundle | .per_second, .p50_ms, .p95_ms, .p99_ms, .p999_ms, .max_ms]
+           + [.correctness.served_twice, .correctness.without_one_time_prekey_while_keys_were_left]
+           | @tsv' "$1"
+}
+
+for backend in $BACKENDS; do
+    for devices in $SIZES; do
+        seed=ks_base_seed_$devices run=ks_base_run
+        echo "== $backend, $devices devices: seeding through the API"
+        if [ "$backend" = postgres ]; then recreate_db "$seed"; else rm -rf "${SCRATCH:?}/$seed"; fi
+        start_server "$backend" "$seed"
+        "$BIN/loadtest" --url "http://127.0.0.1:$PORT" --scenario register --devices "$devices" \
+            --concurrency 16 --duration 60m --json "$OUT/$backend-$devices-seed.json" \
+            >"$OUT/$backend-$devices-seed.txt" 2>&1
+        stop_server
+        if [ "$backend" = postgres ]; then
+            psql -q "$(db_url "$seed")" -c "VACUUM ANALYZE" -c "CHECKPOINT"
+        fi
+        jq -r '"seeded in \(.seconds | floor) s, \(.rpcs.RegisterDevice.per_second | floor)/s"' \
+            "$OUT/$backend-$devices-seed.json"
+
+        for c in $CONCURRENCY; do
+            name=$backend-$devices-c$c
+            copy_seed "$backend" "$seed" "$run"
+            start_server "$backend" "$run"
+            load "$name" "$devices" "$c" "$RUN"
+            rss=$(peak_rss_mb "$server_pid")
+            stop_server
+            IFS=$'\t' read -r server_cores loadtest_cores busy <"$OUT/$name.cpu"
+            bench=$'\t\t'
+            if [ "$backend" = postgres ]; then
+                copy_seed "$backend" "$seed" "$run"
+                rm -f "$OUT/$name-pgbench".*
+                pgbench -n -M prepared -f loadtest/pgbench/fetch.sql -D devices="$devices" -c "$c" -j 2 \
+                    -T "$RUN" -l --log-prefix="$OUT/$name-pgbench" "$(db_url "$run")" \
+                    >"$OUT/$name-pgbench.txt" 2>&1
+                tps=$(awk '/^tps/ { printf "%.0f", $3; exit }' "$OUT/$name-pgbench.txt")
+                read -r _ _ _ p50 _ _ _ p99 _ _ _ _ \
+                    < <(python3 loadtest/pgbench/latency.py "$OUT/$name-pgbench")
+                bench="$tps"$'\t'"$p50"$'\t'"$p99"
+                rm -f "$OUT/$name-pgbench".[0-9]*
+            fi
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$backend" "$devices" "$c" \
+                "$(fetch_figures "$OUT/$name.json")" "$server_cores" "$rss" "$loadtest_cores" \
+                "$busy" "$bench" >>"$results"
+            tail -1 "$results"
+        done
+
+        if [ "$backend" = postgres ]; then
+            # The first refresh fills the view; the measured ones are concurrent refreshes of a
+            # populated view, as the server's refresher runs them.
+            c=${CONCURRENCY%% *}
+            name=$backend-$devices-refresh
+            copy_seed "$backend" "$seed" "$run"
+            export DATABASE_URL; DATABASE_URL=$(db_url "$run")
+            "$BIN/keyserver" jobs refresh-bundles >/dev/null
+            t0=$(date +%s.%N)
+            "$BIN/keyserver" jobs refresh-bundles >"$OUT/$name-alone.txt"
+            alone=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')
+            rows=$(psql -qAt "$DATABASE_URL" -c "SELECT count(*) FROM nchat_prekey_bundles")
+            # Long enough for the refresh to finish inside the run, with as much load after it.
+            seconds=$(awk -v after="$REFRESH_AFTER" -v alone="$alone" \
+                'BEGIN { printf "%d", after * 2 + alone * 3 + 1 }')
+            start_server "$backend" "$run"
+            load "$name" "$devices" "$c" "$seconds" --during "$BIN/keyserver jobs refresh-bundles" \
+                --during-after "${REFRESH_AFTER}s"
+            stop_server
+            unset DATABASE_URL
+            jq -r --arg devices "$devices" --arg rows "$rows" --arg alone "$alone" \
+                '[$devices, $rows, ($alone | tonumber), .during.seconds]
+                 + (.during.rpcs.FetchPreKeyBundle | [.per_second, .p50_ms, .p99_ms, .max_ms])
+                 + (.outside.rpcs.FetchPreKeyBundle | [.per_second, .p50_ms, .p99_ms, .max_ms])
+                 | @tsv' "$OUT/$name.json" >>"$refreshes"
+            tail -1 "$refreshes"
+        fi
+    done
+done
+psql_admin "DROP DATABASE IF EXISTS ks_base_run" >/dev/null
+
+# The tables, as docs/PERFORMANCE.md quotes them.
+python3 - "$results" "$refreshes" >"$OUT/baseline.md" <<'PY'
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+refresh = list(csv.DictReader(open(sys.argv[2]), delimiter="\t"))
+f = lambda v, d=2: f"{float(v):,.{d}f}" if v else ""
+for backend in dict.fromkeys(r["backend"] for r in rows):
+    mine = [r for r in rows if r["backend"] == backend]
+    pg = backend == "postgres"
+    print(f"\n### {backend}\n")
+    head = ["devices", "concurrency", "fetches/s", "p50", "p95", "p99", "p99.9", "max",
+            "served twice", "server CPU", "server peak RSS", "loadtest CPU", "machine busy"]
+    if pg:
+        head += ["pgbench/s", "pgbench p50", "pgbench p99", "ratio to pgbench"]
+    head += ["ratio to 1,000 devices"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in mine:
+        base = next((b for b in mine if b["devices"] == "1000"
+                     and b["concurrency"] == r["concurrency"]), None)
+        cells = [f"{int(r['devices']):,}", r["concurrency"], f(r["fetches_per_s"], 0),
+                 *(f(r[k]) + " ms" for k in ("p50", "p95", "p99", "p999", "max")),
+                 r["served_twice"], r["server_cores"] + " cores", r["server_rss_mb"] + " MB",
+                 r["loadtest_cores"] + " cores", r["machine_busy"]]
+        if pg:
+            cells += [f(r["pgbench_per_s"], 0), f(r["pgbench_p50"]) + " ms",
+                      f(r["pgbench_p99"]) + " ms",
+                      f(float(r["fetches_per_s"]) / float(r["pgbench_per_s"]))]
+        cells += [f(float(r["fetches_per_s"]) / float(base["fetches_per_s"])) if base else ""]
+        print("| " + " | ".join(cells) + " |")
+if refresh:
+    print("\n### Concurrent refresh of nchat_prekey_bundles (PostgreSQL)\n")
+    print("| devices | view rows | refresh alone | refresh under fetches | fetches/s during "
+          "| p50 during | p99 during | max during | fetches/s outside | p50 outside "
+          "| p99 outside | max outside |")
+    print("|" + "---|" * 12)
+    for r in refresh:
+        print("| " + " | ".join([
+            f"{int(r['devices']):,}", f"{int(r['view_rows']):,}",
+            f(r["refresh_alone_s"]) + " s", f(r["refresh_under_load_s"]) + " s",
+            f(r["during_per_s"], 0), f(r["during_p50"]) + " ms", f(r["during_p99"]) + " ms",
+            f(r["during_max"]) + " ms", f(r["outside_per_s"], 0),
+            f(r["outside_p50"]) + " ms", f(r["outside_p99"]) + " ms",
+            f(r["outside_max"]) + " ms"]) + " |")
+PY
+cat "$OUT/baseline.md"
