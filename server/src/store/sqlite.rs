@@ -6,6 +6,12 @@
 //! atomic with respect to every other fetch, in this process or another. WAL lets reads go on
 //! meanwhile; the busy timeout makes writers queue instead of failing; `synchronous=FULL` makes
 //! a handed-out key's consumed flag durable before the bundle leaves the server.
+//!
+//! Within this process, writers also take turns in arrival order ([`WriteTx`]) before asking
+//! SQLite for the lock. SQLite's busy handler retries a taken lock by sleeping, longer each time,
+//! and a writer that keeps losing the race can wait far longer than its place in line: under 16
+//! concurrent fetches that gave a p99.9 of 0.7 s with half the CPU idle. The busy timeout still
+//! orders this process against others, such as a `keyserver jobs cleanup` run from cron.
 
 mod maintenance;
 
@@ -20,8 +26,9 @@ use keyserver_proto::wire::PublicKey;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
 use time::OffsetDateTime;
+use tokio::sync::{Mutex, OwnedMutexGuard};
 use uuid::Uuid;
 
 use super::jobs::KeyKind;
@@ -46,6 +53,35 @@ pub struct SqliteStore {
     pool: SqlitePool,
     /// The database file; job lock files sit beside it.
     path: Arc<PathBuf>,
+    /// This process's writers' turn, handed out first come, first served.
+    write_turn: Arc<Mutex<()>>,
+}
+
+/// A write transaction on SQLite: this process's write turn, then SQLite's write lock
+/// (`BEGIN IMMEDIATE`), both held until it commits or is dropped.
+pub(crate) struct WriteTx {
+    tx: Transaction<'static, Sqlite>,
+    /// Declared after `tx`, so it is released after the transaction ends.
+    _turn: OwnedMutexGuard<()>,
+}
+
+impl WriteTx {
+    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = SqliteConnection;
+    fn deref(&self) -> &SqliteConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        &mut self.tx
+    }
 }
 
 impl SqliteStore {
@@ -63,7 +99,11 @@ impl SqliteStore {
             .acquire_timeout(BUSY_TIMEOUT)
             .connect_with(options)
             .await?;
-        Ok(Self { pool, path })
+        Ok(Self {
+            pool,
+            path,
+            write_turn: Arc::new(Mutex::new(())),
+        })
     }
 
     /// The underlying pool, for migrations and operator tools.
@@ -71,8 +111,12 @@ impl SqliteStore {
         &self.pool
     }
 
-    async fn begin_immediate(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    async fn begin_immediate(&self) -> Result<WriteTx, StoreError> {
+        let turn = self.write_turn.clone().lock_owned().await;
+        Ok(WriteTx {
+            tx: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            _turn: turn,
+        })
     }
 }
 
@@ -124,7 +168,7 @@ fn session_row(row: &sqlx::sqlite::SqliteRow) -> Result<StoredSession, StoreErro
 }
 
 /// One write transaction on SQLite (it holds the database's write lock).
-struct SqliteTx(Transaction<'static, Sqlite>);
+struct SqliteTx(WriteTx);
 
 #[async_trait]
 impl KeyTx for SqliteTx {

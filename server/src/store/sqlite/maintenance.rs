@@ -6,7 +6,7 @@
 //! released between batches so fetches and uploads get their turn.
 
 use async_trait::async_trait;
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Row, SqliteConnection};
 use time::OffsetDateTime;
 
 use super::{NOW, SqliteStore, timestamp_text};
@@ -20,7 +20,7 @@ use crate::store::jobs::{
 /// `select` picks ids of expired rows; `delete` deletes the rows whose ids are in the JSON array
 /// `?1`, returning (device_id, key_id).
 async fn retire_keys(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut SqliteConnection,
     kind: KeyKind,
     select: &str,
     delete: &str,
@@ -30,14 +30,14 @@ async fn retire_keys(
     let ids: Vec<i64> = sqlx::query_scalar(select)
         .bind(timestamp_text(before))
         .bind(i64::from(limit))
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx)
         .await?;
     if ids.is_empty() {
         return Ok(0);
     }
     let deleted: Vec<(String, i64)> = sqlx::query_as(delete)
         .bind(serde_json::to_string(&ids).expect("ids serialize"))
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx)
         .await?;
     let mut devices: Vec<&str> = deleted.iter().map(|(d, _)| d.as_str()).collect();
     devices.sort_unstable();
@@ -48,7 +48,7 @@ async fn retire_keys(
     )
     .bind(serde_json::to_string(&devices).expect("device ids serialize"))
     .bind(kind.as_str())
-    .fetch_all(&mut **tx)
+    .fetch_all(&mut *tx)
     .await?;
     let count = deleted.len() as u64;
     let plan = plan_retirement(
@@ -61,7 +61,7 @@ async fn retire_keys(
     for row in plan.delete {
         sqlx::query("DELETE FROM keyserver_retired_prekeys WHERE id = ?1")
             .bind(row)
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await?;
     }
     for (row, first, last) in plan.update {
@@ -71,7 +71,7 @@ async fn retire_keys(
         .bind(row)
         .bind(i64::from(first))
         .bind(i64::from(last))
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     }
     for (device, first, last) in plan.insert {
@@ -83,7 +83,7 @@ async fn retire_keys(
         .bind(kind.as_str())
         .bind(i64::from(first))
         .bind(i64::from(last))
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     }
     Ok(count)
@@ -222,13 +222,13 @@ impl JobStore for SqliteStore {
                 let delete = "DELETE FROM nchat_one_time_prekeys
                      WHERE id IN (SELECT value FROM json_each(?1)) AND is_consumed = 1
                      RETURNING device_id, prekey_id";
-                retire_keys(&mut tx, KeyKind::OneTime, &oldest, delete, before, limit).await?
+                retire_keys(&mut *tx, KeyKind::OneTime, &oldest, delete, before, limit).await?
             }
             Expiring::SupersededSignedPreKeys => {
                 let delete = "DELETE FROM nchat_signed_prekeys
                      WHERE id IN (SELECT value FROM json_each(?1)) AND is_active = 0
                      RETURNING device_id, signed_prekey_id";
-                retire_keys(&mut tx, KeyKind::Signed, &oldest, delete, before, limit).await?
+                retire_keys(&mut *tx, KeyKind::Signed, &oldest, delete, before, limit).await?
             }
             Expiring::AuditEvents | Expiring::JobRuns => {
                 sqlx::query(&format!("DELETE FROM {table} WHERE id IN ({oldest})"))
