@@ -8,9 +8,11 @@
 #     - PostgreSQL: the same statement under pgbench (loadtest/pgbench/fetch.sql), same clients;
 #     - PostgreSQL: `keyserver jobs refresh-bundles` alone, then under fetches at the first
 #       concurrency, with the latency of the fetches that completed while it ran.
+#   Every fetch run makes the same number of fetches, min(40 per device, $FETCHES): at 1,000
+#   devices a run of fixed length would use up the keys and measure empty bundles instead.
 # Writes $OUT/results.tsv and $OUT/baseline.md (the tables), and every run's JSON and SVG.
 #   cargo build --release -p keyserver -p keyserver-loadtest
-#   loadtest/baseline.sh                      # SIZES="1000 10000" BACKENDS=postgres RUN=20 …
+#   loadtest/baseline.sh                      # or SIZES="1000 10000" BACKENDS=postgres FETCHES=30000 …
 # Needs psql, createdb, pgbench, jq and python3. PostgreSQL databases named ks_base_* are dropped
 # and recreated on the cluster of $ADMIN_URL: never point this at data you keep.
 set -euo pipefail
@@ -19,14 +21,14 @@ ADMIN_URL=${ADMIN_URL:-postgres://postgres@127.0.0.1:5432}
 SIZES=${SIZES:-1000 10000 100000}
 CONCURRENCY=${CONCURRENCY:-16 64}
 BACKENDS=${BACKENDS:-postgres sqlite}
-RUN=${RUN:-30}                  # seconds per fetch run
-REFRESH_AFTER=${REFRESH_AFTER:-10}
+FETCHES=${FETCHES:-90000}       # most fetches per run
+REFRESH_AFTER=${REFRESH_AFTER:-5}
 PORT=${PORT:-50100}
 OUT=${OUT:-target/baseline}
 BIN=${BIN:-target/release}
 SCRATCH=${SCRATCH:-/tmp/ks-baseline}
 
-export KEYSERVER_LOG=${KEYSERVER_LOG:-warn}
+export KEYSERVER_LOG=${KEYSERVER_LOG:-warn} PGOPTIONS='-c client_min_messages=warning'
 KEYSERVER_TOKEN_SECRET=$(head -c 48 /dev/urandom | base64 | tr -d '\n')
 export KEYSERVER_TOKEN_SECRET
 mkdir -p "$OUT"
@@ -86,16 +88,16 @@ idle_ticks() { awk '/^cpu / { print $5 + $6; exit }' /proc/stat; }
 peak_rss_mb() { awk '/VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 hz=$(getconf CLK_TCK)
 
-# One loadtest run against the running server; its JSON in $OUT/$name.json, and the CPU it,
-# the server and the whole machine used in $OUT/$name.cpu (cores).
-load() { # name devices concurrency seconds [loadtest args…]
-    local name=$1 devices=$2 concurrency=$3 seconds=$4
-    shift 4
+# One loadtest run of $fetches fetches against the running server; its JSON in $OUT/$name.json,
+# and the CPU it, the server and the whole machine used in $OUT/$name.cpu (cores).
+load() { # name devices concurrency [loadtest args…]
+    local name=$1 devices=$2 concurrency=$3
+    shift 3
     local s0 b0 i0 t0 t1 took
     s0=$(cpu_ticks "$server_pid") b0=$(busy_ticks) i0=$(idle_ticks) t0=$(date +%s.%N)
     TIMEFORMAT='%U %S'
     { time "$BIN/loadtest" --url "http://127.0.0.1:$PORT" --scenario fetch \
-        --devices "$devices" --concurrency "$concurrency" --duration "${seconds}s" \
+        --devices "$devices" --concurrency "$concurrency" --requests "$fetches" --duration 30m \
         --json "$OUT/$name.json" --svg "$OUT/$name.svg" "$@" >"$OUT/$name.txt" 2>&1; } \
         2>"$OUT/$name.time"
     t1=$(date +%s.%N)
@@ -127,12 +129,13 @@ for backend in $BACKENDS; do
         fi
         jq -r '"seeded in \(.seconds | floor) s, \(.rpcs.RegisterDevice.per_second | floor)/s"' \
             "$OUT/$backend-$devices-seed.json"
+        fetches=$((devices * 40 < FETCHES ? devices * 40 : FETCHES))
 
         for c in $CONCURRENCY; do
             name=$backend-$devices-c$c
             copy_seed "$backend" "$seed" "$run"
             start_server "$backend" "$run"
-            load "$name" "$devices" "$c" "$RUN"
+            load "$name" "$devices" "$c"
             rss=$(peak_rss_mb "$server_pid")
             stop_server
             IFS=$'\t' read -r server_cores loadtest_cores busy <"$OUT/$name.cpu"
@@ -141,7 +144,7 @@ for backend in $BACKENDS; do
                 copy_seed "$backend" "$seed" "$run"
                 rm -f "$OUT/$name-pgbench".*
                 pgbench -n -M prepared -f loadtest/pgbench/fetch.sql -D devices="$devices" -c "$c" -j 2 \
-                    -T "$RUN" -l --log-prefix="$OUT/$name-pgbench" "$(db_url "$run")" \
+                    -t $((fetches / c)) -l --log-prefix="$OUT/$name-pgbench" "$(db_url "$run")" \
                     >"$OUT/$name-pgbench.txt" 2>&1
                 tps=$(awk '/^tps/ { printf "%.0f", $3; exit }' "$OUT/$name-pgbench.txt")
                 read -r _ _ _ p50 _ _ _ p99 _ _ _ _ \
@@ -167,11 +170,8 @@ for backend in $BACKENDS; do
             "$BIN/keyserver" jobs refresh-bundles >"$OUT/$name-alone.txt"
             alone=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')
             rows=$(psql -qAt "$DATABASE_URL" -c "SELECT count(*) FROM nchat_prekey_bundles")
-            # Long enough for the refresh to finish inside the run, with as much load after it.
-            seconds=$(awk -v after="$REFRESH_AFTER" -v alone="$alone" \
-                'BEGIN { printf "%d", after * 2 + alone * 3 + 1 }')
             start_server "$backend" "$run"
-            load "$name" "$devices" "$c" "$seconds" --during "$BIN/keyserver jobs refresh-bundles" \
+            load "$name" "$devices" "$c" --during "$BIN/keyserver jobs refresh-bundles" \
                 --during-after "${REFRESH_AFTER}s"
             stop_server
             unset DATABASE_URL
