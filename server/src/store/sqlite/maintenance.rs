@@ -222,13 +222,13 @@ impl JobStore for SqliteStore {
                 let delete = "DELETE FROM nchat_one_time_prekeys
                      WHERE id IN (SELECT value FROM json_each(?1)) AND is_consumed = 1
                      RETURNING device_id, prekey_id";
-                retire_keys(&mut *tx, KeyKind::OneTime, &oldest, delete, before, limit).await?
+                retire_keys(&mut tx, KeyKind::OneTime, &oldest, delete, before, limit).await?
             }
             Expiring::SupersededSignedPreKeys => {
                 let delete = "DELETE FROM nchat_signed_prekeys
                      WHERE id IN (SELECT value FROM json_each(?1)) AND is_active = 0
                      RETURNING device_id, signed_prekey_id";
-                retire_keys(&mut *tx, KeyKind::Signed, &oldest, delete, before, limit).await?
+                retire_keys(&mut tx, KeyKind::Signed, &oldest, delete, before, limit).await?
             }
             Expiring::AuditEvents | Expiring::JobRuns => {
                 sqlx::query(&format!("DELETE FROM {table} WHERE id IN ({oldest})"))
