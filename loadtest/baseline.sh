@@ -4,8 +4,9 @@
 #   (`loadtest --scenario register`), then, each run from an identical copy of that seed and on
 #   a freshly started server:
 #     - `loadtest --scenario fetch` at each concurrency, with the server's CPU and peak RSS, the
-#       load generator's CPU and the whole machine's;
-#     - PostgreSQL: the same statement under pgbench (loadtest/pgbench/fetch.sql), same clients;
+#       load generator's CPU, the database's (PostgreSQL) and the whole machine's;
+#     - PostgreSQL: the same statement under pgbench (loadtest/pgbench/fetch.sql), same clients,
+#       with the database's CPU, so both can be compared per database core;
 #     - PostgreSQL: `keyserver jobs refresh-bundles` alone, then under fetches at the first
 #       concurrency, with the latency of the fetches that completed while it ran.
 #   Every fetch run makes the same number of fetches, min(40 per device, $FETCHES): at 1,000
@@ -13,8 +14,9 @@
 # Writes $OUT/results.tsv and $OUT/baseline.md (the tables), and every run's JSON and SVG.
 #   cargo build --release -p keyserver -p keyserver-loadtest
 #   loadtest/baseline.sh                      # or SIZES="1000 10000" BACKENDS=postgres FETCHES=30000 …
-# Needs psql, createdb, pgbench, jq and python3. PostgreSQL databases named ks_base_* are dropped
-# and recreated on the cluster of $ADMIN_URL: never point this at data you keep.
+# Needs psql, createdb, pgbench, jq and python3, and $ADMIN_URL's cluster on this machine (its CPU
+# is read from /proc). PostgreSQL databases named ks_base_* are dropped and recreated on that
+# cluster: never point this at data you keep.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ADMIN_URL=${ADMIN_URL:-postgres://postgres@127.0.0.1:5432}
@@ -35,7 +37,7 @@ mkdir -p "$OUT"
 rm -rf "$SCRATCH"
 mkdir -p "$SCRATCH"
 results=$OUT/results.tsv
-printf 'backend\tdevices\tconcurrency\tfetches_per_s\tp50\tp95\tp99\tp999\tmax\tserved_twice\twithout_key_while_left\tserver_cores\tserver_rss_mb\tloadtest_cores\tmachine_busy\tpgbench_per_s\tpgbench_p50\tpgbench_p99\n' >"$results"
+printf 'backend\tdevices\tconcurrency\tfetches_per_s\tp50\tp95\tp99\tp999\tmax\tserved_twice\twithout_key_while_left\tserver_cores\tserver_rss_mb\tloadtest_cores\tmachine_busy\tdatabase_cores\tpgbench_per_s\tpgbench_p50\tpgbench_p99\tpgbench_database_cores\n' >"$results"
 refreshes=$OUT/refresh.tsv
 printf 'devices\tview_rows\trefresh_alone_s\trefresh_under_load_s\tduring_per_s\tduring_p50\tduring_p99\tduring_max\toutside_per_s\toutside_p50\toutside_p99\toutside_max\n' >"$refreshes"
 
@@ -81,20 +83,34 @@ start_server() { # backend name
 stop_server() {
     kill -TERM "$server_pid"
     wait "$server_pid" || true
+    server_pid=
 }
+# A failed step ends the script; it must not leave a server behind on the port.
+trap 'if [ -n "$server_pid" ]; then stop_server; fi' EXIT
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # user + system, in clock ticks
 busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat; }
 idle_ticks() { awk '/^cpu / { print $5 + $6; exit }' /proc/stat; }
 peak_rss_mb() { awk '/VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 hz=$(getconf CLK_TCK)
+postmaster=$(head -1 "$(psql_admin 'SHOW data_directory')/postmaster.pid")
+# Every PostgreSQL process's user + system time: the postmaster's own, that of the backends it
+# has reaped (its children's times) and that of those still running.
+database_ticks() {
+    { cat "/proc/$postmaster/stat"
+      pgrep -P "$postmaster" | sed 's|.*|/proc/&/stat|' | xargs -r cat 2>/dev/null || true; } |
+        awk -v pm="$postmaster" '{ t += $14 + $15; if ($1 == pm) t += $16 + $17 } END { print t }'
+}
+# Cores used between two readings of a tick counter over `seconds`.
+cores() { awk -v a="$1" -v b="$2" -v s="$3" -v hz="$hz" 'BEGIN { printf "%.2f", (b - a) / hz / s }'; }
 
 # One loadtest run of $fetches fetches against the running server; its JSON in $OUT/$name.json,
-# and the CPU it, the server and the whole machine used in $OUT/$name.cpu (cores).
+# and the CPU it, the server, the whole machine and the database used in $OUT/$name.cpu (cores).
 load() { # name devices concurrency [loadtest args…]
     local name=$1 devices=$2 concurrency=$3
     shift 3
-    local s0 b0 i0 t0 t1 took
-    s0=$(cpu_ticks "$server_pid") b0=$(busy_ticks) i0=$(idle_ticks) t0=$(date +%s.%N)
+    local s0 b0 i0 d0 t0 t1 took database=
+    s0=$(cpu_ticks "$server_pid") b0=$(busy_ticks) i0=$(idle_ticks) d0=$(database_ticks)
+    t0=$(date +%s.%N)
     TIMEFORMAT='%U %S'
     { time "$BIN/loadtest" --url "http://127.0.0.1:$PORT" --scenario fetch \
         --devices "$devices" --concurrency "$concurrency" --requests "$fetches" --duration 30m \
@@ -102,10 +118,11 @@ load() { # name devices concurrency [loadtest args…]
         2>"$OUT/$name.time"
     t1=$(date +%s.%N)
     took=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
+    if [ "$backend" = postgres ]; then database=$(cores "$d0" "$(database_ticks)" "$took"); fi
     read -r user sys <"$OUT/$name.time"
     echo "$(cpu_ticks "$server_pid") $s0 $(busy_ticks) $b0 $(idle_ticks) $i0 $took $user $sys" |
-        awk -v hz="$hz" '{ printf "%.2f\t%.2f\t%.0f%%\n", ($1 - $2) / hz / $7,
-                          ($8 + $9) / $7, 100 * ($3 - $4) / (($3 - $4) + ($5 - $6)) }' \
+        awk -v hz="$hz" -v db="$database" '{ printf "%.2f\t%.2f\t%.0f%%\t%s\n", ($1 - $2) / hz / $7,
+                          ($8 + $9) / $7, 100 * ($3 - $4) / (($3 - $4) + ($5 - $6)), db }' \
         >"$OUT/$name.cpu"
 }
 fetch_figures() { # json: fetches/s p50 p95 p99 p99.9 max served_twice without_while_left
@@ -138,23 +155,26 @@ for backend in $BACKENDS; do
             load "$name" "$devices" "$c"
             rss=$(peak_rss_mb "$server_pid")
             stop_server
-            IFS=$'\t' read -r server_cores loadtest_cores busy <"$OUT/$name.cpu"
-            bench=$'\t\t'
+            IFS=$'\t' read -r server_cores loadtest_cores busy database_cores <"$OUT/$name.cpu"
+            bench=$'\t\t\t'
             if [ "$backend" = postgres ]; then
                 copy_seed "$backend" "$seed" "$run"
                 rm -f "$OUT/$name-pgbench".*
+                d0=$(database_ticks) t0=$(date +%s.%N)
                 pgbench -n -M prepared -f loadtest/pgbench/fetch.sql -D devices="$devices" -c "$c" -j 2 \
                     -t $((fetches / c)) -l --log-prefix="$OUT/$name-pgbench" "$(db_url "$run")" \
                     >"$OUT/$name-pgbench.txt" 2>&1
+                took=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')
+                bench_database=$(cores "$d0" "$(database_ticks)" "$took")
                 tps=$(awk '/^tps/ { printf "%.0f", $3; exit }' "$OUT/$name-pgbench.txt")
                 read -r _ _ _ p50 _ _ _ p99 _ _ _ _ \
                     < <(python3 loadtest/pgbench/latency.py "$OUT/$name-pgbench")
-                bench="$tps"$'\t'"$p50"$'\t'"$p99"
+                bench="$tps"$'\t'"$p50"$'\t'"$p99"$'\t'"$bench_database"
                 rm -f "$OUT/$name-pgbench".[0-9]*
             fi
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$backend" "$devices" "$c" \
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$backend" "$devices" "$c" \
                 "$(fetch_figures "$OUT/$name.json")" "$server_cores" "$rss" "$loadtest_cores" \
-                "$busy" "$bench" >>"$results"
+                "$busy" "$database_cores" "$bench" >>"$results"
             tail -1 "$results"
         done
 
@@ -199,7 +219,8 @@ for backend in dict.fromkeys(r["backend"] for r in rows):
     head = ["devices", "concurrency", "fetches/s", "p50", "p95", "p99", "p99.9", "max",
             "served twice", "server CPU", "server peak RSS", "loadtest CPU", "machine busy"]
     if pg:
-        head += ["pgbench/s", "pgbench p50", "pgbench p99", "ratio to pgbench"]
+        head += ["database CPU", "pgbench/s", "pgbench p50", "pgbench p99",
+                 "pgbench database CPU", "ratio to pgbench", "per database core, ratio to pgbench"]
     head += ["ratio to 1,000 devices"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -211,9 +232,12 @@ for backend in dict.fromkeys(r["backend"] for r in rows):
                  r["served_twice"], r["server_cores"] + " cores", r["server_rss_mb"] + " MB",
                  r["loadtest_cores"] + " cores", r["machine_busy"]]
         if pg:
-            cells += [f(r["pgbench_per_s"], 0), f(r["pgbench_p50"]) + " ms",
-                      f(r["pgbench_p99"]) + " ms",
-                      f(float(r["fetches_per_s"]) / float(r["pgbench_per_s"]))]
+            ours, bench = float(r["fetches_per_s"]), float(r["pgbench_per_s"])
+            cells += [r["database_cores"] + " cores", f(bench, 0), f(r["pgbench_p50"]) + " ms",
+                      f(r["pgbench_p99"]) + " ms", r["pgbench_database_cores"] + " cores",
+                      f(ours / bench),
+                      f(ours / float(r["database_cores"])
+                        / (bench / float(r["pgbench_database_cores"])))]
         cells += [f(float(r["fetches_per_s"]) / float(base["fetches_per_s"])) if base else ""]
         print("| " + " | ".join(cells) + " |")
 if refresh:
