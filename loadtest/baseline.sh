@@ -100,6 +100,8 @@ database_ticks() {
       pgrep -P "$postmaster" | sed 's|.*|/proc/&/stat|' | xargs -r cat 2>/dev/null || true; } |
         awk -v pm="$postmaster" '{ t += $14 + $15; if ($1 == pm) t += $16 + $17 } END { print t }'
 }
+# Seconds since a `date +%s.%N` reading.
+since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { print b - a }'; }
 # Cores used between two readings of a tick counter over `seconds`.
 cores() { awk -v a="$1" -v b="$2" -v s="$3" -v hz="$hz" 'BEGIN { printf "%.2f", (b - a) / hz / s }'; }
 
@@ -108,7 +110,7 @@ cores() { awk -v a="$1" -v b="$2" -v s="$3" -v hz="$hz" 'BEGIN { printf "%.2f", 
 load() { # name devices concurrency [loadtest args…]
     local name=$1 devices=$2 concurrency=$3
     shift 3
-    local s0 b0 i0 d0 t0 t1 took database=
+    local s0 b0 i0 d0 t0 took database=
     s0=$(cpu_ticks "$server_pid") b0=$(busy_ticks) i0=$(idle_ticks) d0=$(database_ticks)
     t0=$(date +%s.%N)
     TIMEFORMAT='%U %S'
@@ -116,8 +118,7 @@ load() { # name devices concurrency [loadtest args…]
         --devices "$devices" --concurrency "$concurrency" --requests "$fetches" --duration 30m \
         --json "$OUT/$name.json" --svg "$OUT/$name.svg" "$@" >"$OUT/$name.txt" 2>&1; } \
         2>"$OUT/$name.time"
-    t1=$(date +%s.%N)
-    took=$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')
+    took=$(since "$t0")
     if [ "$backend" = postgres ]; then database=$(cores "$d0" "$(database_ticks)" "$took"); fi
     read -r user sys <"$OUT/$name.time"
     echo "$(cpu_ticks "$server_pid") $s0 $(busy_ticks) $b0 $(idle_ticks) $i0 $took $user $sys" |
@@ -164,8 +165,7 @@ for backend in $BACKENDS; do
                 pgbench -n -M prepared -f loadtest/pgbench/fetch.sql -D devices="$devices" -c "$c" -j 2 \
                     -t $((fetches / c)) -l --log-prefix="$OUT/$name-pgbench" "$(db_url "$run")" \
                     >"$OUT/$name-pgbench.txt" 2>&1
-                took=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')
-                bench_database=$(cores "$d0" "$(database_ticks)" "$took")
+                bench_database=$(cores "$d0" "$(database_ticks)" "$(since "$t0")")
                 tps=$(awk '/^tps/ { printf "%.0f", $3; exit }' "$OUT/$name-pgbench.txt")
                 read -r _ _ _ p50 _ _ _ p99 _ _ _ _ \
                     < <(python3 loadtest/pgbench/latency.py "$OUT/$name-pgbench")
@@ -188,7 +188,7 @@ for backend in $BACKENDS; do
             "$BIN/keyserver" jobs refresh-bundles >/dev/null
             t0=$(date +%s.%N)
             "$BIN/keyserver" jobs refresh-bundles >"$OUT/$name-alone.txt"
-            alone=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')
+            alone=$(since "$t0")
             rows=$(psql -qAt "$DATABASE_URL" -c "SELECT count(*) FROM nchat_prekey_bundles")
             start_server "$backend" "$run"
             load "$name" "$devices" "$c" --during "$BIN/keyserver jobs refresh-bundles" \
