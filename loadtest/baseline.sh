@@ -121,9 +121,10 @@ load() { # name devices concurrency [loadtest args…]
     took=$(since "$t0")
     if [ "$backend" = postgres ]; then database=$(cores "$d0" "$(database_ticks)" "$took"); fi
     read -r user sys <"$OUT/$name.time"
-    echo "$(cpu_ticks "$server_pid") $s0 $(busy_ticks) $b0 $(idle_ticks) $i0 $took $user $sys" |
-        awk -v hz="$hz" -v db="$database" '{ printf "%.2f\t%.2f\t%.0f%%\t%s\n", ($1 - $2) / hz / $7,
-                          ($8 + $9) / $7, 100 * ($3 - $4) / (($3 - $4) + ($5 - $6)), db }' \
+    { cores "$s0" "$(cpu_ticks "$server_pid")" "$took"
+      echo " $(busy_ticks) $b0 $(idle_ticks) $i0 $took $user $sys" |
+          awk -v db="$database" '{ printf "\t%.2f\t%.0f%%\t%s\n", ($6 + $7) / $5,
+                                  100 * ($1 - $2) / (($1 - $2) + ($3 - $4)), db }'; } \
         >"$OUT/$name.cpu"
 }
 fetch_figures() { # json: fetches/s p50 p95 p99 p99.9 max served_twice without_while_left
