@@ -1,6 +1,7 @@
 //! The maintenance jobs on both backends: exact retention and rotation boundaries under a test
 //! clock, retired ids that stay refused, cleanup of a backlog under concurrent fetches, one run
-//! at a time, a killed cleanup, and the server's own schedule.
+//! at a time (a released lock free at once for the next taker), a killed cleanup, and the
+//! server's own schedule.
 
 #[macro_use]
 mod common;
@@ -527,6 +528,35 @@ async fn one_cleanup_runs_at_a_time_and_the_other_says_why(backend: Backend) {
     server.stop().await.unwrap();
 }
 conformance!(one_cleanup_runs_at_a_time_and_the_other_says_why);
+
+async fn a_released_lock_is_free_at_once_for_another_process(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
+    let (a, b) = (db.open().await, db.open().await);
+    // A run that starts right after another ended must not be skipped: the release has to be
+    // visible to the next taker before it returns, every time.
+    for round in 0..200 {
+        let (first, second) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
+        let held = first.job_store().try_lock(Job::Cleanup).await.unwrap();
+        let held = held.unwrap_or_else(|| panic!("round {round}: the lock was still held"));
+        assert!(
+            second
+                .job_store()
+                .try_lock(Job::Cleanup)
+                .await
+                .unwrap()
+                .is_none(),
+            "round {round}: two holders"
+        );
+        held.release().await;
+        let next = second.job_store().try_lock(Job::Cleanup).await.unwrap();
+        next.unwrap_or_else(|| panic!("round {round}: released, yet still held"))
+            .release()
+            .await;
+    }
+    a.close().await;
+    b.close().await;
+}
+conformance!(a_released_lock_is_free_at_once_for_another_process);
 
 async fn a_killed_cleanup_leaves_consistent_data_and_the_next_run_finishes(backend: Backend) {
     let db = TestDb::migrated(backend).await;

@@ -216,9 +216,13 @@ impl JobLock {
     /// Releases the lock now.
     pub async fn release(self) {
         match self {
-            Self::Postgres(conn) => {
-                // Closing the session releases its advisory locks; a failed close drops the
-                // socket, which does the same.
+            Self::Postgres(mut conn) => {
+                // Unlock before closing: the server ends a closed session (and frees its locks)
+                // only after the client has gone, so a run started right after this one could
+                // still find the lock held. A failed unlock falls back to the close.
+                let _ = sqlx::query("SELECT pg_advisory_unlock_all()")
+                    .execute(&mut conn)
+                    .await;
                 let _ = sqlx::Connection::close(conn).await;
             }
             Self::File(file) => drop(file),
