@@ -18,12 +18,8 @@ use crate::state::{
 use crate::vault::{self, VaultKey};
 use crate::x3dh::{self, InitialMessage, SessionSecret};
 
-/// One-time prekeys a device keeps on the server (Signal's batch size).
-pub const ONE_TIME_PREKEY_TARGET: u32 = 100;
-/// Below this many on the server, replenish (what Signal clients do).
-pub const REPLENISH_BELOW: u32 = 10;
-/// Prekey ids stay below 2^24, as Signal clients keep them.
-const MAX_KEY_ID: u32 = 0xFF_FFFF;
+use keyserver_proto::limits::{MAX_KEY_ID, MAX_REGISTRATION_ID};
+pub use keyserver_proto::limits::{ONE_TIME_PREKEY_TARGET, REPLENISH_BELOW};
 
 fn identity_label(device_id: &str) -> String {
     format!("identity:{device_id}")
@@ -81,7 +77,7 @@ impl Device {
             vault,
             Kdf { salt, iterations },
             device_id,
-            u16::from_le_bytes(random_bytes()) % 0x3FFF + 1,
+            (u32::from(u16::from_le_bytes(random_bytes())) % MAX_REGISTRATION_ID + 1) as u16,
             StoredIdentity {
                 public: identity.public().serialize().to_vec(),
                 sealed_private,

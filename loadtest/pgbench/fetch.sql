@@ -1,4 +1,4 @@
--- One single-device bundle fetch: the statement the server runs (store/postgres.rs,
+-- One single-device bundle fetch: the statement the server runs (store/bundles/postgres.rs,
 -- FETCH_ONE_BUNDLE), for a random device of the seed, its target a one-row CTE as there.
 -- Devices are named as `loadtest` names them (loadtest/src/population.rs): device n is 'load-n'
 -- of user 6c6f6164-7465-4000-8000-<n in hex>, so pgbench and loadtest can run on the same rows,

@@ -4,10 +4,12 @@
 //! - [`wire`]: libsignal's serialized public keys (type byte `0x05` and 32 bytes).
 //! - [`xeddsa`]: libsignal's signature scheme over Curve25519 identity keys.
 //! - [`fingerprint`]: libsignal's numeric fingerprint (safety numbers).
+//! - [`limits`]: id ranges, batch sizes and replenish thresholds.
 //!
 //! Both sides must agree on these byte for byte, which is why they live in one crate.
 
 pub mod fingerprint;
+pub mod limits;
 pub mod wire;
 pub mod xeddsa;
 

@@ -5,7 +5,6 @@
 //! by the server's schedule or by cron; [`clock`] is the time their policies use. [`secret`]
 //! provides the token secret, [`shutdown`] stops everything gracefully.
 
-pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod config;

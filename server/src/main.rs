@@ -185,7 +185,7 @@ async fn connect(database: &DatabaseArgs, data: &DataDirArgs) -> anyhow::Result<
         .context(
             "opening the database (DATABASE_URL, or the embedded one in the data directory)",
         )?;
-    tracing::info!(backend = db.backend(), "database open");
+    tracing::info!(backend = db.backend().as_str(), "database open");
     Ok(db)
 }
 
@@ -212,7 +212,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ServerParts {
             store: db.store(),
             tokens: TokenAuthority::new(&key)?,
-            jobs: Jobs::new(db.job_store(), args.rotation, args.cleanup, Clock::System),
+            jobs: Jobs::new(db.store(), args.rotation, args.cleanup, Clock::System),
             schedule: args.schedule,
             rotation: args.rotation,
             clock: Clock::System,
@@ -229,7 +229,7 @@ async fn jobs(action: JobAction, db: &Database) -> anyhow::Result<()> {
         .context("the database schema cannot be used")?;
     let (job, jobs) = match action {
         JobAction::Status { job, limit } => {
-            let runs = db.job_store().job_runs(job, limit).await?;
+            let runs = db.store().job_runs(job, limit).await?;
             if runs.is_empty() {
                 println!("no job runs recorded");
             }
@@ -257,7 +257,7 @@ async fn jobs(action: JobAction, db: &Database) -> anyhow::Result<()> {
             dry_run: true,
         } => {
             let jobs = Jobs::new(
-                db.job_store(),
+                db.store(),
                 RotationPolicy::default(),
                 settings,
                 Clock::System,
@@ -268,7 +268,7 @@ async fn jobs(action: JobAction, db: &Database) -> anyhow::Result<()> {
         JobAction::Cleanup { settings, .. } => (
             Job::Cleanup,
             Jobs::new(
-                db.job_store(),
+                db.store(),
                 RotationPolicy::default(),
                 settings,
                 Clock::System,
@@ -277,7 +277,7 @@ async fn jobs(action: JobAction, db: &Database) -> anyhow::Result<()> {
         JobAction::Rotate { policy } => (
             Job::Rotate,
             Jobs::new(
-                db.job_store(),
+                db.store(),
                 policy,
                 CleanupSettings::default(),
                 Clock::System,
@@ -286,7 +286,7 @@ async fn jobs(action: JobAction, db: &Database) -> anyhow::Result<()> {
         JobAction::RefreshBundles => (
             Job::RefreshBundles,
             Jobs::new(
-                db.job_store(),
+                db.store(),
                 RotationPolicy::default(),
                 CleanupSettings::default(),
                 Clock::System,
@@ -336,8 +336,8 @@ async fn db(action: DbAction) -> anyhow::Result<()> {
             bar.finish_and_clear();
             println!(
                 "copied {} → {} in {:.1?}",
-                source.backend(),
-                target.backend(),
+                source.backend().as_str(),
+                target.backend().as_str(),
                 started.elapsed()
             );
             report

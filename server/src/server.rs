@@ -1,8 +1,6 @@
 //! Assembles the gRPC server: every service behind token authentication, the standard health
 //! service, and server reflection (v1 and v1alpha), served until shutdown is requested.
 
-use std::sync::Arc;
-
 use keyserver_proto::pb;
 use keyserver_proto::pb::key_service_server::KeyServiceServer;
 use tokio::net::TcpListener;
@@ -18,7 +16,7 @@ use crate::service::master_keys::MasterKeyApi;
 use crate::service::safety_numbers::SafetyNumberApi;
 use crate::service::sessions::SessionApi;
 use crate::shutdown::CancellationToken;
-use crate::store::KeyStore;
+use crate::store::Store;
 use keyserver_proto::pb::audit_service_server::AuditServiceServer;
 use keyserver_proto::pb::master_key_service_server::MasterKeyServiceServer;
 use keyserver_proto::pb::safety_number_service_server::SafetyNumberServiceServer;
@@ -30,7 +28,7 @@ const MAX_REQUEST_BYTES: usize = 256 * 1024;
 
 /// What the server needs beyond its listener.
 pub struct ServerParts {
-    pub store: Arc<dyn KeyStore>,
+    pub store: Store,
     pub tokens: TokenAuthority,
     /// The maintenance jobs, run here on `schedule`.
     pub jobs: Jobs,

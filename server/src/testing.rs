@@ -358,7 +358,7 @@ impl Drop for TestDb {
 async fn audit_leaks(db: &Database) -> Vec<String> {
     let Ok(events) = (async {
         let mut all = Vec::new();
-        for event in crate::audit::AuditEvent::ALL {
+        for event in crate::store::AuditEvent::ALL {
             all.extend(
                 db.audit_metadata_checked(event.as_str())
                     .await?
@@ -429,7 +429,7 @@ pub fn secret_looking(value: &serde_json::Value, path: &str) -> Option<String> {
 /// `at` as an SQL literal both backends read as a stored time: SQLite's storage format, which
 /// PostgreSQL reads as a timestamptz.
 pub fn time_literal(at: OffsetDateTime) -> String {
-    crate::store::sqlite::timestamp_text(at)
+    crate::store::timestamp_text(at)
 }
 
 /// Queries the tests make to check what the server wrote, on either backend. SQL given once
@@ -583,7 +583,7 @@ impl Default for TestConfig {
 impl TestConfig {
     /// The jobs of a server with this configuration on `db`.
     pub fn jobs(&self, db: &Database) -> Jobs {
-        Jobs::new(db.job_store(), self.rotation, self.cleanup, self.clock)
+        Jobs::new(db.store(), self.rotation, self.cleanup, self.clock)
     }
 }
 

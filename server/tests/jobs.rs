@@ -360,7 +360,7 @@ conformance!(rows_placed_on_each_side_of_every_boundary_are_kept_or_removed_exac
 
 /// The recorded runs other than bundle-view refreshes, newest first.
 async fn store_runs(db: &Database) -> Vec<(Job, Outcome)> {
-    db.job_store()
+    db.store()
         .job_runs(None, 100)
         .await
         .unwrap()
@@ -503,7 +503,7 @@ async fn one_cleanup_runs_at_a_time_and_the_other_says_why(backend: Backend) {
     assert_eq!(outcomes, [Outcome::Skipped, Outcome::Succeeded]);
 
     // The CLI a cron job runs says the same and exits 0 while the lock is held.
-    let held = a.job_store().try_lock(Job::Cleanup).await.unwrap().unwrap();
+    let held = a.store().try_lock(Job::Cleanup).await.unwrap().unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyserver"))
         .args(["jobs", "cleanup"])
         .env("DATABASE_URL", db.url())
@@ -536,11 +536,11 @@ async fn a_released_lock_is_free_at_once_for_another_process(backend: Backend) {
     // visible to the next taker before it returns, every time.
     for round in 0..200 {
         let (first, second) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
-        let held = first.job_store().try_lock(Job::Cleanup).await.unwrap();
+        let held = first.store().try_lock(Job::Cleanup).await.unwrap();
         let held = held.unwrap_or_else(|| panic!("round {round}: the lock was still held"));
         assert!(
             second
-                .job_store()
+                .store()
                 .try_lock(Job::Cleanup)
                 .await
                 .unwrap()
@@ -548,7 +548,7 @@ async fn a_released_lock_is_free_at_once_for_another_process(backend: Backend) {
             "round {round}: two holders"
         );
         held.release().await;
-        let next = second.job_store().try_lock(Job::Cleanup).await.unwrap();
+        let next = second.store().try_lock(Job::Cleanup).await.unwrap();
         next.unwrap_or_else(|| panic!("round {round}: released, yet still held"))
             .release()
             .await;
@@ -697,7 +697,7 @@ async fn servers_run_scheduled_jobs_once_per_period_between_them(backend: Backen
     };
     let first = TestServer::start_with(&db, config).await;
     let scheduled = |db: Database| async move {
-        db.job_store()
+        db.store()
             .job_runs(None, 100)
             .await
             .unwrap()

@@ -11,12 +11,11 @@ use tokio::task::JoinHandle;
 
 use super::{Job, Jobs, Run, Step, Trigger};
 use crate::shutdown::CancellationToken;
-use crate::store::StoreError;
-use crate::store::jobs::JobStore;
+use crate::store::{Store, StoreError};
 use std::sync::Arc;
 
 /// The job itself: one concurrent refresh.
-pub async fn refresh(store: &dyn JobStore) -> Result<(Vec<Step>, Vec<String>, bool), StoreError> {
+pub async fn refresh(store: &Store) -> Result<(Vec<Step>, Vec<String>, bool), StoreError> {
     if !store.bundle_view_is_materialized() {
         return Ok((
             Vec::new(),

@@ -11,8 +11,9 @@ use super::Step;
 use crate::clock::Clock;
 use crate::config::CleanupSettings;
 use crate::shutdown::CancellationToken;
+use crate::store::Store;
 use crate::store::StoreError;
-use crate::store::jobs::{Expiring, JobStore};
+use crate::store::jobs::Expiring;
 
 /// Whether to delete or only count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,7 +35,7 @@ pub fn retention(settings: &CleanupSettings, kind: Expiring) -> Duration {
 /// Deletes (or counts) every expired row; the steps, notes, and whether it got through all of
 /// them before `stop`.
 pub async fn run(
-    store: &dyn JobStore,
+    store: &Store,
     settings: &CleanupSettings,
     clock: Clock,
     mode: Mode,

@@ -13,7 +13,6 @@ pub mod rotation;
 pub mod schedule;
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -21,8 +20,8 @@ use serde_json::json;
 use crate::clock::Clock;
 use crate::config::{CleanupSettings, RotationPolicy};
 use crate::shutdown::CancellationToken;
-use crate::store::StoreError;
-pub use crate::store::jobs::{Job, JobRun, JobStore, Outcome, Trigger};
+pub use crate::store::jobs::{Job, JobRun, Outcome, Trigger};
+use crate::store::{Store, StoreError};
 
 /// A time as reports show it: RFC 3339, UTC, whole seconds.
 pub fn when(t: time::OffsetDateTime) -> String {
@@ -120,7 +119,7 @@ pub enum Run {
 /// Runs jobs against one database with one configuration.
 #[derive(Clone)]
 pub struct Jobs {
-    store: Arc<dyn JobStore>,
+    store: Store,
     rotation: RotationPolicy,
     cleanup: CleanupSettings,
     clock: Clock,
@@ -128,7 +127,7 @@ pub struct Jobs {
 
 impl Jobs {
     pub fn new(
-        store: Arc<dyn JobStore>,
+        store: Store,
         rotation: RotationPolicy,
         cleanup: CleanupSettings,
         clock: Clock,
@@ -141,7 +140,7 @@ impl Jobs {
         }
     }
 
-    pub fn store(&self) -> &Arc<dyn JobStore> {
+    pub fn store(&self) -> &Store {
         &self.store
     }
 
@@ -173,10 +172,10 @@ impl Jobs {
         let id = self.store.start_run(job, trigger).await?;
         let started = Instant::now();
         let done = match job {
-            Job::Rotate => rotation::check(self.store.as_ref(), &self.rotation, self.clock).await,
+            Job::Rotate => rotation::check(&self.store, &self.rotation, self.clock).await,
             Job::Cleanup => {
                 cleanup::run(
-                    self.store.as_ref(),
+                    &self.store,
                     &self.cleanup,
                     self.clock,
                     cleanup::Mode::Delete,
@@ -184,7 +183,7 @@ impl Jobs {
                 )
                 .await
             }
-            Job::RefreshBundles => bundle_view::refresh(self.store.as_ref()).await,
+            Job::RefreshBundles => bundle_view::refresh(&self.store).await,
         };
         match done {
             Ok((steps, notes, completed)) => {
@@ -235,7 +234,7 @@ impl Jobs {
     pub async fn cleanup_dry_run(&self) -> Result<Report, StoreError> {
         let started = Instant::now();
         let (steps, notes, completed) = cleanup::run(
-            self.store.as_ref(),
+            &self.store,
             &self.cleanup,
             self.clock,
             cleanup::Mode::DryRun,

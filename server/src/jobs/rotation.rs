@@ -11,8 +11,7 @@ use time::OffsetDateTime;
 use super::Step;
 use crate::clock::Clock;
 use crate::config::RotationPolicy;
-use crate::store::StoreError;
-use crate::store::jobs::JobStore;
+use crate::store::{Store, StoreError};
 
 /// How many of the oldest overdue devices a report names.
 const LISTED: u32 = 20;
@@ -31,7 +30,7 @@ impl RotationPolicy {
 
 /// Counts active signed prekeys past the rotation age and the stale age, naming the oldest.
 pub async fn check(
-    store: &dyn JobStore,
+    store: &Store,
     policy: &RotationPolicy,
     clock: Clock,
 ) -> Result<(Vec<Step>, Vec<String>, bool), StoreError> {

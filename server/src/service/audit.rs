@@ -1,24 +1,21 @@
 //! `keyserver.v1.AuditService`: a user reads their own audit trail.
 
-use std::sync::Arc;
-
 use keyserver_proto::pb;
 use keyserver_proto::pb::audit_service_server::AuditService;
 use time::OffsetDateTime;
 use tonic::{Request, Response, Status};
 
 use super::{timestamp, validate};
-use crate::audit::AuditEvent;
 use crate::auth::caller;
-use crate::store::{AuditQuery, KeyStore};
+use crate::store::{AuditEvent, AuditQuery, Store};
 
 /// The audit service over a store.
 pub struct AuditApi {
-    store: Arc<dyn KeyStore>,
+    store: Store,
 }
 
 impl AuditApi {
-    pub fn new(store: Arc<dyn KeyStore>) -> Self {
+    pub fn new(store: Store) -> Self {
         Self { store }
     }
 }

@@ -1,7 +1,6 @@
 //! `keyserver.v1.KeyService`: validates each request, calls the store, shapes the answer.
 
-use std::sync::Arc;
-
+use keyserver_proto::limits::REPLENISH_BELOW;
 use keyserver_proto::pb;
 use keyserver_proto::pb::key_service_server::KeyService;
 use tonic::{Request, Response, Status};
@@ -11,26 +10,18 @@ use crate::auth::caller;
 use crate::clock::Clock;
 use crate::config::RotationPolicy;
 use crate::jobs::bundle_view::ViewChanges;
-use crate::store::{DeviceBundle, KeyStore, NewDevice, RegisterOutcome};
-
-/// Below this many one-time prekeys a device should upload more (what Signal clients do).
-pub const REPLENISH_BELOW: u32 = 10;
+use crate::store::{DeviceBundle, KeyId, NewDevice, RegisterOutcome, Store};
 
 /// The key service over a store.
 pub struct KeyApi {
-    store: Arc<dyn KeyStore>,
+    store: Store,
     view: ViewChanges,
     rotation: RotationPolicy,
     clock: Clock,
 }
 
 impl KeyApi {
-    pub fn new(
-        store: Arc<dyn KeyStore>,
-        view: ViewChanges,
-        rotation: RotationPolicy,
-        clock: Clock,
-    ) -> Self {
+    pub fn new(store: Store, view: ViewChanges, rotation: RotationPolicy, clock: Clock) -> Self {
         Self {
             store,
             view,
@@ -69,21 +60,26 @@ impl KeyApi {
 
 fn bundle_message(b: DeviceBundle, stale: bool) -> pb::DevicePreKeyBundle {
     pb::DevicePreKeyBundle {
-        device_id: b.device_id,
+        device_id: b.device_id.into_string(),
         registration_id: b.registration_id,
         identity_key: b.identity_key.serialize().to_vec(),
         signed_prekey: Some(pb::SignedPreKey {
-            key_id: b.signed_prekey.key_id,
+            key_id: b.signed_prekey.key_id.get(),
             public_key: b.signed_prekey.public.serialize().to_vec(),
             signature: b.signed_prekey.signature.to_vec(),
             rotated_at: Some(super::timestamp(b.signed_prekey.rotated_at)),
             stale,
         }),
         one_time_prekey: b.one_time_prekey.map(|(key_id, public)| pb::OneTimePreKey {
-            key_id,
+            key_id: key_id.get(),
             public_key: public.serialize().to_vec(),
         }),
     }
+}
+
+/// Key ids as the wire carries them.
+fn ids<I: KeyId>(ids: Vec<I>) -> Vec<u32> {
+    ids.into_iter().map(KeyId::get).collect()
 }
 
 fn outcome_message(outcome: RegisterOutcome) -> pb::RegistrationOutcome {
@@ -155,9 +151,9 @@ impl KeyService for KeyApi {
             "one-time prekeys uploaded"
         );
         Ok(Response::new(pb::UploadOneTimePreKeysResponse {
-            stored_key_ids: report.stored,
-            unchanged_key_ids: report.unchanged,
-            refused_consumed_key_ids: report.refused_consumed,
+            stored_key_ids: ids(report.stored),
+            unchanged_key_ids: ids(report.unchanged),
+            refused_consumed_key_ids: ids(report.refused_consumed),
             one_time_prekeys_available: report.available,
         }))
     }
@@ -184,7 +180,7 @@ impl KeyService for KeyApi {
         }
         Ok(Response::new(pb::RotateSignedPreKeyResponse {
             rotated: rotated.rotated,
-            previous_key_id: rotated.previous_key_id,
+            previous_key_id: rotated.previous_key_id.map(KeyId::get),
         }))
     }
 
@@ -197,7 +193,11 @@ impl KeyService for KeyApi {
         let status = self.store.key_status(caller.user_id, &device_id).await?;
         let now = self.clock.now();
         let (id, created_at, age) = match status.active_signed_prekey {
-            Some((id, at)) => (Some(id), Some(at), (now - at).whole_seconds().max(0) as u64),
+            Some((id, at)) => (
+                Some(id.get()),
+                Some(at),
+                (now - at).whole_seconds().max(0) as u64,
+            ),
             None => (None, None, 0),
         };
         Ok(Response::new(pb::GetKeyStatusResponse {

@@ -1,27 +1,25 @@
 //! `keyserver.v1.MasterKeyService`: the per-user record for restoring devices, and recovery.
 
-use std::sync::Arc;
-
 use keyserver_proto::pb;
 use keyserver_proto::pb::master_key_service_server::MasterKeyService;
 use tonic::{Request, Response, Status};
 
 use super::validate;
 use crate::auth::caller;
-use crate::store::{KeyStore, MasterKeyRecord, StoreError};
+use crate::store::{MasterKeyRecord, Store, StoreError};
 
 /// Length of the PBKDF2 salt (the schema's `master_key_salt`).
 pub const SALT_LEN: usize = 32;
 
 /// The master-key service over a store.
 pub struct MasterKeyApi {
-    store: Arc<dyn KeyStore>,
+    store: Store,
     min_iterations: u32,
 }
 
 impl MasterKeyApi {
     /// Refuses records with fewer than `min_iterations` PBKDF2 iterations.
-    pub fn new(store: Arc<dyn KeyStore>, min_iterations: u32) -> Self {
+    pub fn new(store: Store, min_iterations: u32) -> Self {
         Self {
             store,
             min_iterations,
@@ -92,7 +90,7 @@ impl MasterKeyService for MasterKeyApi {
                 .devices
                 .into_iter()
                 .map(|d| pb::RecoverableDevice {
-                    device_id: d.device_id,
+                    device_id: d.device_id.into_string(),
                     registration_id: d.registration_id,
                     identity_key: d.identity_key.serialize().to_vec(),
                     encrypted_identity_private_key: d.encrypted_identity_private,

@@ -1,8 +1,6 @@
 //! `keyserver.v1.SafetyNumberService`: the current safety number between two users and the
 //! caller's verification of it.
 
-use std::sync::Arc;
-
 use keyserver_proto::fingerprint::DIGITS;
 use keyserver_proto::pb;
 use keyserver_proto::pb::safety_number_service_server::SafetyNumberService;
@@ -10,16 +8,15 @@ use tonic::{Request, Response, Status};
 
 use super::{timestamp, validate};
 use crate::auth::caller;
-use crate::store::writes::safety_number;
-use crate::store::{KeyStore, StoreError, VerificationMethod};
+use crate::store::{Store, StoreError, VerificationMethod, safety_number};
 
 /// The safety-number service over a store.
 pub struct SafetyNumberApi {
-    store: Arc<dyn KeyStore>,
+    store: Store,
 }
 
 impl SafetyNumberApi {
-    pub fn new(store: Arc<dyn KeyStore>) -> Self {
+    pub fn new(store: Store) -> Self {
         Self { store }
     }
 }

@@ -1,31 +1,29 @@
 //! `keyserver.v1.SessionService`: a device's Signal sessions, written compare-and-swap.
 
-use std::sync::Arc;
-
 use keyserver_proto::pb;
 use keyserver_proto::pb::session_service_server::SessionService;
 use tonic::{Request, Response, Status};
 
 use super::{timestamp, validate};
 use crate::auth::caller;
-use crate::store::{KeyStore, SessionKey, SessionQuery, StoredSession};
+use crate::store::{SessionKey, SessionQuery, Store, StoredSession};
 
 /// The session service over a store.
 pub struct SessionApi {
-    store: Arc<dyn KeyStore>,
+    store: Store,
 }
 
 impl SessionApi {
-    pub fn new(store: Arc<dyn KeyStore>) -> Self {
+    pub fn new(store: Store) -> Self {
         Self { store }
     }
 }
 
 fn key_message(key: SessionKey) -> pb::SessionKey {
     pb::SessionKey {
-        device_id: key.device_id,
+        device_id: key.device_id.into_string(),
         peer_user_id: key.peer_user_id.to_string(),
-        peer_device_id: key.peer_device_id,
+        peer_device_id: key.peer_device_id.into_string(),
     }
 }
 

@@ -25,15 +25,15 @@ impl From<StoreError> for Status {
             StoreError::UnknownUser => {
                 Status::failed_precondition("the caller's user is not known to the chat database")
             }
-            StoreError::OneTimePreKeyConflict { key_id } => Status::already_exists(format!(
-                "one_time_prekeys: key id {key_id} is already stored with a different public key"
+            StoreError::OneTimePreKeyConflict { field, key_id } => Status::already_exists(format!(
+                "{field}: key id {key_id} is already stored with a different public key"
             )),
-            StoreError::SignedPreKeyConflict { key_id } => Status::already_exists(format!(
-                "signed_prekey.key_id: {key_id} is already stored with a different public key"
+            StoreError::SignedPreKeyConflict { field, key_id } => Status::already_exists(format!(
+                "{field}.key_id: {key_id} is already stored with a different public key"
             )),
-            StoreError::SignedPreKeySuperseded { key_id } => Status::failed_precondition(format!(
-                "signed_prekey.key_id: {key_id} was already replaced by a newer signed prekey"
-            )),
+            StoreError::SignedPreKeySuperseded { field, key_id } => Status::failed_precondition(
+                format!("{field}.key_id: {key_id} was already replaced by a newer key"),
+            ),
             StoreError::IdentityChanged => Status::aborted(
                 "the device's identity key changed while the request ran; sign with the new one",
             ),
@@ -62,20 +62,18 @@ impl From<StoreError> for Status {
             StoreError::RecoveryLocked { until } => Status::resource_exhausted(format!(
                 "recovery is locked after repeated failures until {until}"
             )),
-            StoreError::Database(e) => database(e),
-        }
-    }
-}
-
-fn database(e: sqlx::Error) -> Status {
-    match e {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-            tracing::warn!(error = %e, "database unavailable");
-            Status::unavailable("the database is unavailable; retry later")
-        }
-        e => {
-            tracing::error!(error = %e, "database error");
-            Status::internal("internal storage error")
+            StoreError::Unavailable(why) => {
+                tracing::warn!(error = %why, "database unavailable");
+                Status::unavailable("the database is unavailable; retry later")
+            }
+            StoreError::Conflict(why) => {
+                tracing::info!(error = %why, "concurrent change");
+                Status::aborted("a concurrent change conflicted with this call; retry it")
+            }
+            StoreError::Internal(why) => {
+                tracing::error!(error = %why, "storage error");
+                Status::internal("internal storage error")
+            }
         }
     }
 }

@@ -7,20 +7,15 @@ use keyserver_proto::xeddsa;
 use sha2::Digest;
 use uuid::Uuid;
 
-use crate::store::{BundleTarget, NewOneTimePreKey, NewSignedPreKey, SessionKey};
+use crate::store::{
+    BundleTarget, DeviceId, NewOneTimePreKey, NewSignedPreKey, PreKeyId, SessionKey, SignedPreKeyId,
+};
+use keyserver_proto::limits::{MAX_KEY_ID, MAX_ONE_TIME_PREKEYS, MAX_REGISTRATION_ID};
 
-/// Signal-Server's cap on one-time prekeys per upload.
-pub const MAX_ONE_TIME_PREKEYS: usize = 100;
 /// Most targets one bulk fetch may name.
 pub const MAX_TARGETS: usize = 256;
-/// Signal clients keep prekey ids below 2^24.
-pub const MAX_KEY_ID: u32 = 0xFF_FFFF;
-/// libsignal's registration ids are 14 bits.
-pub const MAX_REGISTRATION_ID: u32 = 0x3FFF;
 /// Largest encrypted private-key blob accepted (an AES-GCM sealed 32-byte key is about 60).
 pub const MAX_ENCRYPTED_BLOB: usize = 512;
-/// Longest device id.
-pub const MAX_DEVICE_ID_LEN: usize = 64;
 /// Largest encrypted session state accepted.
 pub const MAX_SESSION_STATE: usize = 64 * 1024;
 /// Most sessions per page, and the page size when none is asked for.
@@ -44,23 +39,8 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> InvalidField 
 
 pub type Result<T> = std::result::Result<T, InvalidField>;
 
-pub fn device_id(field: &str, value: &str) -> Result<String> {
-    if value.is_empty() || value.len() > MAX_DEVICE_ID_LEN {
-        return Err(invalid(
-            field,
-            format!("must be 1 to {MAX_DEVICE_ID_LEN} characters"),
-        ));
-    }
-    if !value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
-    {
-        return Err(invalid(
-            field,
-            "may hold only A-Z, a-z, 0-9, '.', '_', '-' and ':'",
-        ));
-    }
-    Ok(value.to_owned())
+pub fn device_id(field: &str, value: &str) -> Result<DeviceId> {
+    DeviceId::parse(value).map_err(|reason| invalid(field, reason))
 }
 
 pub fn user_id(field: &str, value: &str) -> Result<Uuid> {
@@ -77,11 +57,9 @@ pub fn registration_id(field: &str, value: u32) -> Result<u16> {
     Ok(value as u16)
 }
 
-fn key_id(field: &str, value: u32) -> Result<u32> {
-    if value > MAX_KEY_ID {
-        return Err(invalid(field, format!("must be at most {MAX_KEY_ID}")));
-    }
-    Ok(value)
+/// A key id of the kind `new` makes, in range.
+fn key_id<I>(field: &str, value: u32, new: fn(u32) -> Option<I>) -> Result<I> {
+    new(value).ok_or_else(|| invalid(field, format!("must be at most {MAX_KEY_ID}")))
 }
 
 pub fn public_key(field: &str, bytes: &[u8]) -> Result<PublicKey> {
@@ -109,7 +87,11 @@ pub fn signed_prekey(
 ) -> Result<NewSignedPreKey> {
     let upload = upload.ok_or_else(|| invalid(field, "is required"))?;
     let key = NewSignedPreKey {
-        key_id: key_id(&format!("{field}.key_id"), upload.key_id)?,
+        key_id: key_id(
+            &format!("{field}.key_id"),
+            upload.key_id,
+            SignedPreKeyId::new,
+        )?,
         public: public_key(&format!("{field}.public_key"), &upload.public_key)?,
         signature: wire::parse_signature(&upload.signature)
             .map_err(|e| invalid(format!("{field}.signature"), e.to_string()))?,
@@ -148,7 +130,7 @@ pub fn one_time_prekeys(
         .enumerate()
         .map(|(i, upload)| {
             let at = format!("{field}[{i}]");
-            let id = key_id(&format!("{at}.key_id"), upload.key_id)?;
+            let id = key_id(&format!("{at}.key_id"), upload.key_id, PreKeyId::new)?;
             if let Some(first) = first_index.insert(id, i) {
                 return Err(invalid(
                     format!("{at}.key_id"),
@@ -198,7 +180,7 @@ pub fn page_size(field: &str, size: u32) -> Result<u32> {
 }
 
 /// A page token is the hex of "peer user id / peer device id" of the last session listed.
-pub fn page_token(field: &str, token: &str) -> Result<Option<(Uuid, String)>> {
+pub fn page_token(field: &str, token: &str) -> Result<Option<(Uuid, DeviceId)>> {
     if token.is_empty() {
         return Ok(None);
     }

@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::tables::{ColumnType, Table};
-use crate::store::sqlite::timestamp_text;
+use crate::store::timestamp_text;
 
 /// One column's value, independent of the backend it came from.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,0 +1,92 @@
+//! Bundles: what a peer fetches to start a session with a device, taking the device's oldest
+//! unused one-time prekey, which is never handed out again (docs/BUNDLES.md).
+//!
+//! This is the hot path and the one place the backends take different routes: PostgreSQL
+//! serves any number of targets in one statement, one round trip, with `FOR UPDATE SKIP
+//! LOCKED` so fetchers in any number of processes never take the same key ([`postgres`]);
+//! SQLite reads and takes in one write transaction, which its single writer makes atomic
+//! ([`sqlite`]). Both decode the same rows.
+
+mod postgres;
+mod sqlite;
+
+use keyserver_proto::wire::PublicKey;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::database::Database;
+use super::ids::{DeviceId, PreKeyId, SignedPreKeyId};
+use super::sql::{At, Key, Sig};
+use super::{Store, StoreError};
+
+/// One fetch target: a user, and one device or all of them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BundleTarget {
+    pub user_id: Uuid,
+    pub device_id: Option<DeviceId>,
+}
+
+/// A signed prekey as peers receive it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedSignedPreKey {
+    pub key_id: SignedPreKeyId,
+    pub public: PublicKey,
+    pub signature: [u8; 64],
+    /// When the device installed it.
+    pub rotated_at: OffsetDateTime,
+}
+
+/// What a peer needs to start a session with one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceBundle {
+    pub device_id: DeviceId,
+    pub registration_id: u32,
+    pub identity_key: PublicKey,
+    pub signed_prekey: PublishedSignedPreKey,
+    /// The one-time prekey handed to this caller, if the device had one left.
+    pub one_time_prekey: Option<(PreKeyId, PublicKey)>,
+}
+
+/// A device's part of a bundle, as both backends' statements return it.
+#[derive(sqlx::FromRow)]
+struct DeviceRow {
+    device_id: DeviceId,
+    registration_id: i32,
+    identity_key_public: Key,
+    signed_prekey_id: SignedPreKeyId,
+    signed_prekey_public: Key,
+    signature: Sig,
+    rotation_date: At,
+}
+
+impl DeviceRow {
+    fn bundle(self, one_time_prekey: Option<(PreKeyId, PublicKey)>) -> DeviceBundle {
+        DeviceBundle {
+            device_id: self.device_id,
+            registration_id: self.registration_id as u32,
+            identity_key: self.identity_key_public.0,
+            signed_prekey: PublishedSignedPreKey {
+                key_id: self.signed_prekey_id,
+                public: self.signed_prekey_public.0,
+                signature: self.signature.0,
+                rotated_at: self.rotation_date.0,
+            },
+            one_time_prekey,
+        }
+    }
+}
+
+impl Store {
+    /// One result per target, in order, each with the bundles of the target's devices that
+    /// have an active signed prekey, ordered by device id. Takes one one-time prekey per
+    /// device, and a device named by several targets gets one key, shared by their results.
+    pub async fn fetch_bundles(
+        &self,
+        targets: &[BundleTarget],
+    ) -> Result<Vec<Vec<DeviceBundle>>, StoreError> {
+        match &self.db {
+            Database::Postgres(pg) => postgres::fetch(pg, targets).await,
+            Database::Sqlite(_) => sqlite::fetch(&self.db, targets).await,
+        }
+    }
+}

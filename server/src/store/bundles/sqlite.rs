@@ -1,0 +1,99 @@
+//! The fetch on SQLite: the targets' devices, then the one-time prekeys taken, in one write
+//! transaction. SQLite has one writer at a time, so nothing can take a key between the read
+//! and the take, and in-process statements cost no round trips.
+
+use std::collections::HashMap;
+
+use keyserver_proto::wire::PublicKey;
+use sqlx::FromRow;
+
+use super::{BundleTarget, DeviceBundle, DeviceRow};
+use crate::store::StoreError;
+use crate::store::database::Database;
+use crate::store::ids::{DeviceId, PreKeyId};
+use crate::store::sql::{Json, Key, List, sql};
+
+#[derive(FromRow)]
+struct Row {
+    ord: i32,
+    #[sqlx(flatten)]
+    device: DeviceRow,
+}
+
+#[derive(FromRow)]
+struct Taken {
+    device_id: DeviceId,
+    prekey_id: PreKeyId,
+    prekey_public: Key,
+}
+
+pub(super) async fn fetch(
+    db: &Database,
+    targets: &[BundleTarget],
+) -> Result<Vec<Vec<DeviceBundle>>, StoreError> {
+    let targets_json = serde_json::Value::Array(
+        targets
+            .iter()
+            .map(|t| {
+                serde_json::json!([
+                    t.user_id.hyphenated().to_string(),
+                    t.device_id.as_ref().map(DeviceId::as_str)
+                ])
+            })
+            .collect(),
+    );
+    let mut tx = db.begin_write().await?;
+    let rows: Vec<Row> = tx
+        .query(&sql!(
+            "WITH targets AS (
+                 SELECT CAST(t.key AS INTEGER) AS ord,
+                        json_extract(t.value, '$[0]') AS user_id,
+                        json_extract(t.value, '$[1]') AS device_id
+                 FROM json_each($1) t
+             )
+             SELECT t.ord, ik.device_id, COALESCE(ik.registration_id, 0) AS registration_id,
+                    ik.identity_key_public, sp.signed_prekey_id, sp.signed_prekey_public,
+                    sp.signature, sp.rotation_date
+             FROM targets t
+             JOIN nchat_identity_keys ik
+               ON ik.user_id = t.user_id AND (t.device_id IS NULL OR ik.device_id = t.device_id)
+             JOIN nchat_signed_prekeys sp ON sp.device_id = ik.device_id AND sp.is_active = TRUE
+             ORDER BY t.ord, ik.device_id"
+        ))
+        .bind(Json(targets_json))
+        .fetch_all()
+        .await?;
+
+    // Each device once, however many targets name it: one key per device per call.
+    let mut devices: Vec<String> = rows
+        .iter()
+        .map(|r| r.device.device_id.to_string())
+        .collect();
+    devices.sort();
+    devices.dedup();
+    let taken: HashMap<DeviceId, (PreKeyId, PublicKey)> = tx
+        .query(&sql!(
+            "UPDATE nchat_one_time_prekeys SET is_consumed = TRUE, consumed_at = " NOW "
+             WHERE id IN (
+                 SELECT (SELECT o.id FROM nchat_one_time_prekeys o
+                         WHERE o.device_id = d.value AND o.is_consumed = FALSE
+                         ORDER BY o.id LIMIT 1)
+                 FROM json_each($1) d
+             ) AND is_consumed = FALSE
+             RETURNING device_id, prekey_id, prekey_public"
+        ))
+        .bind(List(devices))
+        .fetch_all::<Taken>()
+        .await?
+        .into_iter()
+        .map(|t| (t.device_id, (t.prekey_id, t.prekey_public.0)))
+        .collect();
+    tx.commit().await?;
+
+    let mut results = vec![Vec::new(); targets.len()];
+    for row in rows {
+        let one_time = taken.get(&row.device.device_id).copied();
+        results[row.ord as usize].push(row.device.bundle(one_time));
+    }
+    Ok(results)
+}

@@ -1,0 +1,324 @@
+//! Devices: a user's installs, each with its identity key (`nchat_identity_keys`). Registering
+//! creates a device with all its first keys, merges keys into it again (the same identity
+//! key), or replaces every key (a new identity key); removing one takes its keys and sessions
+//! with it. Both change the user's safety numbers in the same transaction.
+//!
+//! Writes to one device lock its identity row first ([`lock_owned`]), which serializes uploads,
+//! rotations and re-registrations of that device without blocking fetches.
+
+use keyserver_proto::wire::PublicKey;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::audit::{self, AuditEvent};
+use super::database::Tx;
+use super::ids::{DeviceId, KeyId};
+use super::prekeys::{self, NewOneTimePreKey, NewSignedPreKey};
+use super::sql::{Key, Uid, sql};
+use super::{Store, StoreError, safety};
+
+/// Everything a device publishes when it registers.
+#[derive(Clone)]
+pub struct NewDevice {
+    pub user_id: Uuid,
+    pub device_id: DeviceId,
+    pub registration_id: u16,
+    pub identity_key: PublicKey,
+    pub encrypted_identity_private: Vec<u8>,
+    pub signed_prekey: NewSignedPreKey,
+    pub one_time_prekeys: Vec<NewOneTimePreKey>,
+}
+
+/// What a registration did to the stored device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegisterOutcome {
+    /// The device was new.
+    Created,
+    /// Same identity key: the signed prekey and one-time prekeys were merged in.
+    Updated,
+    /// Another identity key: every key of the device was replaced.
+    Replaced,
+}
+
+impl RegisterOutcome {
+    /// The name used in audit metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Updated => "updated",
+            Self::Replaced => "replaced",
+        }
+    }
+}
+
+/// The result of [`Store::register_device`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub outcome: RegisterOutcome,
+    /// One-time EC prekeys left to hand out.
+    pub available: u32,
+}
+
+/// PostgreSQL's and SQLite's codes for a NOT NULL violation: a chat app's own `nchat_users`
+/// has columns the key server cannot fill.
+const NOT_NULL_VIOLATION: [&str; 2] = ["23502", "1299"];
+
+#[derive(sqlx::FromRow)]
+struct Owner {
+    user_id: Uid,
+    identity_key_public: Key,
+}
+
+/// Makes sure the user exists; [`StoreError::UnknownUser`] when it cannot be created.
+pub(crate) async fn ensure_user(tx: &mut Tx, user_id: Uuid) -> Result<(), StoreError> {
+    if user_exists(tx, user_id).await? {
+        return Ok(());
+    }
+    // A chat app's own users table has columns the key server cannot fill: there, the user
+    // must already be in it.
+    match tx
+        .query(&sql!(
+            "INSERT INTO nchat_users (id) VALUES ($1) ON CONFLICT (id) DO NOTHING"
+        ))
+        .bind(Uid(user_id))
+        .execute()
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e))
+            if e.code().is_some_and(|c| NOT_NULL_VIOLATION.contains(&&*c)) =>
+        {
+            Err(StoreError::UnknownUser)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub(crate) async fn user_exists(tx: &mut Tx, user_id: Uuid) -> Result<bool, StoreError> {
+    Ok(tx
+        .query(&sql!(
+            "SELECT EXISTS (SELECT 1 FROM nchat_users WHERE id = $1)"
+        ))
+        .bind(Uid(user_id))
+        .scalar()
+        .await?)
+}
+
+/// Locks the device against other writers until commit and checks that `user_id` owns it;
+/// its identity key.
+pub(crate) async fn lock_owned(
+    tx: &mut Tx,
+    user_id: Uuid,
+    device: &DeviceId,
+) -> Result<PublicKey, StoreError> {
+    // SQLite's BEGIN IMMEDIATE already holds the write lock: a plain read is stable.
+    let owner: Option<Owner> = tx
+        .query(&sql!(
+            "SELECT user_id, identity_key_public FROM nchat_identity_keys WHERE device_id = $1"
+            PG(" FOR NO KEY UPDATE")
+        ))
+        .bind(device)
+        .fetch_optional()
+        .await?;
+    match owner {
+        None => Err(StoreError::DeviceNotFound),
+        Some(o) if o.user_id.0 != user_id => Err(StoreError::NotYourDevice),
+        Some(o) => Ok(o.identity_key_public.0),
+    }
+}
+
+/// Serializes the transactions that read or change a user's identity keys together with
+/// their safety numbers (SQLite's single writer already serializes every write).
+pub(crate) async fn lock_user(tx: &mut Tx, user_id: Uuid) -> Result<(), StoreError> {
+    tx.query(&sql!(PG(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1::text, 7))"
+    )))
+    .bind(Uid(user_id))
+    .execute()
+    .await?;
+    Ok(())
+}
+
+/// The identity keys of every device of the user.
+pub(crate) async fn identity_keys(
+    tx: &mut Tx,
+    user_id: Uuid,
+) -> Result<Vec<PublicKey>, StoreError> {
+    let keys: Vec<(Key,)> = tx
+        .query(&IDENTITY_KEYS)
+        .bind(Uid(user_id))
+        .fetch_all()
+        .await?;
+    Ok(keys.into_iter().map(|(k,)| k.0).collect())
+}
+
+const IDENTITY_KEYS: super::sql::Sql =
+    sql!("SELECT identity_key_public FROM nchat_identity_keys WHERE user_id = $1");
+
+/// Stores the device with all its keys, or merges them in (same identity), or replaces them.
+async fn register_keys(tx: &mut Tx, device: &NewDevice) -> Result<RegisterOutcome, StoreError> {
+    ensure_user(tx, device.user_id).await?;
+    lock_user(tx, device.user_id).await?;
+    let id = &device.device_id;
+    let all_keys: Vec<&NewOneTimePreKey> = device.one_time_prekeys.iter().collect();
+    let inserted = tx
+        .query(&sql!(
+            "INSERT INTO nchat_identity_keys
+                 (device_id, user_id, identity_key_public, identity_key_private_encrypted,
+                  registration_id)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (device_id) DO NOTHING"
+        ))
+        .bind(id)
+        .bind(Uid(device.user_id))
+        .bind(Key(device.identity_key))
+        .bind(device.encrypted_identity_private.as_slice())
+        .bind(i32::from(device.registration_id))
+        .execute()
+        .await?;
+    if inserted == 1 {
+        prekeys::SIGNED
+            .insert(tx, id, &device.signed_prekey)
+            .await?;
+        prekeys::ONE_TIME.insert(tx, id, &all_keys).await?;
+        return Ok(RegisterOutcome::Created);
+    }
+    let stored_identity = lock_owned(tx, device.user_id, id)
+        .await
+        .map_err(|e| match e {
+            StoreError::NotYourDevice => StoreError::DeviceTaken,
+            e => e,
+        })?;
+    let same_identity = stored_identity == device.identity_key;
+    tx.query(&sql!(
+        "UPDATE nchat_identity_keys
+         SET identity_key_public = $2, identity_key_private_encrypted = $3, registration_id = $4,
+             created_at = CASE WHEN $5 THEN " NOW " ELSE created_at END
+         WHERE device_id = $1"
+    ))
+    .bind(id)
+    .bind(Key(device.identity_key))
+    .bind(device.encrypted_identity_private.as_slice())
+    .bind(i32::from(device.registration_id))
+    .bind(!same_identity)
+    .execute()
+    .await?;
+    if same_identity {
+        prekeys::SIGNED
+            .install(tx, id, &device.signed_prekey)
+            .await?;
+        prekeys::ONE_TIME
+            .merge(tx, id, &device.one_time_prekeys)
+            .await?;
+        return Ok(RegisterOutcome::Updated);
+    }
+    // A new identity key makes every old key of the device meaningless: replace them all.
+    prekeys::delete_all(tx, id).await?;
+    prekeys::SIGNED
+        .insert(tx, id, &device.signed_prekey)
+        .await?;
+    prekeys::ONE_TIME.insert(tx, id, &all_keys).await?;
+    Ok(RegisterOutcome::Replaced)
+}
+
+impl Store {
+    /// Registers or re-registers a device of `device.user_id`, with its
+    /// `device_keys_generated` event.
+    pub async fn register_device(&self, device: NewDevice) -> Result<Registered, StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        let outcome = register_keys(&mut tx, &device).await?;
+        // A new device or a new identity key changes the user's safety numbers.
+        if outcome != RegisterOutcome::Updated {
+            safety::refresh(&mut tx, device.user_id).await?;
+        }
+        let available = prekeys::ONE_TIME
+            .available(&mut tx, &device.device_id)
+            .await?;
+        audit::record(
+            &mut tx,
+            AuditEvent::DeviceKeysGenerated,
+            device.user_id,
+            Some(&device.device_id),
+            json!({
+                "outcome": outcome.as_str(),
+                "registration_id": device.registration_id,
+                "signed_prekey_id": device.signed_prekey.key_id.get(),
+                "one_time_prekeys_uploaded": device.one_time_prekeys.len(),
+                "one_time_prekeys_available": available,
+            }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Registered { outcome, available })
+    }
+
+    /// Removes a device of `user_id` with everything that hangs off it (the schema's cascades
+    /// delete its prekeys and sessions), recomputes the user's safety numbers, and audits the
+    /// removal (as `device_keys_generated` with outcome `removed`: the schema has no event
+    /// type of its own for it). Returns how many sessions went with it.
+    pub async fn remove_device(&self, user_id: Uuid, device: &DeviceId) -> Result<u32, StoreError> {
+        let mut tx = self.db.begin_write().await?;
+        lock_user(&mut tx, user_id).await?;
+        lock_owned(&mut tx, user_id, device).await?;
+        let sessions: i64 = tx
+            .query(&sql!(
+                "SELECT count(*) FROM nchat_signal_sessions WHERE device_id = $1"
+            ))
+            .bind(device)
+            .scalar()
+            .await?;
+        tx.query(&sql!(
+            "DELETE FROM nchat_identity_keys WHERE device_id = $1"
+        ))
+        .bind(device)
+        .execute()
+        .await?;
+        safety::refresh(&mut tx, user_id).await?;
+        audit::record(
+            &mut tx,
+            AuditEvent::DeviceKeysGenerated,
+            user_id,
+            Some(device),
+            json!({ "outcome": "removed", "sessions_removed": sessions }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(sessions as u32)
+    }
+
+    /// The identity key of `device`, which must belong to `user_id`.
+    pub async fn device_identity(
+        &self,
+        user_id: Uuid,
+        device: &DeviceId,
+    ) -> Result<PublicKey, StoreError> {
+        let owner: Owner = self
+            .db
+            .read()
+            .await?
+            .query(&sql!(
+                "SELECT user_id, identity_key_public FROM nchat_identity_keys WHERE device_id = $1"
+            ))
+            .bind(device)
+            .fetch_optional()
+            .await?
+            .ok_or(StoreError::DeviceNotFound)?;
+        if owner.user_id.0 != user_id {
+            return Err(StoreError::NotYourDevice);
+        }
+        Ok(owner.identity_key_public.0)
+    }
+
+    /// The identity keys of every device of `user_id`.
+    pub async fn identity_keys(&self, user_id: Uuid) -> Result<Vec<PublicKey>, StoreError> {
+        let keys: Vec<(Key,)> = self
+            .db
+            .read()
+            .await?
+            .query(&IDENTITY_KEYS)
+            .bind(Uid(user_id))
+            .fetch_all()
+            .await?;
+        Ok(keys.into_iter().map(|(k,)| k.0).collect())
+    }
+}

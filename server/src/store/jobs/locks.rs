@@ -1,0 +1,83 @@
+//! One lock per job, shared by every server and cron process, that vanishes with a killed
+//! process. On PostgreSQL it is a session-level advisory lock held on a connection taken out
+//! of the pool; every process that opens an SQLite file runs on its machine, so there it is an
+//! exclusive lock on a file beside the database, which the kernel releases when the holder dies.
+
+use std::path::Path;
+
+use sqlx::Connection;
+
+use super::Job;
+use crate::store::StoreError;
+use crate::store::database::Database;
+
+/// A held job lock; dropping it (or the process dying) releases it.
+pub enum JobLock {
+    /// A session-level advisory lock, held by keeping its connection open.
+    Postgres(sqlx::PgConnection),
+    /// An exclusive lock on a file beside the SQLite database.
+    File(std::fs::File),
+}
+
+/// The advisory lock key of each job (a fixed prefix, "keysrv", and the job's number).
+fn lock_key(job: Job) -> i64 {
+    0x6b65_7973_7276_0000
+        + match job {
+            Job::RefreshBundles => 1,
+            Job::Cleanup => 2,
+            Job::Rotate => 3,
+        }
+}
+
+impl JobLock {
+    /// Takes `job`'s lock, or None when another holds it.
+    pub(crate) async fn try_take(db: &Database, job: Job) -> Result<Option<Self>, StoreError> {
+        match db {
+            Database::Postgres(pg) => {
+                let mut conn = pg.pool().acquire().await?;
+                let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                    .bind(lock_key(job))
+                    .fetch_one(&mut *conn)
+                    .await?;
+                // The lock lives as long as this session: keep the connection out of the pool.
+                Ok(locked.then(|| Self::Postgres(conn.detach())))
+            }
+            Database::Sqlite(lite) => Self::try_file(lite.path(), job),
+        }
+    }
+
+    /// Takes the lock file `<database>-job-<job>.lock`, or None when another holds it.
+    fn try_file(database: &Path, job: Job) -> Result<Option<Self>, StoreError> {
+        let mut name = database.as_os_str().to_owned();
+        name.push(format!("-job-{}.lock", job.as_str()));
+        let unavailable =
+            |e: std::io::Error| StoreError::Unavailable(format!("job lock file: {e}"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&name)
+            .map_err(unavailable)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(Self::File(file))),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(unavailable(e)),
+        }
+    }
+
+    /// Releases the lock now.
+    pub async fn release(self) {
+        match self {
+            Self::Postgres(mut conn) => {
+                // Unlock before closing: the server ends a closed session (and frees its locks)
+                // only after the client has gone, so a run started right after this one could
+                // still find the lock held. A failed unlock falls back to the close.
+                let _ = sqlx::query("SELECT pg_advisory_unlock_all()")
+                    .execute(&mut conn)
+                    .await;
+                let _ = conn.close().await;
+            }
+            Self::File(file) => drop(file),
+        }
+    }
+}

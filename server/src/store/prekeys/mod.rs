@@ -1,0 +1,299 @@
+//! Prekeys by kind, as Signal-Server keeps one store per key kind over two generic bases.
+//!
+//! A kind is data: its table, columns and the request field its keys arrive in, turned into
+//! statements once ([`single_use!`], [`repeated_use!`]). The rules are written once per base:
+//! [`single_use`] for keys a peer takes once (the one-time EC prekey), [`repeated_use`] for the
+//! signed key every peer gets until the device replaces it (the signed EC prekey). [`retired`]
+//! keeps the ids cleanup deleted, so a consumed or superseded id is never stored again.
+
+pub mod repeated_use;
+pub mod retired;
+pub mod single_use;
+
+use keyserver_proto::wire::PublicKey;
+use serde_json::json;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::audit::{self, AuditEvent};
+use super::database::Tx;
+use super::devices;
+use super::ids::{DeviceId, KeyId, PreKeyId, SignedPreKeyId};
+use super::sql::{At, Sql, Uid, sql};
+use super::{Store, StoreError};
+use repeated_use::{RepeatedUse, Rotated, repeated_use};
+use retired::Retired;
+use single_use::{SingleUse, UploadReport, single_use};
+
+/// What the generic rules need of a key as a device uploads it: its id and the bytes each
+/// column stores. Its signature was verified before it got here.
+pub trait NewPreKey: Send + Sync {
+    type Id: KeyId;
+    fn key_id(&self) -> Self::Id;
+    /// The public key as stored (without the wire's type byte).
+    fn public_raw(&self) -> &[u8];
+    /// The signature by the identity key; empty for an unsigned kind.
+    fn signature(&self) -> &[u8];
+    fn encrypted_private(&self) -> &[u8];
+}
+
+/// What cleanup needs of a kind of key: its expired rows, oldest first.
+#[derive(Debug, Clone, Copy)]
+pub struct Expired {
+    /// `$1` cut-off time: how many rows expired before it.
+    pub(crate) count: Sql,
+    /// `$1` cut-off, `$2` limit: (`id`, `device_id`) of the oldest expired rows.
+    pub(crate) pick: Sql,
+    /// `$1` list of row ids: deletes those still expired, returning (`device_id`, `key_id`).
+    pub(crate) delete: Sql,
+}
+
+/// A one-time prekey as a device uploads it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NewOneTimePreKey {
+    pub key_id: PreKeyId,
+    pub public: PublicKey,
+    pub encrypted_private: Vec<u8>,
+}
+
+/// A signed prekey as a device uploads it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NewSignedPreKey {
+    pub key_id: SignedPreKeyId,
+    pub public: PublicKey,
+    pub signature: [u8; 64],
+    pub encrypted_private: Vec<u8>,
+}
+
+impl NewPreKey for NewOneTimePreKey {
+    type Id = PreKeyId;
+    fn key_id(&self) -> PreKeyId {
+        self.key_id
+    }
+    fn public_raw(&self) -> &[u8] {
+        self.public.as_raw()
+    }
+    fn signature(&self) -> &[u8] {
+        &[]
+    }
+    fn encrypted_private(&self) -> &[u8] {
+        &self.encrypted_private
+    }
+}
+
+impl NewPreKey for NewSignedPreKey {
+    type Id = SignedPreKeyId;
+    fn key_id(&self) -> SignedPreKeyId {
+        self.key_id
+    }
+    fn public_raw(&self) -> &[u8] {
+        self.public.as_raw()
+    }
+    fn signature(&self) -> &[u8] {
+        &self.signature
+    }
+    fn encrypted_private(&self) -> &[u8] {
+        &self.encrypted_private
+    }
+}
+
+/// Debug output names the key and the size of its encrypted private blob, never the blob, so
+/// a logged request cannot leak it.
+impl std::fmt::Debug for NewOneTimePreKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewOneTimePreKey")
+            .field("key_id", &self.key_id)
+            .field("public", &self.public)
+            .field("encrypted_private_len", &self.encrypted_private.len())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for NewSignedPreKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewSignedPreKey")
+            .field("key_id", &self.key_id)
+            .field("public", &self.public)
+            .field("encrypted_private_len", &self.encrypted_private.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One-time Curve25519 prekeys (the schema's `nchat_one_time_prekeys`).
+pub const ONE_TIME: SingleUse = single_use!(
+    field: "one_time_prekeys", name: "one_time", retired: Retired::OneTime,
+    table: "nchat_one_time_prekeys", id: "prekey_id", public: "prekey_public",
+    private: "prekey_private_encrypted", kind_test: "TRUE", signature:
+);
+
+/// Signed Curve25519 prekeys (the schema's `nchat_signed_prekeys`).
+pub const SIGNED: RepeatedUse = repeated_use!(
+    field: "signed_prekey", name: "signed", retired: Retired::Signed,
+    table: "nchat_signed_prekeys", id: "signed_prekey_id", public: "signed_prekey_public",
+    private: "signed_prekey_private_encrypted", kind_test: "TRUE", extra: ("", "")
+);
+
+/// A device's keys on the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStatus {
+    /// One-time EC prekeys left to hand out.
+    pub available: u32,
+    /// Id and installation time of the active signed prekey.
+    pub active_signed_prekey: Option<(SignedPreKeyId, OffsetDateTime)>,
+}
+
+#[derive(sqlx::FromRow)]
+struct StatusRow {
+    user_id: Uid,
+    available: i64,
+    signed_prekey_id: Option<SignedPreKeyId>,
+    rotation_date: Option<At>,
+}
+
+/// Deletes every prekey of the device and its retired ids: a new identity key makes them all
+/// meaningless. Retired ids last: a cleanup that deleted some of these keys first has then
+/// committed its ranges, which this sees and deletes too.
+pub(crate) async fn delete_all(tx: &mut Tx, device: &DeviceId) -> Result<(), StoreError> {
+    for statement in [
+        sql!("DELETE FROM nchat_one_time_prekeys WHERE device_id = $1"),
+        sql!("DELETE FROM nchat_signed_prekeys WHERE device_id = $1"),
+        sql!("DELETE FROM keyserver_retired_prekeys WHERE device_id = $1"),
+    ] {
+        tx.query(&statement).bind(device).execute().await?;
+    }
+    Ok(())
+}
+
+/// Uploads keys of a single-use kind to a device of `user_id`, with a `prekeys_replenished`
+/// event when any was stored.
+async fn upload<K: NewPreKey>(
+    mut tx: Tx,
+    kind: &SingleUse,
+    available_field: &str,
+    user_id: Uuid,
+    device: &DeviceId,
+    keys: &[K],
+) -> Result<UploadReport<K::Id>, StoreError> {
+    devices::lock_owned(&mut tx, user_id, device).await?;
+    let report = kind.merge(&mut tx, device, keys).await?;
+    if !report.stored.is_empty() {
+        audit::record(
+            &mut tx,
+            AuditEvent::PrekeysReplenished,
+            user_id,
+            Some(device),
+            json!({
+                "kind": kind.name,
+                "stored": report.stored.len(),
+                "unchanged": report.unchanged.len(),
+                "refused_consumed": report.refused_consumed.len(),
+                available_field: report.available,
+            }),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(report)
+}
+
+/// Installs a key of a repeated-use kind verified against `signed_by`, with a
+/// `signed_prekey_rotated` event when it is new.
+async fn rotate<K: NewPreKey>(
+    mut tx: Tx,
+    kind: &RepeatedUse,
+    (id_field, previous_field): (&str, &str),
+    user_id: Uuid,
+    device: &DeviceId,
+    signed_by: PublicKey,
+    key: &K,
+) -> Result<Rotated<K::Id>, StoreError> {
+    if devices::lock_owned(&mut tx, user_id, device).await? != signed_by {
+        return Err(StoreError::IdentityChanged);
+    }
+    let rotated = kind.install(&mut tx, device, key).await?;
+    if rotated.rotated {
+        audit::record(
+            &mut tx,
+            AuditEvent::SignedPrekeyRotated,
+            user_id,
+            Some(device),
+            json!({
+                "kind": kind.name,
+                id_field: key.key_id().get(),
+                previous_field: rotated.previous_key_id.map(KeyId::get),
+            }),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(rotated)
+}
+
+impl Store {
+    /// Appends one-time prekeys: identical stored keys are left alone, consumed ids refused.
+    pub async fn upload_one_time_prekeys(
+        &self,
+        user_id: Uuid,
+        device: &DeviceId,
+        keys: Vec<NewOneTimePreKey>,
+    ) -> Result<UploadReport<PreKeyId>, StoreError> {
+        let tx = self.db.begin_write().await?;
+        upload(
+            tx,
+            &ONE_TIME,
+            "one_time_prekeys_available",
+            user_id,
+            device,
+            &keys,
+        )
+        .await
+    }
+
+    /// Makes `key` the device's only active signed prekey. Fails with
+    /// [`StoreError::IdentityChanged`] when the device's identity key is no longer
+    /// `signed_by` (the signature was checked against that key).
+    pub async fn rotate_signed_prekey(
+        &self,
+        user_id: Uuid,
+        device: &DeviceId,
+        signed_by: PublicKey,
+        key: NewSignedPreKey,
+    ) -> Result<Rotated<SignedPreKeyId>, StoreError> {
+        let tx = self.db.begin_write().await?;
+        let fields = ("signed_prekey_id", "previous_signed_prekey_id");
+        rotate(tx, &SIGNED, fields, user_id, device, signed_by, &key).await
+    }
+
+    /// The device's key counts; the device must belong to `user_id`.
+    pub async fn key_status(
+        &self,
+        user_id: Uuid,
+        device: &DeviceId,
+    ) -> Result<KeyStatus, StoreError> {
+        let row: StatusRow = self
+            .db
+            .read()
+            .await?
+            .query(&sql!(
+                "SELECT ik.user_id,
+                        (SELECT count(*) FROM nchat_one_time_prekeys o
+                         WHERE o.device_id = ik.device_id AND o.is_consumed = FALSE) AS available,
+                        sp.signed_prekey_id, sp.rotation_date
+                 FROM nchat_identity_keys ik
+                 LEFT JOIN nchat_signed_prekeys sp
+                   ON sp.device_id = ik.device_id AND sp.is_active = TRUE
+                 WHERE ik.device_id = $1"
+            ))
+            .bind(device)
+            .fetch_optional()
+            .await?
+            .ok_or(StoreError::DeviceNotFound)?;
+        if row.user_id.0 != user_id {
+            return Err(StoreError::NotYourDevice);
+        }
+        Ok(KeyStatus {
+            available: row.available as u32,
+            active_signed_prekey: row.signed_prekey_id.zip(row.rotation_date.map(|at| at.0)),
+        })
+    }
+}
