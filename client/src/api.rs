@@ -7,13 +7,13 @@ use keyserver_proto::pb::key_service_client::KeyServiceClient;
 use keyserver_proto::pb::master_key_service_client::MasterKeyServiceClient;
 use keyserver_proto::pb::safety_number_service_client::SafetyNumberServiceClient;
 use keyserver_proto::pb::session_service_client::SessionServiceClient;
-use keyserver_proto::wire::{self, PublicKey};
+use keyserver_proto::wire::{self, KyberPublicKey, PublicKey};
 use keyserver_proto::xeddsa;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::x3dh::PeerPreKeys;
+use crate::pqxdh::PeerPreKeys;
 
 /// Adds `authorization: Bearer <token>` to every call.
 #[derive(Clone)]
@@ -103,11 +103,11 @@ pub enum BundleError {
         field: &'static str,
         reason: String,
     },
-    #[error("device {device}: the signed prekey's signature does not verify with its identity key")]
-    BadSignature { device: String },
+    #[error("device {device}: the {key}'s signature does not verify with its identity key")]
+    BadSignature { device: String, key: &'static str },
 }
 
-/// Parses a bundle and verifies its signed prekey's signature.
+/// Parses a bundle and verifies its signed prekey's and Kyber prekey's signatures.
 pub fn verify_bundle(bundle: &pb::DevicePreKeyBundle) -> Result<VerifiedBundle, BundleError> {
     let device = bundle.device_id.clone();
     let malformed = |field: &'static str, reason: String| BundleError::Malformed {
@@ -126,8 +126,27 @@ pub fn verify_bundle(bundle: &pb::DevicePreKeyBundle) -> Result<VerifiedBundle, 
     let signature = wire::parse_signature(&signed.signature)
         .map_err(|e| malformed("signed_prekey.signature", e.to_string()))?;
     if !xeddsa::verify(&identity_key, &signed.public_key, &signature) {
-        return Err(BundleError::BadSignature { device });
+        return Err(BundleError::BadSignature {
+            device,
+            key: "signed prekey",
+        });
     }
+    let kyber_prekey = match &bundle.kyber_prekey {
+        Some(k) => {
+            let public = KyberPublicKey::from_serialized(&k.public_key)
+                .map_err(|e| malformed("kyber_prekey.public_key", e.to_string()))?;
+            let signature = wire::parse_signature(&k.signature)
+                .map_err(|e| malformed("kyber_prekey.signature", e.to_string()))?;
+            if !xeddsa::verify(&identity_key, &k.public_key, &signature) {
+                return Err(BundleError::BadSignature {
+                    device,
+                    key: "Kyber prekey",
+                });
+            }
+            Some((k.key_id, public))
+        }
+        None => None,
+    };
     let one_time_prekey = match &bundle.one_time_prekey {
         Some(k) => Some((
             k.key_id,
@@ -144,6 +163,7 @@ pub fn verify_bundle(bundle: &pb::DevicePreKeyBundle) -> Result<VerifiedBundle, 
             signed_prekey_id: signed.key_id,
             signed_prekey,
             one_time_prekey,
+            kyber_prekey,
         },
         stale: signed.stale,
     })

@@ -1,22 +1,28 @@
 //! A device: its local state opened with the passphrase, and what it does with the server
-//! (register, replenish, rotate, report status, fetch peers, run X3DH).
+//! (register, replenish, rotate, check its keys, report status, fetch peers, run PQXDH).
+//!
+//! A device keeps two kinds of each prekey on the server, Curve25519 and Kyber1024: one-time
+//! keys (topped up to 100 when fewer than 10 are left) and a signed key every peer gets until
+//! it is replaced (the signed prekey and the last-resort Kyber prekey, rotated together).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use keyserver_proto::checks;
 use keyserver_proto::pb;
-use keyserver_proto::wire::PublicKey;
+use keyserver_proto::wire::{KyberPublicKey, PublicKey};
 use time::OffsetDateTime;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use crate::api::{self, KeyClient, MasterKeyClient, SessionClient, VerifiedBundle};
-use crate::keys::{KeyPair, random_bytes};
+use crate::keys::{KYBER1024_CIPHERTEXT_LEN, KeyPair, KyberKeyPair, random_bytes};
+use crate::pqxdh::{self, InitialMessage, OwnPreKeys, SessionSecret};
 use crate::state::{
-    DeviceState, Kdf, STATE_VERSION, StoredIdentity, StoredPreKey, StoredSignedPreKey,
+    DeviceState, Kdf, STATE_VERSION, StoredIdentity, StoredKyberPreKey, StoredPreKey,
+    StoredSignedPreKey,
 };
 use crate::vault::{self, VaultKey};
-use crate::x3dh::{self, InitialMessage, SessionSecret};
 
 use keyserver_proto::limits::{MAX_KEY_ID, MAX_REGISTRATION_ID};
 pub use keyserver_proto::limits::{ONE_TIME_PREKEY_TARGET, REPLENISH_BELOW};
@@ -30,6 +36,9 @@ fn signed_label(id: u32) -> String {
 fn one_time_label(id: u32) -> String {
     format!("one-time-prekey:{id}")
 }
+fn kyber_label(id: u32) -> String {
+    format!("kyber-prekey:{id}")
+}
 
 /// The id after `id`, wrapping below 2^24 and skipping 0.
 fn next_id(id: u32) -> u32 {
@@ -41,11 +50,28 @@ fn random_start_id() -> u32 {
     u32::from_le_bytes(random_bytes()) % MAX_KEY_ID + 1
 }
 
-/// What [`Device::refresh`] did; None where nothing was needed.
+/// What [`Device::replenish`] uploaded; None where nothing was needed.
+#[derive(Debug, Clone, Default)]
+pub struct Replenished {
+    pub one_time: Option<pb::UploadOneTimePreKeysResponse>,
+    pub kyber: Option<pb::UploadKyberPreKeysResponse>,
+}
+
+/// What [`Device::rotate`] did; None where nothing was done.
+#[derive(Debug, Clone, Default)]
+pub struct Rotated {
+    pub signed: Option<pb::RotateSignedPreKeyResponse>,
+    pub kyber_last_resort: Option<pb::RotateKyberLastResortPreKeyResponse>,
+}
+
+/// What [`Device::refresh`] did.
 #[derive(Debug, Clone)]
 pub struct Refreshed {
-    pub replenished: Option<pb::UploadOneTimePreKeysResponse>,
-    pub rotated: Option<pb::RotateSignedPreKeyResponse>,
+    /// The registration sent again because the server's keys differed from this device's
+    /// (`CheckKeys`); None when they matched.
+    pub reuploaded: Option<pb::RegisterDeviceResponse>,
+    pub replenished: Replenished,
+    pub rotated: Rotated,
 }
 
 /// A device with its state file open and its vault key derived.
@@ -110,6 +136,9 @@ impl Device {
             one_time_prekeys: Vec::new(),
             next_signed_prekey_id: random_start_id(),
             next_one_time_prekey_id: random_start_id(),
+            kyber_one_time_prekeys: Vec::new(),
+            kyber_last_resort_prekeys: Vec::new(),
+            next_kyber_prekey_id: random_start_id(),
         };
         state.save(path)?;
         Ok(Self {
@@ -252,12 +281,61 @@ impl Device {
         keys
     }
 
+    /// The id for the next Kyber prekey (a state written before PQXDH starts its counter now).
+    fn next_kyber_id(&mut self) -> u32 {
+        let id = match self.state.next_kyber_prekey_id {
+            0 => random_start_id(),
+            id => id,
+        };
+        self.state.next_kyber_prekey_id = next_id(id);
+        id
+    }
+
+    /// Generates, signs and seals a Kyber prekey.
+    fn new_kyber_prekey(&mut self, identity: &KeyPair) -> StoredKyberPreKey {
+        let id = self.next_kyber_id();
+        let pair = KyberKeyPair::generate();
+        let public = pair.public().serialize();
+        StoredKyberPreKey {
+            id,
+            signature: identity.sign(&public).to_vec(),
+            public,
+            sealed_private: self.vault.seal(pair.private_bytes(), &kyber_label(id)),
+            created_at: OffsetDateTime::now_utc().unix_timestamp(),
+        }
+    }
+
+    /// Generates and stores `count` one-time Kyber prekeys.
+    fn new_kyber_one_time_prekeys(&mut self, count: u32) -> anyhow::Result<Vec<StoredKyberPreKey>> {
+        let identity = self.identity()?;
+        let keys: Vec<StoredKyberPreKey> = (0..count)
+            .map(|_| self.new_kyber_prekey(&identity))
+            .collect();
+        self.state
+            .kyber_one_time_prekeys
+            .extend(keys.iter().cloned());
+        Ok(keys)
+    }
+
+    /// Generates and stores a last-resort Kyber prekey, which becomes the active one.
+    fn new_kyber_last_resort(&mut self) -> anyhow::Result<StoredKyberPreKey> {
+        let identity = self.identity()?;
+        let key = self.new_kyber_prekey(&identity);
+        self.state.kyber_last_resort_prekeys.push(key.clone());
+        Ok(key)
+    }
+
     fn active_signed_prekey(&self) -> Option<&StoredSignedPreKey> {
         self.state.signed_prekeys.last()
     }
 
-    /// Registers the device: its identity, its active signed prekey (made if it has none) and
-    /// up to 100 one-time prekeys (made if it has none). Safe to repeat.
+    fn active_kyber_last_resort(&self) -> Option<&StoredKyberPreKey> {
+        self.state.kyber_last_resort_prekeys.last()
+    }
+
+    /// Registers the device: its identity, its active signed prekey and last-resort Kyber
+    /// prekey (made if it has none) and up to 100 one-time prekeys of each kind (made if it has
+    /// none). Safe to repeat; it also brings a device registered before PQXDH up to date.
     pub async fn register(
         &mut self,
         client: &mut KeyClient,
@@ -266,24 +344,31 @@ impl Device {
             Some(key) => key.clone(),
             None => self.new_signed_prekey()?,
         };
+        let last_resort = match self.active_kyber_last_resort() {
+            Some(key) => key.clone(),
+            None => self.new_kyber_last_resort()?,
+        };
         if self.state.one_time_prekeys.is_empty() {
             self.new_one_time_prekeys(ONE_TIME_PREKEY_TARGET);
         }
+        if self.state.kyber_one_time_prekeys.is_empty() {
+            self.new_kyber_one_time_prekeys(ONE_TIME_PREKEY_TARGET)?;
+        }
         self.save()?;
-        let skip = self
-            .state
-            .one_time_prekeys
-            .len()
-            .saturating_sub(ONE_TIME_PREKEY_TARGET as usize);
         let request = pb::RegisterDeviceRequest {
             device_id: self.state.device_id.clone(),
             registration_id: u32::from(self.state.registration_id),
             identity_key: self.state.identity.public.clone(),
             encrypted_identity_private_key: self.state.identity.sealed_private.clone(),
             signed_prekey: Some(signed_upload(&signed)),
-            one_time_prekeys: self.state.one_time_prekeys[skip..]
+            one_time_prekeys: newest(&self.state.one_time_prekeys)
                 .iter()
                 .map(one_time_upload)
+                .collect(),
+            kyber_last_resort_prekey: Some(kyber_upload(&last_resort)),
+            kyber_one_time_prekeys: newest(&self.state.kyber_one_time_prekeys)
+                .iter()
+                .map(kyber_upload)
                 .collect(),
         };
         Ok(client.register_device(request).await?.into_inner())
@@ -298,32 +383,55 @@ impl Device {
             .into_inner())
     }
 
-    /// Tops the server up to `target` one-time prekeys when fewer than `below` are left.
-    /// Returns the upload's answer, or None when nothing was needed.
+    /// Tops the server up to `target` one-time prekeys of each kind where fewer than `below`
+    /// are left (Kyber ones only once the server has this device's last-resort Kyber prekey).
     pub async fn replenish(
         &mut self,
         client: &mut KeyClient,
         below: u32,
         target: u32,
-    ) -> anyhow::Result<Option<pb::UploadOneTimePreKeysResponse>> {
-        let available = self.status(client).await?.one_time_prekeys_available;
-        if available >= below || available >= target {
-            return Ok(None);
+    ) -> anyhow::Result<Replenished> {
+        anyhow::ensure!(
+            (1..=ONE_TIME_PREKEY_TARGET).contains(&target),
+            "one upload carries 1 to {ONE_TIME_PREKEY_TARGET} one-time prekeys; --to {target} is not possible"
+        );
+        let status = self.status(client).await?;
+        let wanted =
+            |available: u32| (available < below && available < target).then(|| target - available);
+        let mut done = Replenished::default();
+        if let Some(count) = wanted(status.one_time_prekeys_available) {
+            let keys = self.new_one_time_prekeys(count);
+            self.save()?;
+            done.one_time = Some(
+                client
+                    .upload_one_time_pre_keys(pb::UploadOneTimePreKeysRequest {
+                        device_id: self.state.device_id.clone(),
+                        one_time_prekeys: keys.iter().map(one_time_upload).collect(),
+                    })
+                    .await?
+                    .into_inner(),
+            );
         }
-        let keys = self.new_one_time_prekeys((target - available).min(ONE_TIME_PREKEY_TARGET));
-        self.save()?;
-        let response = client
-            .upload_one_time_pre_keys(pb::UploadOneTimePreKeysRequest {
-                device_id: self.state.device_id.clone(),
-                one_time_prekeys: keys.iter().map(one_time_upload).collect(),
-            })
-            .await?
-            .into_inner();
-        Ok(Some(response))
+        if status.kyber_last_resort_prekey_id.is_some()
+            && let Some(count) = wanted(status.kyber_one_time_prekeys_available)
+        {
+            let keys = self.new_kyber_one_time_prekeys(count)?;
+            self.save()?;
+            done.kyber = Some(
+                client
+                    .upload_kyber_pre_keys(pb::UploadKyberPreKeysRequest {
+                        device_id: self.state.device_id.clone(),
+                        kyber_one_time_prekeys: keys.iter().map(kyber_upload).collect(),
+                    })
+                    .await?
+                    .into_inner(),
+            );
+        }
+        Ok(done)
     }
 
-    /// Rotates the signed prekey: always, or with `if_due` only when the server says it is due.
-    /// Returns the rotation's answer, or None when nothing was done.
+    /// Rotates the signed prekey and the last-resort Kyber prekey together: always, or with
+    /// `if_due` only when the server says either is due (or has no last-resort key yet).
     ///
     /// Retry-safe: a key made by an earlier call whose answer never arrived (the local newest
     /// key is not the server's active one) is sent again instead of a new one, and the server
@@ -333,35 +441,90 @@ impl Device {
         &mut self,
         client: &mut KeyClient,
         if_due: bool,
-    ) -> anyhow::Result<Option<pb::RotateSignedPreKeyResponse>> {
+    ) -> anyhow::Result<Rotated> {
         let status = self.status(client).await?;
-        let pending = self
+        let pending_signed = self
             .active_signed_prekey()
             .filter(|k| Some(k.id) != status.active_signed_prekey_id)
             .cloned();
-        let key = match pending {
-            Some(key) => key,
-            None if if_due && !status.rotation_due => return Ok(None),
-            None => {
-                let key = self.new_signed_prekey()?;
-                self.save()?;
-                key
-            }
+        let pending_kyber = self
+            .active_kyber_last_resort()
+            .filter(|k| Some(k.id) != status.kyber_last_resort_prekey_id)
+            .cloned();
+        let due = !if_due || status.rotation_due || status.kyber_rotation_due;
+        let signed = match pending_signed {
+            Some(key) => Some(key),
+            None if due => Some(self.new_signed_prekey()?),
+            None => None,
         };
-        let response = client
-            .rotate_signed_pre_key(pb::RotateSignedPreKeyRequest {
-                device_id: self.state.device_id.clone(),
-                signed_prekey: Some(signed_upload(&key)),
-            })
-            .await?
-            .into_inner();
-        Ok(Some(response))
+        let kyber = match pending_kyber {
+            Some(key) => Some(key),
+            None if due => Some(self.new_kyber_last_resort()?),
+            None => None,
+        };
+        self.save()?;
+        let mut done = Rotated::default();
+        if let Some(key) = signed {
+            done.signed = Some(
+                client
+                    .rotate_signed_pre_key(pb::RotateSignedPreKeyRequest {
+                        device_id: self.state.device_id.clone(),
+                        signed_prekey: Some(signed_upload(&key)),
+                    })
+                    .await?
+                    .into_inner(),
+            );
+        }
+        if let Some(key) = kyber {
+            done.kyber_last_resort = Some(
+                client
+                    .rotate_kyber_last_resort_pre_key(pb::RotateKyberLastResortPreKeyRequest {
+                        device_id: self.state.device_id.clone(),
+                        kyber_last_resort_prekey: Some(kyber_upload(&key)),
+                    })
+                    .await?
+                    .into_inner(),
+            );
+        }
+        Ok(done)
     }
 
-    /// What a device does periodically: tops up one-time prekeys when fewer than
-    /// [`REPLENISH_BELOW`] are left and rotates the signed prekey when it is due.
+    /// Whether the server holds exactly this device's identity key, active signed prekey and
+    /// active last-resort Kyber prekey (`CheckKeys`); false when this device has not made them.
+    pub async fn check_keys(&self, client: &mut KeyClient) -> anyhow::Result<bool> {
+        let (Some(signed), Some(kyber)) =
+            (self.active_signed_prekey(), self.active_kyber_last_resort())
+        else {
+            return Ok(false);
+        };
+        let identity = PublicKey::from_serialized(&self.state.identity.public)?;
+        let digest = checks::published_keys_digest(
+            &identity,
+            (signed.id, &PublicKey::from_serialized(&signed.public)?),
+            (kyber.id, &KyberPublicKey::from_serialized(&kyber.public)?),
+        );
+        Ok(client
+            .check_keys(pb::CheckKeysRequest {
+                device_id: self.state.device_id.clone(),
+                digest: digest.to_vec(),
+            })
+            .await?
+            .into_inner()
+            .matches)
+    }
+
+    /// What a device does periodically: checks that the server holds its keys and registers
+    /// them again if not (which also brings a device registered before PQXDH up to date), tops
+    /// up one-time prekeys of each kind when fewer than [`REPLENISH_BELOW`] are left, and
+    /// rotates the signed keys when they are due.
     pub async fn refresh(&mut self, client: &mut KeyClient) -> anyhow::Result<Refreshed> {
+        let reuploaded = if self.check_keys(client).await? {
+            None
+        } else {
+            Some(self.register(client).await?)
+        };
         Ok(Refreshed {
+            reuploaded,
             replenished: self
                 .replenish(client, REPLENISH_BELOW, ONE_TIME_PREKEY_TARGET)
                 .await?,
@@ -375,7 +538,7 @@ impl Device {
         &self,
         bundle: &VerifiedBundle,
     ) -> anyhow::Result<(SessionSecret, InitialMessage)> {
-        Ok(x3dh::initiate(
+        Ok(pqxdh::initiate(
             &self.state.device_id,
             &self.identity()?,
             &bundle.keys,
@@ -383,7 +546,7 @@ impl Device {
     }
 
     /// Derives the secret a peer's initial message established, and forgets the one-time
-    /// prekey it used (it must never serve twice).
+    /// prekeys it used (they must never serve twice).
     pub fn respond(&mut self, message: &InitialMessage) -> anyhow::Result<SessionSecret> {
         let parse = |hex_key: &str, what: &str| -> anyhow::Result<PublicKey> {
             let bytes = hex::decode(hex_key).with_context(|| format!("{what} is not hex"))?;
@@ -415,15 +578,48 @@ impl Device {
             }
             None => None,
         };
-        let secret = x3dh::respond(
-            &self.identity()?,
-            &signed,
-            one_time.as_ref(),
+        let kyber = match (message.kyber_prekey_id, &message.kyber_ciphertext) {
+            (Some(id), Some(ciphertext)) => {
+                let ciphertext: [u8; KYBER1024_CIPHERTEXT_LEN] = hex::decode(ciphertext)
+                    .context("kyber_ciphertext is not hex")?
+                    .try_into()
+                    .map_err(|_| {
+                        anyhow::anyhow!("kyber_ciphertext is not {KYBER1024_CIPHERTEXT_LEN} bytes")
+                    })?;
+                // A one-time key is used once; a last-resort key, old ones included, until
+                // cleanup would have removed it.
+                let key = self
+                    .state
+                    .kyber_one_time_prekeys
+                    .iter()
+                    .chain(&self.state.kyber_last_resort_prekeys)
+                    .find(|k| k.id == id)
+                    .with_context(|| format!("Kyber prekey {id} is unknown or already used"))?;
+                let private = self.vault.open(&key.sealed_private, &kyber_label(id))?;
+                Some((KyberKeyPair::from_private(&private)?, ciphertext))
+            }
+            (None, None) => None,
+            _ => anyhow::bail!(
+                "the message names a Kyber prekey without a ciphertext, or the other way round"
+            ),
+        };
+        let secret = pqxdh::respond(
+            &OwnPreKeys {
+                identity: &self.identity()?,
+                signed_prekey: &signed,
+                one_time_prekey: one_time.as_ref(),
+                kyber: kyber.as_ref().map(|(key, ct)| (key, ct)),
+            },
             &their_identity,
             &their_ephemeral,
         );
         if let Some(id) = message.one_time_prekey_id {
             self.state.one_time_prekeys.retain(|k| k.id != id);
+        }
+        if let Some(id) = message.kyber_prekey_id {
+            self.state.kyber_one_time_prekeys.retain(|k| k.id != id);
+        }
+        if message.one_time_prekey_id.is_some() || message.kyber_prekey_id.is_some() {
             self.save()?;
         }
         Ok(secret)
@@ -535,6 +731,20 @@ fn signed_upload(key: &StoredSignedPreKey) -> pb::SignedPreKeyUpload {
         signature: key.signature.clone(),
         encrypted_private_key: key.sealed_private.clone(),
     }
+}
+
+fn kyber_upload(key: &StoredKyberPreKey) -> pb::KyberPreKeyUpload {
+    pb::KyberPreKeyUpload {
+        key_id: key.id,
+        public_key: key.public.clone(),
+        signature: key.signature.clone(),
+        encrypted_private_key: key.sealed_private.clone(),
+    }
+}
+
+/// The newest keys that fit one upload.
+fn newest<T>(keys: &[T]) -> &[T] {
+    &keys[keys.len().saturating_sub(ONE_TIME_PREKEY_TARGET as usize)..]
 }
 
 fn one_time_upload(key: &StoredPreKey) -> pb::OneTimePreKeyUpload {

@@ -1,7 +1,10 @@
-//! Curve25519 key pairs as a device holds them: X25519 for agreement, XEdDSA for signatures.
+//! Key pairs as a device holds them: Curve25519 (X25519 for agreement, XEdDSA for signatures)
+//! and Kyber1024 (the KEM of PQXDH, by libcrux as libsignal has it).
 
-use keyserver_proto::wire::PublicKey;
+use keyserver_proto::wire::{KYBER1024_PUBLIC_KEY_LEN, KyberPublicKey, PublicKey};
 use keyserver_proto::xeddsa;
+use libcrux_ml_kem::kyber1024;
+use libcrux_ml_kem::mlkem1024::{MlKem1024Ciphertext, MlKem1024PrivateKey, MlKem1024PublicKey};
 use x25519_dalek::StaticSecret;
 use zeroize::Zeroizing;
 
@@ -53,6 +56,93 @@ impl KeyPair {
     }
 }
 
+/// Length of a Kyber1024 secret key.
+pub const KYBER1024_SECRET_KEY_LEN: usize = 3168;
+/// Length of a Kyber1024 ciphertext.
+pub const KYBER1024_CIPHERTEXT_LEN: usize = 1568;
+/// Where the public key sits inside a Kyber secret key (after the 1536-byte CPA secret key):
+/// the secret key is `s ‖ pk ‖ H(pk) ‖ z`.
+const PUBLIC_IN_SECRET: std::ops::Range<usize> = 1536..1536 + KYBER1024_PUBLIC_KEY_LEN;
+
+/// A Kyber1024 key pair: a one-time or last-resort Kyber prekey.
+pub struct KyberKeyPair {
+    /// Always [`KYBER1024_SECRET_KEY_LEN`] bytes.
+    private: Zeroizing<Vec<u8>>,
+    public: KyberPublicKey,
+}
+
+/// Why bytes are not a Kyber secret key.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("a Kyber1024 secret key is {KYBER1024_SECRET_KEY_LEN} bytes, got {0}")]
+pub struct KyberKeyLength(usize);
+
+impl KyberKeyPair {
+    /// A fresh random key pair.
+    pub fn generate() -> Self {
+        Self::from_seed(Zeroizing::new(random_bytes()))
+    }
+
+    /// The key pair generated from 64 bytes of randomness (tests pass fixed bytes).
+    pub fn from_seed(seed: Zeroizing<[u8; 64]>) -> Self {
+        let pair = kyber1024::generate_key_pair(*seed);
+        Self {
+            public: KyberPublicKey::from_raw(*pair.public_key().as_slice()),
+            private: Zeroizing::new(pair.private_key().as_slice().to_vec()),
+        }
+    }
+
+    /// The key pair of a stored secret key, which holds its public key.
+    pub fn from_private(private: &[u8]) -> Result<Self, KyberKeyLength> {
+        if private.len() != KYBER1024_SECRET_KEY_LEN {
+            return Err(KyberKeyLength(private.len()));
+        }
+        let public = KyberPublicKey::from_raw_slice(&private[PUBLIC_IN_SECRET])
+            .expect("the range is a public key's length");
+        Ok(Self {
+            private: Zeroizing::new(private.to_vec()),
+            public,
+        })
+    }
+
+    pub fn public(&self) -> &KyberPublicKey {
+        &self.public
+    }
+
+    /// The secret key, to be sealed in the vault.
+    pub fn private_bytes(&self) -> &[u8] {
+        &self.private[..]
+    }
+
+    /// The shared secret of a ciphertext made for this key.
+    pub fn decapsulate(&self, ciphertext: &[u8; KYBER1024_CIPHERTEXT_LEN]) -> Zeroizing<[u8; 32]> {
+        let mut bytes = Zeroizing::new([0u8; KYBER1024_SECRET_KEY_LEN]);
+        bytes.copy_from_slice(&self.private);
+        let private = MlKem1024PrivateKey::from(*bytes);
+        Zeroizing::new(kyber1024::decapsulate(
+            &private,
+            &MlKem1024Ciphertext::from(*ciphertext),
+        ))
+    }
+}
+
+/// A shared secret and the ciphertext that carries it to the holder of `their` private key,
+/// with fresh randomness.
+pub fn encapsulate(
+    their: &KyberPublicKey,
+) -> ([u8; KYBER1024_CIPHERTEXT_LEN], Zeroizing<[u8; 32]>) {
+    encapsulate_with(their, Zeroizing::new(random_bytes()))
+}
+
+/// [`encapsulate`] with given randomness (known-answer tests).
+pub fn encapsulate_with(
+    their: &KyberPublicKey,
+    randomness: Zeroizing<[u8; 32]>,
+) -> ([u8; KYBER1024_CIPHERTEXT_LEN], Zeroizing<[u8; 32]>) {
+    let (ciphertext, shared) =
+        kyber1024::encapsulate(&MlKem1024PublicKey::from(*their.as_raw()), *randomness);
+    (*ciphertext.as_slice(), Zeroizing::new(shared))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +176,23 @@ mod tests {
         let signature = pair.sign(&message);
         assert!(xeddsa::verify(&pair.public(), &message, &signature));
         assert!(!xeddsa::verify(&other.public(), &message, &signature));
+    }
+
+    #[test]
+    fn kyber_pairs_agree_and_restore_from_their_secret_key() {
+        let pair = KyberKeyPair::generate();
+        assert_eq!(pair.public().serialize().len(), 1569);
+        assert_eq!(pair.public().serialize()[0], 0x08);
+        let (ciphertext, sent) = encapsulate(pair.public());
+        assert_eq!(*pair.decapsulate(&ciphertext), *sent);
+        let restored = KyberKeyPair::from_private(pair.private_bytes()).unwrap();
+        assert_eq!(restored.public(), pair.public());
+        assert_eq!(*restored.decapsulate(&ciphertext), *sent);
+        let other = KyberKeyPair::generate();
+        assert_ne!(*other.decapsulate(&ciphertext), *sent, "implicit rejection");
+        assert_eq!(
+            KyberKeyPair::from_private(&[0; 32]).err(),
+            Some(KyberKeyLength(32))
+        );
     }
 }

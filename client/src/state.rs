@@ -1,6 +1,7 @@
 //! The device's local state file: public keys, sealed private keys and id counters. It never
 //! holds a private key in plaintext; opening any key needs the passphrase. It is written
-//! atomically with owner-only permissions.
+//! atomically with owner-only permissions. Version 1 files (before PQXDH, no Kyber keys) are
+//! read as version 2 with no Kyber keys; the next `register` or `refresh` publishes them.
 
 use std::fs;
 use std::io::Write;
@@ -11,7 +12,9 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 /// Format version of the state file.
-pub const STATE_VERSION: u32 = 1;
+pub const STATE_VERSION: u32 = 2;
+/// The versions this keyctl reads.
+const READS: [u32; 2] = [1, STATE_VERSION];
 
 /// How the vault key is derived from the passphrase.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +58,22 @@ pub struct StoredPreKey {
     pub sealed_private: Vec<u8>,
 }
 
+/// A Kyber prekey pair and its signature: one-time (kept until a peer's first message uses it)
+/// or last resort (kept after it is replaced, so late messages still decrypt).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredKyberPreKey {
+    pub id: u32,
+    /// Serialized public key (1569 bytes).
+    #[serde(with = "hex::serde")]
+    pub public: Vec<u8>,
+    #[serde(with = "hex::serde")]
+    pub signature: Vec<u8>,
+    #[serde(with = "hex::serde")]
+    pub sealed_private: Vec<u8>,
+    /// Unix seconds when it was generated.
+    pub created_at: i64,
+}
+
 /// Everything a device keeps locally.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceState {
@@ -68,20 +87,31 @@ pub struct DeviceState {
     pub one_time_prekeys: Vec<StoredPreKey>,
     pub next_signed_prekey_id: u32,
     pub next_one_time_prekey_id: u32,
+    /// One-time Kyber prekeys no peer has used yet.
+    #[serde(default)]
+    pub kyber_one_time_prekeys: Vec<StoredKyberPreKey>,
+    /// Last-resort Kyber prekeys, newest last: the last one is the active key.
+    #[serde(default)]
+    pub kyber_last_resort_prekeys: Vec<StoredKyberPreKey>,
+    /// The id the next Kyber prekey gets; 0 until the first one is made (one-time and
+    /// last-resort Kyber prekeys share one id space).
+    #[serde(default)]
+    pub next_kyber_prekey_id: u32,
 }
 
 impl DeviceState {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = fs::read_to_string(path)
             .with_context(|| format!("reading {} (run `keyctl init` first)", path.display()))?;
-        let state: Self =
+        let mut state: Self =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         anyhow::ensure!(
-            state.version == STATE_VERSION,
-            "{} has format version {}, this keyctl reads {STATE_VERSION}",
+            READS.contains(&state.version),
+            "{} has format version {}, this keyctl reads {READS:?}",
             path.display(),
             state.version
         );
+        state.version = STATE_VERSION;
         Ok(state)
     }
 

@@ -3,13 +3,15 @@
 -- Devices are named as `loadtest` names them (loadtest/src/population.rs): device n is 'load-n'
 -- of user 6c6f6164-7465-4000-8000-<n in hex>, so pgbench and loadtest can run on the same rows,
 -- seeded by either.
+-- Devices are served whether or not they have Kyber keys (the server without --require-pqxdh).
 -- Run it prepared, as the server does (a named statement that PostgreSQL plans once):
 --   pgbench -n -M prepared -f loadtest/pgbench/fetch.sql -D devices=1000 -c 16 -j 2 -T 30 "$DATABASE_URL"
 \set d random(0, :devices - 1)
 WITH targets AS (
     SELECT 0 AS ord,
            ('6c6f6164-7465-4000-8000-' || lpad(to_hex(:d::int4), 12, '0'))::uuid AS user_id,
-           'load-' || :d::int4 AS device_id
+           'load-' || :d::int4 AS device_id,
+           FALSE AS pqxdh_only
 ),
 devices AS (
     SELECT DISTINCT ik.device_id, ik.user_id, ik.registration_id, ik.identity_key_public,
@@ -18,6 +20,10 @@ devices AS (
     JOIN nchat_identity_keys ik
       ON ik.user_id = t.user_id AND (t.device_id IS NULL OR ik.device_id = t.device_id)
     JOIN nchat_signed_prekeys sp ON sp.device_id = ik.device_id AND sp.is_active = TRUE
+    WHERE NOT t.pqxdh_only OR EXISTS (
+        SELECT 1 FROM nchat_kyber_prekeys lr
+        WHERE lr.device_id = ik.device_id AND lr.is_last_resort = TRUE
+          AND lr.is_active = TRUE)
 ),
 picked AS (
     SELECT next.id
@@ -36,12 +42,38 @@ taken AS (
     FROM picked
     WHERE o.id = picked.id AND o.is_consumed = FALSE
     RETURNING o.device_id, o.prekey_id, o.prekey_public
+),
+kyber_picked AS (
+    SELECT next.id
+    FROM devices d
+    CROSS JOIN LATERAL (
+        SELECT q.id FROM nchat_kyber_prekeys q
+        WHERE q.device_id = d.device_id AND q.is_last_resort = FALSE
+          AND q.is_consumed = FALSE
+        ORDER BY q.id
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    ) next
+),
+kyber_taken AS (
+    UPDATE nchat_kyber_prekeys q
+    SET is_consumed = TRUE, consumed_at = NOW()
+    FROM kyber_picked
+    WHERE q.id = kyber_picked.id AND q.is_consumed = FALSE
+    RETURNING q.device_id, q.kyber_prekey_id, q.kyber_prekey_public, q.signature
 )
 SELECT t.ord, d.device_id, COALESCE(d.registration_id, 0) AS registration_id,
        d.identity_key_public, d.signed_prekey_id, d.signed_prekey_public, d.signature,
-       d.rotation_date, k.prekey_id, k.prekey_public
+       d.rotation_date, k.prekey_id, k.prekey_public,
+       COALESCE(kt.kyber_prekey_id, lr.kyber_prekey_id) AS kyber_prekey_id,
+       COALESCE(kt.kyber_prekey_public, lr.kyber_prekey_public) AS kyber_prekey_public,
+       COALESCE(kt.signature, lr.signature) AS kyber_signature
 FROM targets t
 JOIN devices d
   ON d.user_id = t.user_id AND (t.device_id IS NULL OR d.device_id = t.device_id)
 LEFT JOIN taken k ON k.device_id = d.device_id
+LEFT JOIN kyber_taken kt ON kt.device_id = d.device_id
+LEFT JOIN nchat_kyber_prekeys lr
+  ON kt.device_id IS NULL AND lr.device_id = d.device_id
+ AND lr.is_last_resort = TRUE AND lr.is_active = TRUE
 ORDER BY t.ord, d.device_id;

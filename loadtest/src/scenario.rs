@@ -1,11 +1,12 @@
 //! The scenarios: what each worker does in a loop until the run's time or call budget is spent.
 //!
-//! - `register`: registers devices 0..N (each with 100 one-time prekeys); also the seed for the
-//!   other scenarios.
+//! - `register`: registers devices 0..N (each with 100 one-time prekeys, and unless `--x3dh` a
+//!   last-resort Kyber prekey and 100 one-time Kyber prekeys); also the seed for the others.
 //! - `fetch`: single-device bundles of random seeded devices.
 //! - `bulk`: bundles of 10 random devices per call, as a group chat fetches.
-//! - `replenish`: random devices upload 10 fresh one-time prekeys.
-//! - `mixed`: 90 % fetches, 5 % key status, 4 % replenish, 1 % signed-prekey rotation.
+//! - `replenish`: random devices upload 10 fresh one-time prekeys (and 10 Kyber ones).
+//! - `mixed`: 90 % fetches, 5 % key status, 4 % replenish, 1 % rotation of the signed prekey
+//!   (and of the last-resort Kyber prekey).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -18,8 +19,8 @@ use keyserver_proto::pb;
 use keyserver_proto::pb::key_service_client::KeyServiceClient;
 use tonic::transport::Channel;
 
-use crate::population::{self, ONE_TIME_PREKEYS};
-use crate::stats::Recorder;
+use crate::population::{self, LAST_RESORT_ID, ONE_TIME_PREKEYS};
+use crate::stats::{KyberKey, Recorder};
 
 /// Targets of one bulk fetch.
 const BULK_TARGETS: usize = 10;
@@ -42,6 +43,10 @@ pub struct Plan {
     pub concurrency: usize,
     pub duration: Duration,
     pub max_calls: Option<u64>,
+    /// Devices without Kyber keys (the nchat design's X3DH clients).
+    pub x3dh: bool,
+    /// One-time Kyber prekeys a PQXDH device is seeded with.
+    pub kyber_prekeys: u32,
 }
 
 /// State every worker shares.
@@ -58,6 +63,8 @@ struct Shared {
     /// The next key id for uploads and rotations: above the seeded ids, random per run so
     /// repeated runs do not collide, below 2^24.
     next_key_id: AtomicU32,
+    x3dh: bool,
+    kyber_prekeys: u32,
 }
 
 impl Shared {
@@ -100,7 +107,8 @@ pub async fn run(
     plan: &Plan,
     recorder: Arc<Recorder>,
 ) -> anyhow::Result<()> {
-    let start_id = 1_000 + u32::from_le_bytes(random_bytes::<4>()) % 8_000_000;
+    // Below the last-resort Kyber prekey's id, so an upload never collides with it.
+    let start_id = 1_000 + u32::from_le_bytes(random_bytes::<4>()) % 7_000_000;
     let shared = Arc::new(Shared {
         tokens,
         recorder,
@@ -110,6 +118,8 @@ pub async fn run(
         max_calls: plan.max_calls,
         next_device: AtomicU32::new(0),
         next_key_id: AtomicU32::new(start_id),
+        x3dh: plan.x3dh,
+        kyber_prekeys: plan.kyber_prekeys,
     });
     let mut workers = Vec::with_capacity(plan.concurrency);
     for _ in 0..plan.concurrency {
@@ -176,11 +186,13 @@ async fn timed<T>(
 }
 
 async fn register(client: &mut KeyServiceClient<Channel>, shared: &Shared, n: u32) {
-    let request = shared.request(population::registration(n), n);
+    let registration = population::registration(n, shared.x3dh, shared.kyber_prekeys);
+    let request = shared.request(registration, n);
     timed(shared, "RegisterDevice", client.register_device(request)).await;
 }
 
-/// Verifies each bundle and records the one-time prekey it carried.
+/// Verifies each bundle (both signatures) and records the one-time prekey and the Kyber
+/// prekey it carried.
 fn check_bundles(shared: &Shared, bundles: &[pb::DevicePreKeyBundle]) {
     for bundle in bundles {
         let device = bundle
@@ -190,9 +202,13 @@ fn check_bundles(shared: &Shared, bundles: &[pb::DevicePreKeyBundle]) {
             .unwrap_or(u32::MAX);
         let verified = verify_bundle(bundle).is_ok();
         let key = bundle.one_time_prekey.as_ref().map(|k| k.key_id);
-        shared
-            .recorder
-            .bundle(device, key, verified, ONE_TIME_PREKEYS);
+        let kyber = match &bundle.kyber_prekey {
+            None => KyberKey::Missing,
+            Some(k) if k.key_id == LAST_RESORT_ID => KyberKey::LastResort,
+            Some(k) => KyberKey::OneTime(k.key_id),
+        };
+        let seeded = (ONE_TIME_PREKEYS, shared.kyber_prekeys);
+        shared.recorder.bundle(device, key, kyber, verified, seeded);
     }
 }
 
@@ -267,6 +283,25 @@ async fn replenish(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
         client.upload_one_time_pre_keys(request),
     )
     .await;
+    if shared.x3dh {
+        return;
+    }
+    let first = shared.key_ids(REPLENISH_KEYS);
+    let request = shared.request(
+        pb::UploadKyberPreKeysRequest {
+            device_id: population::device_id(n),
+            kyber_one_time_prekeys: (first..first + REPLENISH_KEYS)
+                .map(|id| population::kyber_prekey(n, id))
+                .collect(),
+        },
+        n,
+    );
+    timed(
+        shared,
+        "UploadKyberPreKeys",
+        client.upload_kyber_pre_keys(request),
+    )
+    .await;
 }
 
 async fn status(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
@@ -293,6 +328,22 @@ async fn rotate(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
         shared,
         "RotateSignedPreKey",
         client.rotate_signed_pre_key(request),
+    )
+    .await;
+    if shared.x3dh {
+        return;
+    }
+    let request = shared.request(
+        pb::RotateKyberLastResortPreKeyRequest {
+            device_id: population::device_id(n),
+            kyber_last_resort_prekey: Some(population::kyber_prekey(n, shared.key_ids(1))),
+        },
+        n,
+    );
+    timed(
+        shared,
+        "RotateKyberLastResortPreKey",
+        client.rotate_kyber_last_resort_pre_key(request),
     )
     .await;
 }

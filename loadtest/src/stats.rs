@@ -1,7 +1,7 @@
 //! What a run measured: a latency histogram per RPC (HDR, microseconds), failures by status
-//! code, a per-second timeline, and the correctness ledger of one-time prekeys handed out. When a
-//! command runs alongside the load (`--during`), latencies are also kept apart by whether the
-//! call completed while it ran, so its effect is measured within one run.
+//! code, a per-second timeline, and the correctness ledgers of one-time prekeys handed out (EC
+//! and Kyber). When a command runs alongside the load (`--during`), latencies are also kept
+//! apart by whether the call completed while it ran, so its effect is measured within one run.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
@@ -31,32 +31,45 @@ pub enum Phase {
     During = 2,
 }
 
+/// The one-time keys of one kind handed out during a run.
 #[derive(Default)]
-struct Inner {
-    latency: BTreeMap<&'static str, Histogram<u64>>,
-    /// Successful calls by phase, kept only once [`Recorder::enter`] has been called.
-    phases: BTreeMap<(Phase, &'static str), Histogram<u64>>,
-    failures: BTreeMap<(&'static str, String), u64>,
-    /// Per second since the start.
-    timeline: Vec<Second>,
-    /// (device, one-time prekey id) handed out during the run.
+struct Ledger {
+    /// (device, key id) handed out.
     served: HashSet<(u32, u32)>,
     served_twice: u64,
-    /// One-time prekeys taken from each device during the run.
+    /// Keys taken from each device.
     taken: HashMap<u32, u32>,
-    bundles: u64,
-    without_key: u64,
-    /// Per device: bundles that came without a one-time prekey, and the keys it was seeded with.
+    /// Bundles that came without a one-time key of this kind.
+    without: u64,
+    /// Per device: bundles that came without one, and the keys it was seeded with.
     empty: HashMap<u32, (u64, u32)>,
-    bad_signatures: u64,
 }
 
-impl Inner {
-    /// Bundles without a one-time prekey from devices that still had keys when the run ended.
+impl Ledger {
+    fn record(&mut self, device: u32, key: Option<u32>, seeded: u32) {
+        match key {
+            Some(id) => {
+                if !self.served.insert((device, id)) {
+                    self.served_twice += 1;
+                }
+                *self.taken.entry(device).or_default() += 1;
+            }
+            None => {
+                self.without += 1;
+                self.empty.entry(device).or_insert((0, seeded)).0 += 1;
+            }
+        }
+    }
+
+    fn served(&self) -> u64 {
+        self.served.len() as u64 + self.served_twice
+    }
+
+    /// Bundles without a one-time key from devices that still had keys when the run ended.
     /// Judged at the end, not when the bundle came: a fetch that races another for a device's
     /// last key comes back empty while the other takes it (the row is locked, so it is
     /// skipped), and that is the key served once, not a key withheld.
-    fn without_key_while_left(&self) -> u64 {
+    fn without_while_left(&self) -> u64 {
         self.empty
             .iter()
             .filter(|(device, (_, seeded))| self.taken.get(device).copied().unwrap_or(0) < *seeded)
@@ -65,19 +78,58 @@ impl Inner {
     }
 }
 
+/// The Kyber prekey a bundle carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KyberKey {
+    /// None: the device has no Kyber keys (an X3DH bundle).
+    Missing,
+    OneTime(u32),
+    LastResort,
+}
+
+#[derive(Default)]
+struct Inner {
+    latency: BTreeMap<&'static str, Histogram<u64>>,
+    /// Successful calls by phase, kept only once [`Recorder::enter`] has been called.
+    phases: BTreeMap<(Phase, &'static str), Histogram<u64>>,
+    failures: BTreeMap<(&'static str, String), u64>,
+    /// Per second since the start.
+    timeline: Vec<Second>,
+    bundles: u64,
+    one_time: Ledger,
+    kyber: Ledger,
+    /// Bundles without any Kyber prekey.
+    without_kyber: u64,
+    bad_signatures: u64,
+}
+
+/// What makes a run fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Problems {
+    pub failed_calls: u64,
+    /// One-time prekeys (EC or Kyber) handed out twice.
+    pub served_twice: u64,
+    pub bad_signatures: u64,
+    /// Bundles without a Kyber prekey where every seeded device has one.
+    pub without_kyber: u64,
+}
+
 /// Shared by every worker of a run.
 pub struct Recorder {
     started: Instant,
     /// 0 while calls are not split by phase, else the current [`Phase`].
     phase: AtomicU8,
+    /// Whether every device has Kyber keys (PQXDH), so every bundle must carry one.
+    pqxdh: bool,
     inner: Mutex<Inner>,
 }
 
 impl Recorder {
-    pub fn new() -> Self {
+    pub fn new(pqxdh: bool) -> Self {
         Self {
             started: Instant::now(),
             phase: AtomicU8::new(0),
+            pqxdh,
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -128,36 +180,38 @@ impl Recorder {
         }
     }
 
-    /// Records a fetched bundle of `device`: the one-time prekey it carried, and whether its
-    /// signature verified. `seeded` is how many keys the device had when the run started.
-    pub fn bundle(&self, device: u32, one_time_key: Option<u32>, verified: bool, seeded: u32) {
+    /// Records a fetched bundle of `device`: the one-time prekey and the Kyber prekey it
+    /// carried, and whether its signatures verified. `seeded` is how many one-time keys of each
+    /// kind (EC, Kyber) the device had when the run started.
+    pub fn bundle(
+        &self,
+        device: u32,
+        one_time_key: Option<u32>,
+        kyber: KyberKey,
+        verified: bool,
+        seeded: (u32, u32),
+    ) {
         let mut inner = self.inner.lock().expect("recorder lock");
         inner.bundles += 1;
         if !verified {
             inner.bad_signatures += 1;
         }
-        match one_time_key {
-            Some(id) => {
-                if !inner.served.insert((device, id)) {
-                    inner.served_twice += 1;
-                }
-                *inner.taken.entry(device).or_default() += 1;
-            }
-            None => {
-                inner.without_key += 1;
-                inner.empty.entry(device).or_insert((0, seeded)).0 += 1;
-            }
+        inner.one_time.record(device, one_time_key, seeded.0);
+        match kyber {
+            KyberKey::Missing => inner.without_kyber += 1,
+            KyberKey::OneTime(id) => inner.kyber.record(device, Some(id), seeded.1),
+            KyberKey::LastResort => inner.kyber.record(device, None, seeded.1),
         }
     }
 
-    /// Total failed calls and prekeys served twice: what makes a run fail.
-    pub fn problems(&self) -> (u64, u64, u64) {
+    pub fn problems(&self) -> Problems {
         let inner = self.inner.lock().expect("recorder lock");
-        (
-            inner.failures.values().sum(),
-            inner.served_twice,
-            inner.bad_signatures,
-        )
+        Problems {
+            failed_calls: inner.failures.values().sum(),
+            served_twice: inner.one_time.served_twice + inner.kyber.served_twice,
+            bad_signatures: inner.bad_signatures,
+            without_kyber: if self.pqxdh { inner.without_kyber } else { 0 },
+        }
     }
 
     /// Calls completed so far and failures, for the progress line.
@@ -185,10 +239,15 @@ impl Recorder {
             "failures": failures,
             "correctness": {
                 "bundles": inner.bundles,
-                "one_time_prekeys_served": inner.served.len() as u64 + inner.served_twice,
-                "served_twice": inner.served_twice,
-                "bundles_without_one_time_prekey": inner.without_key,
-                "without_one_time_prekey_while_keys_were_left": inner.without_key_while_left(),
+                "one_time_prekeys_served": inner.one_time.served(),
+                "served_twice": inner.one_time.served_twice,
+                "bundles_without_one_time_prekey": inner.one_time.without,
+                "without_one_time_prekey_while_keys_were_left": inner.one_time.without_while_left(),
+                "kyber_one_time_prekeys_served": inner.kyber.served(),
+                "kyber_served_twice": inner.kyber.served_twice,
+                "bundles_with_last_resort_kyber_prekey": inner.kyber.without,
+                "last_resort_while_kyber_keys_were_left": inner.kyber.without_while_left(),
+                "bundles_without_kyber_prekey": inner.without_kyber,
                 "bad_signatures": inner.bad_signatures,
             },
             "timeline": inner.timeline.iter().enumerate().map(|(s, second)| {
@@ -276,6 +335,15 @@ pub fn render(summary: &Value) -> String {
         c["without_one_time_prekey_while_keys_were_left"],
         c["bad_signatures"],
     ));
+    out.push_str(&format!(
+        "one-time Kyber prekeys served {}, served twice {}, last-resort Kyber prekeys served {} \
+         (while one-time ones were left {}), bundles without a Kyber prekey {}\n",
+        c["kyber_one_time_prekeys_served"],
+        c["kyber_served_twice"],
+        c["bundles_with_last_resort_kyber_prekey"],
+        c["last_resort_while_kyber_keys_were_left"],
+        c["bundles_without_kyber_prekey"],
+    ));
     out.push_str(&format!("{seconds:.1} s"));
     out
 }
@@ -304,28 +372,52 @@ mod tests {
 
     #[test]
     fn a_key_served_twice_and_an_empty_bundle_with_keys_left_are_counted() {
-        let r = Recorder::new();
-        r.bundle(1, Some(5), true, 2);
-        r.bundle(1, Some(5), true, 2);
-        r.bundle(2, None, true, 2);
-        r.bundle(3, Some(1), false, 2);
+        let r = Recorder::new(true);
+        let kyber = KyberKey::LastResort;
+        r.bundle(1, Some(5), kyber, true, (2, 0));
+        r.bundle(1, Some(5), kyber, true, (2, 0));
+        r.bundle(2, None, kyber, true, (2, 0));
+        r.bundle(3, Some(1), kyber, false, (2, 0));
         // Device 4's empty bundle is recorded before the fetch that took its last key: a race
         // for that key, not a key withheld.
-        r.bundle(4, Some(1), true, 2);
-        r.bundle(4, None, true, 2);
-        r.bundle(4, Some(2), true, 2);
+        r.bundle(4, Some(1), kyber, true, (2, 0));
+        r.bundle(4, None, kyber, true, (2, 0));
+        r.bundle(4, Some(2), kyber, true, (2, 0));
         let c = &r.summary(Duration::from_secs(1))["correctness"];
         assert_eq!(c["served_twice"], 1);
         assert_eq!(c["one_time_prekeys_served"], 5);
         assert_eq!(c["bundles_without_one_time_prekey"], 2);
         assert_eq!(c["without_one_time_prekey_while_keys_were_left"], 1);
         assert_eq!(c["bad_signatures"], 1);
-        assert_eq!(r.problems(), (0, 1, 1));
+        let problems = r.problems();
+        assert_eq!((problems.served_twice, problems.bad_signatures), (1, 1));
+    }
+
+    #[test]
+    fn kyber_keys_are_kept_apart_and_a_missing_one_is_a_problem_only_under_pqxdh() {
+        for pqxdh in [true, false] {
+            let r = Recorder::new(pqxdh);
+            // Device 1 was seeded 3 one-time Kyber keys and 2 were taken (one id twice).
+            r.bundle(1, None, KyberKey::OneTime(3), true, (0, 3));
+            r.bundle(1, None, KyberKey::OneTime(3), true, (0, 3));
+            r.bundle(1, None, KyberKey::LastResort, true, (0, 3));
+            r.bundle(2, None, KyberKey::Missing, true, (0, 3));
+            let c = &r.summary(Duration::from_secs(1))["correctness"];
+            assert_eq!(c["kyber_one_time_prekeys_served"], 2);
+            assert_eq!(c["kyber_served_twice"], 1);
+            assert_eq!(c["served_twice"], 0, "EC and Kyber ids are apart");
+            assert_eq!(c["bundles_with_last_resort_kyber_prekey"], 1);
+            assert_eq!(c["last_resort_while_kyber_keys_were_left"], 1);
+            assert_eq!(c["bundles_without_kyber_prekey"], 1);
+            let problems = r.problems();
+            assert_eq!(problems.served_twice, 1);
+            assert_eq!(problems.without_kyber, u64::from(pqxdh));
+        }
     }
 
     #[test]
     fn latencies_and_failures_are_kept_per_rpc() {
-        let r = Recorder::new();
+        let r = Recorder::new(true);
         for ms in 1..=100 {
             r.call("Fetch", Duration::from_millis(ms), None);
         }
@@ -340,7 +432,7 @@ mod tests {
 
     #[test]
     fn calls_are_split_by_whether_they_completed_while_the_command_ran() {
-        let r = Recorder::new();
+        let r = Recorder::new(true);
         r.call("Fetch", Duration::from_millis(1), None);
         r.enter(Phase::Outside);
         r.call("Fetch", Duration::from_millis(2), None);

@@ -1,6 +1,6 @@
 //! Every scenario of the `loadtest` binary against a real server on each backend: the runs
-//! succeed, verify every bundle, report no key served twice, and what they report matches what
-//! the server stored.
+//! succeed, verify every bundle (both signatures), report no key of either kind served twice,
+//! and what they report matches what the server stored.
 
 use std::process::Command;
 
@@ -54,6 +54,21 @@ async fn every_scenario_runs_and_reports_what_the_server_did(backend: Backend) {
             .await,
         4_000
     );
+    // PQXDH devices: 100 one-time Kyber prekeys and a last-resort one each.
+    assert_eq!(
+        server
+            .db
+            .count("SELECT count(*) FROM nchat_kyber_prekeys WHERE is_last_resort")
+            .await,
+        40
+    );
+    assert_eq!(
+        server
+            .db
+            .count("SELECT count(*) FROM nchat_kyber_prekeys WHERE NOT is_last_resort")
+            .await,
+        4_000
+    );
 
     let fetch = loadtest(
         &server,
@@ -68,18 +83,27 @@ async fn every_scenario_runs_and_reports_what_the_server_did(backend: Backend) {
     assert_eq!(fetch["rpcs"]["FetchPreKeyBundle"]["ok"], 200);
     assert_eq!(bulk["rpcs"]["FetchPreKeyBundles"]["ok"], 30);
     for run in [&fetch, &bulk] {
-        assert_eq!(run["correctness"]["served_twice"], 0);
-        assert_eq!(run["correctness"]["bad_signatures"], 0);
-        assert_eq!(
-            run["correctness"]["without_one_time_prekey_while_keys_were_left"],
-            0
-        );
+        let c = &run["correctness"];
+        assert_eq!(c["served_twice"], 0);
+        assert_eq!(c["kyber_served_twice"], 0);
+        assert_eq!(c["bad_signatures"], 0);
+        assert_eq!(c["without_one_time_prekey_while_keys_were_left"], 0);
+        assert_eq!(c["bundles_without_kyber_prekey"], 0);
+        assert_eq!(c["last_resort_while_kyber_keys_were_left"], 0);
+        assert_eq!(c["kyber_one_time_prekeys_served"], c["bundles"]);
     }
     // Every key the runs report was handed out is flagged consumed, and no other.
     assert_eq!(
         server
             .db
             .count("SELECT count(*) FROM nchat_one_time_prekeys WHERE is_consumed")
+            .await,
+        200 + 300
+    );
+    assert_eq!(
+        server
+            .db
+            .count("SELECT count(*) FROM nchat_kyber_prekeys WHERE is_consumed")
             .await,
         200 + 300
     );
@@ -94,10 +118,18 @@ async fn every_scenario_runs_and_reports_what_the_server_did(backend: Backend) {
         &json,
     );
     assert_eq!(replenish["rpcs"]["UploadOneTimePreKeys"]["ok"], 20);
+    assert_eq!(replenish["rpcs"]["UploadKyberPreKeys"]["ok"], 20);
     assert_eq!(
         server
             .db
             .count("SELECT count(*) FROM nchat_one_time_prekeys")
+            .await,
+        4_000 + 20 * 10
+    );
+    assert_eq!(
+        server
+            .db
+            .count("SELECT count(*) FROM nchat_kyber_prekeys WHERE NOT is_last_resort")
             .await,
         4_000 + 20 * 10
     );
@@ -120,12 +152,23 @@ async fn every_scenario_runs_and_reports_what_the_server_did(backend: Backend) {
         .values()
         .map(|r| r["ok"].as_u64().unwrap())
         .sum();
-    assert_eq!(ok, 300);
-    assert!(mixed["rpcs"]["FetchPreKeyBundle"]["ok"].as_u64().unwrap() > 200);
+    // 300 steps; a replenish or a rotation of a PQXDH device takes one call per kind of key.
+    let ok_of = |rpc: &str| mixed["rpcs"][rpc]["ok"].as_u64().unwrap_or(0);
+    assert_eq!(
+        ok,
+        300 + ok_of("UploadKyberPreKeys") + ok_of("RotateKyberLastResortPreKey")
+    );
+    assert_eq!(ok_of("UploadKyberPreKeys"), ok_of("UploadOneTimePreKeys"));
+    assert_eq!(
+        ok_of("RotateKyberLastResortPreKey"),
+        ok_of("RotateSignedPreKey")
+    );
+    assert!(ok_of("FetchPreKeyBundle") > 200);
     assert_eq!(mixed["correctness"]["served_twice"], 0);
+    assert_eq!(mixed["correctness"]["kyber_served_twice"], 0);
     let timeline = mixed["timeline"].as_array().unwrap();
     let charted: u64 = timeline.iter().map(|s| s["calls"].as_u64().unwrap()).sum();
-    assert_eq!(charted, 300, "every call is in the timeline");
+    assert_eq!(charted, ok, "every call is in the timeline");
 
     // A command alongside the load: the calls that completed while it ran are reported apart.
     let split = loadtest(

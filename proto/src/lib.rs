@@ -1,13 +1,16 @@
 //! The keyserver wire contract, shared by the server and the client.
 //!
 //! - [`pb`]: the gRPC messages and service stubs generated from `keyserver/v1/*.proto`.
-//! - [`wire`]: libsignal's serialized public keys (type byte `0x05` and 32 bytes).
+//! - [`wire`]: libsignal's serialized public keys (Curve25519: type byte `0x05` and 32 bytes;
+//!   Kyber1024: `0x08` and 1568 bytes).
 //! - [`xeddsa`]: libsignal's signature scheme over Curve25519 identity keys.
 //! - [`fingerprint`]: libsignal's numeric fingerprint (safety numbers).
+//! - [`checks`]: the digests of `CheckKeys` and `CheckIdentityKeys`.
 //! - [`limits`]: id ranges, batch sizes and replenish thresholds.
 //!
 //! Both sides must agree on these byte for byte, which is why they live in one crate.
 
+pub mod checks;
 pub mod fingerprint;
 pub mod limits;
 pub mod wire;

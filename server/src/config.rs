@@ -91,6 +91,11 @@ pub struct ServeArgs {
     pub cleanup: CleanupSettings,
     #[command(flatten)]
     pub schedule: Schedule,
+    /// Serve PQXDH only, as Signal does: refuse registrations without a last-resort Kyber
+    /// prekey and leave devices without one out of every bundle answer. Off by default so
+    /// existing X3DH-only devices (the nchat design's clients) stay reachable.
+    #[arg(long, env = "KEYSERVER_REQUIRE_PQXDH")]
+    pub require_pqxdh: bool,
     /// Fewest PBKDF2 iterations a master-key record may declare (the schema's default).
     #[arg(
         long,
@@ -124,11 +129,11 @@ impl Default for RotationPolicy {
 /// How long expired rows are kept, and how cleanup deletes them.
 #[derive(Args, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CleanupSettings {
-    /// Consumed one-time prekeys are deleted this long after they were handed out.
+    /// Consumed one-time prekeys (EC and Kyber) are deleted this long after they were handed out.
     #[arg(long, env = "KEYSERVER_CONSUMED_PREKEY_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
     pub consumed_prekey_retention: Duration,
-    /// Superseded signed prekeys are deleted this long after they stopped being active (late
-    /// messages to them still decrypt on the device meanwhile).
+    /// Superseded signed prekeys and last-resort Kyber prekeys are deleted this long after they
+    /// stopped being active (late messages to them still decrypt on the device meanwhile).
     #[arg(long, env = "KEYSERVER_SUPERSEDED_SIGNED_PREKEY_RETENTION", default_value = "30days", value_parser = humantime::parse_duration)]
     pub superseded_signed_prekey_retention: Duration,
     /// Audit events are deleted at this age.

@@ -14,6 +14,7 @@ use keyserver::jobs::{Job, Jobs, Run, Trigger};
 use keyserver::secret;
 use keyserver::server::{self, ServerParts};
 use keyserver::shutdown::{self, CancellationToken};
+use keyserver::store::Serve;
 use keyserver::store::database::Database;
 use keyserver::store::{migrations, transfer};
 use uuid::Uuid;
@@ -217,6 +218,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             rotation: args.rotation,
             clock: Clock::System,
             min_pbkdf2_iterations: args.min_pbkdf2_iterations,
+            serve: if args.require_pqxdh {
+                Serve::PqxdhOnly
+            } else {
+                Serve::Mixed
+            },
         },
         stop,
     )

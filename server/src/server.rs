@@ -16,15 +16,16 @@ use crate::service::master_keys::MasterKeyApi;
 use crate::service::safety_numbers::SafetyNumberApi;
 use crate::service::sessions::SessionApi;
 use crate::shutdown::CancellationToken;
-use crate::store::Store;
+use crate::store::{Serve, Store};
 use keyserver_proto::pb::audit_service_server::AuditServiceServer;
 use keyserver_proto::pb::master_key_service_server::MasterKeyServiceServer;
 use keyserver_proto::pb::safety_number_service_server::SafetyNumberServiceServer;
 use keyserver_proto::pb::session_service_server::SessionServiceServer;
 
-/// Largest request accepted: a registration with 100 keys is about 20 KiB, a session state at
-/// most 64 KiB.
-const MAX_REQUEST_BYTES: usize = 256 * 1024;
+/// Largest request accepted: a registration with 100 one-time prekeys of each kind, a
+/// last-resort Kyber prekey and the largest private blobs allowed is about 550 KiB (a Kyber
+/// prekey with its sealed secret key is nearly 5 KiB); a session state is at most 64 KiB.
+const MAX_REQUEST_BYTES: usize = 640 * 1024;
 
 /// What the server needs beyond its listener.
 pub struct ServerParts {
@@ -38,6 +39,8 @@ pub struct ServerParts {
     pub clock: Clock,
     /// Fewest PBKDF2 iterations a master-key record may declare.
     pub min_pbkdf2_iterations: u32,
+    /// Which devices fetches serve (all, or only PQXDH ones).
+    pub serve: Serve,
 }
 
 /// Serves on `listener` until `shutdown` is cancelled, then finishes requests in flight.
@@ -98,8 +101,14 @@ pub async fn run(
         parts.tokens.clone(),
     );
     let keys = tonic::service::interceptor::InterceptedService::new(
-        KeyServiceServer::new(KeyApi::new(parts.store, view, parts.rotation, parts.clock))
-            .max_decoding_message_size(MAX_REQUEST_BYTES),
+        KeyServiceServer::new(KeyApi::new(
+            parts.store,
+            view,
+            parts.rotation,
+            parts.clock,
+            parts.serve,
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES),
         parts.tokens,
     );
 

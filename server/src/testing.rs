@@ -24,6 +24,7 @@ use crate::config::{CleanupSettings, RotationPolicy, Schedule};
 use crate::jobs::Jobs;
 use crate::server::{self, ServerParts};
 use crate::shutdown::CancellationToken;
+use crate::store::Serve;
 use crate::store::database::Database;
 use crate::store::migrations;
 
@@ -562,6 +563,8 @@ pub struct TestConfig {
     pub schedule: Schedule,
     pub rotation: RotationPolicy,
     pub cleanup: CleanupSettings,
+    /// Which devices fetches serve (`--require-pqxdh`).
+    pub serve: Serve,
 }
 
 impl Default for TestConfig {
@@ -576,6 +579,7 @@ impl Default for TestConfig {
             },
             rotation: RotationPolicy::default(),
             cleanup: CleanupSettings::default(),
+            serve: Serve::Mixed,
         }
     }
 }
@@ -610,6 +614,7 @@ impl TestServer {
             rotation: config.rotation,
             clock: config.clock,
             min_pbkdf2_iterations: 100_000,
+            serve: config.serve,
         };
         let task = tokio::spawn(server::run(listener, parts, stop.clone()));
         Self {

@@ -11,7 +11,7 @@ use keyserver::testing::{Backend, TestDb, TestServer};
 use tonic::Code;
 use uuid::Uuid;
 
-const TABLES: [&str; 9] = [
+const TABLES: [&str; 10] = [
     "nchat_users",
     "nchat_user_master_keys",
     "nchat_identity_keys",
@@ -21,6 +21,7 @@ const TABLES: [&str; 9] = [
     "nchat_safety_numbers",
     "nchat_e2ee_audit_log",
     "nchat_prekey_bundles",
+    "nchat_kyber_prekeys",
 ];
 
 async fn migrations_go_up_down_and_up_again_on_an_empty_database(backend: Backend) {
@@ -30,10 +31,12 @@ async fn migrations_go_up_down_and_up_again_on_an_empty_database(backend: Backen
 
     migrations::up(&db).await.unwrap();
     let schema = db.schema_objects().await;
-    for name in TABLES
-        .iter()
-        .chain(&["idx_one_time_prekeys_next", "idx_signed_prekeys_one_active"])
-    {
+    for name in TABLES.iter().chain(&[
+        "idx_one_time_prekeys_next",
+        "idx_signed_prekeys_one_active",
+        "idx_kyber_prekeys_next",
+        "idx_kyber_prekeys_one_last_resort",
+    ]) {
         assert!(
             schema.contains(&name.to_string()),
             "{name} missing from {schema:?}"
@@ -66,7 +69,7 @@ async fn migrations_go_up_down_and_up_again_on_an_empty_database(backend: Backen
 
     migrations::up(&db).await.unwrap();
     assert_eq!(db.schema_objects().await, schema);
-    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(5));
+    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(6));
 }
 conformance!(migrations_go_up_down_and_up_again_on_an_empty_database);
 

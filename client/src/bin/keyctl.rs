@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keyserver_client::api;
 use keyserver_client::device::{self, Device, ONE_TIME_PREKEY_TARGET, REPLENISH_BELOW};
-use keyserver_client::x3dh::InitialMessage;
+use keyserver_client::pqxdh::InitialMessage;
 use keyserver_client::{safety, vault};
 use keyserver_proto::pb;
 use uuid::Uuid;
@@ -52,28 +52,31 @@ enum Command {
         #[arg(long, default_value_t = vault::DEFAULT_ITERATIONS)]
         iterations: u32,
     },
-    /// Register the device with its signed prekey and 100 one-time prekeys.
+    /// Register the device with its signed prekey, its last-resort Kyber prekey and 100
+    /// one-time prekeys of each kind (or publish what a device registered before PQXDH lacks).
     Register,
     /// Show the device's keys on the server.
     Status,
     /// Remove this device from the server with all its keys and sessions.
     Remove,
-    /// Upload one-time prekeys when the server has fewer than --below left.
+    /// Upload one-time prekeys (EC and Kyber) of each kind the server has fewer than --below of.
     Replenish {
         #[arg(long, default_value_t = REPLENISH_BELOW)]
         below: u32,
-        /// Top up to this many.
+        /// Top up to this many (at most 100, one upload).
         #[arg(long, default_value_t = ONE_TIME_PREKEY_TARGET)]
         to: u32,
     },
-    /// Rotate the signed prekey now, or with --if-due only when the server says it is due
-    /// (for a device's cron). Safe to retry: an unanswered rotation resends the same key.
+    /// Rotate the signed prekey and the last-resort Kyber prekey now, or with --if-due only when
+    /// the server says one is due (for a device's cron). Safe to retry: an unanswered rotation
+    /// resends the same keys.
     Rotate {
         #[arg(long)]
         if_due: bool,
     },
-    /// What a device does periodically: replenish one-time prekeys when fewer than 10 are left,
-    /// and rotate the signed prekey when it is due.
+    /// What a device does periodically: check that the server holds this device's keys (and
+    /// register again if not), replenish one-time prekeys when fewer than 10 of a kind are left,
+    /// and rotate the signed keys when they are due.
     Refresh,
     /// Fetch and verify a peer's prekey bundles (takes one one-time prekey per device).
     Fetch {
@@ -82,10 +85,12 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
     },
-    /// Agree on a session secret with X3DH through the server; both sides store the session.
-    X3dh {
+    /// Agree on a session secret with PQXDH (X3DH with a peer that has no Kyber keys) through
+    /// the server; both sides store the session.
+    #[command(alias = "x3dh")]
+    Pqxdh {
         #[command(subcommand)]
-        step: X3dhStep,
+        step: HandshakeStep,
     },
     /// This device's sessions on the server.
     Session {
@@ -141,7 +146,7 @@ enum SessionAction {
 }
 
 #[derive(Subcommand)]
-enum X3dhStep {
+enum HandshakeStep {
     /// Fetch the peer's bundle and write the initial message for it.
     Initiate {
         #[arg(long)]
@@ -192,8 +197,8 @@ async fn sessions(cli: &Cli) -> anyhow::Result<api::SessionClient> {
     api::connect_sessions(&cli.server, token(cli)?).await
 }
 
-fn print_replenish(done: Option<pb::UploadOneTimePreKeysResponse>) {
-    match done {
+fn print_replenish(done: &device::Replenished) {
+    match &done.one_time {
         Some(r) => println!(
             "uploaded {} one-time prekeys; {} available",
             r.stored_key_ids.len(),
@@ -201,16 +206,45 @@ fn print_replenish(done: Option<pb::UploadOneTimePreKeysResponse>) {
         ),
         None => println!("enough one-time prekeys on the server; nothing uploaded"),
     }
+    match &done.kyber {
+        Some(r) => println!(
+            "uploaded {} one-time Kyber prekeys; {} available",
+            r.stored_key_ids.len(),
+            r.kyber_one_time_prekeys_available
+        ),
+        None => println!("enough one-time Kyber prekeys on the server; nothing uploaded"),
+    }
 }
 
-fn print_rotation(done: Option<pb::RotateSignedPreKeyResponse>) {
-    match done {
-        Some(r) if r.rotated => println!(
-            "rotated the signed prekey (previous: {:?})",
-            r.previous_key_id
+fn print_rotated(what: &str, rotated: Option<(bool, Option<u32>)>) {
+    match rotated {
+        Some((true, previous)) => println!(
+            "rotated the {what} (previous: {})",
+            previous.map_or("none".to_owned(), |id| id.to_string())
         ),
-        Some(_) => println!("the signed prekey was already installed; nothing to do"),
-        None => println!("signed prekey is not due for rotation; nothing done"),
+        Some((false, _)) => println!("the {what} was already installed; nothing to do"),
+        None => println!("the {what} is not due for rotation; nothing done"),
+    }
+}
+
+fn print_rotation(done: &device::Rotated) {
+    print_rotated(
+        "signed prekey",
+        done.signed.as_ref().map(|r| (r.rotated, r.previous_key_id)),
+    );
+    print_rotated(
+        "last-resort Kyber prekey",
+        done.kyber_last_resort
+            .as_ref()
+            .map(|r| (r.rotated, r.previous_key_id)),
+    );
+}
+
+/// The handshake's name: PQXDH, or X3DH when the peer had no Kyber prekey.
+fn handshake(kyber_prekey_id: Option<u32>) -> &'static str {
+    match kyber_prekey_id {
+        Some(_) => "PQXDH",
+        None => "X3DH (the peer has no Kyber prekey)",
     }
 }
 
@@ -234,10 +268,11 @@ async fn main() -> anyhow::Result<()> {
             let mut device = Device::open(&cli.state, &passphrase(&cli)?)?;
             let response = device.register(&mut client(&cli).await?).await?;
             println!(
-                "registered {}: {:?}, {} one-time prekeys on the server",
+                "registered {}: {:?}, {} one-time prekeys on the server, {} one-time Kyber prekeys",
                 device.state().device_id,
                 response.outcome(),
-                response.one_time_prekeys_available
+                response.one_time_prekeys_available,
+                response.kyber_one_time_prekeys_available
             );
         }
         Command::Remove => {
@@ -269,33 +304,53 @@ async fn main() -> anyhow::Result<()> {
                 ),
                 None => println!("active signed prekey: none"),
             }
+            println!(
+                "one-time Kyber prekeys available: {}",
+                s.kyber_one_time_prekeys_available
+            );
+            match s.kyber_last_resort_prekey_id {
+                Some(id) => println!(
+                    "last-resort Kyber prekey: {id}, {} s old",
+                    s.kyber_last_resort_prekey_age_seconds
+                ),
+                None => println!(
+                    "last-resort Kyber prekey: none (peers get X3DH bundles; run `keyctl refresh`)"
+                ),
+            }
             println!("rotation due: {}", s.rotation_due);
             println!("replenish recommended: {}", s.replenish_recommended);
         }
         Command::Replenish { below, to } => {
             let mut device = Device::open(&cli.state, &passphrase(&cli)?)?;
             print_replenish(
-                device
+                &device
                     .replenish(&mut client(&cli).await?, *below, *to)
                     .await?,
             );
         }
         Command::Rotate { if_due } => {
             let mut device = Device::open(&cli.state, &passphrase(&cli)?)?;
-            print_rotation(device.rotate(&mut client(&cli).await?, *if_due).await?);
+            print_rotation(&device.rotate(&mut client(&cli).await?, *if_due).await?);
         }
         Command::Refresh => {
             let mut device = Device::open(&cli.state, &passphrase(&cli)?)?;
             let done = device.refresh(&mut client(&cli).await?).await?;
-            print_replenish(done.replenished);
-            print_rotation(done.rotated);
+            match &done.reuploaded {
+                Some(r) => println!(
+                    "the server's keys differed from this device's: registered again ({:?})",
+                    r.outcome()
+                ),
+                None => println!("the server holds this device's keys"),
+            }
+            print_replenish(&done.replenished);
+            print_rotation(&done.rotated);
         }
         Command::Fetch { user, device } => {
             let bundles =
                 device::fetch_verified(&mut client(&cli).await?, user, device.as_deref()).await?;
             for b in bundles {
                 println!(
-                    "device {} (registration id {}): identity {}, signed prekey {} (signature verified{}), one-time prekey {}",
+                    "device {} (registration id {}): identity {}, signed prekey {} (signature verified{}), one-time prekey {}, Kyber prekey {}",
                     b.device_id,
                     b.registration_id,
                     hex::encode(b.keys.identity_key.serialize()),
@@ -307,12 +362,18 @@ async fn main() -> anyhow::Result<()> {
                     },
                     b.keys
                         .one_time_prekey
-                        .map_or("none left".to_owned(), |(id, _)| id.to_string())
+                        .map_or("none left".to_owned(), |(id, _)| id.to_string()),
+                    b.keys
+                        .kyber_prekey
+                        .as_ref()
+                        .map_or("none (an X3DH-only device)".to_owned(), |(id, _)| format!(
+                            "{id} (signature verified)"
+                        ))
                 );
             }
         }
-        Command::X3dh { step } => match step {
-            X3dhStep::Initiate { user, device, out } => {
+        Command::Pqxdh { step } => match step {
+            HandshakeStep::Initiate { user, device, out } => {
                 let me = Device::open(&cli.state, &passphrase(&cli)?)?;
                 let bundles = device::fetch_verified(
                     &mut client(&cli).await?,
@@ -334,12 +395,13 @@ async fn main() -> anyhow::Result<()> {
                     )
                     .await?;
                 println!(
-                    "initiated X3DH with device {} (session version {version})",
+                    "initiated {} with device {} (session version {version})",
+                    handshake(message.kyber_prekey_id),
                     bundle.device_id
                 );
                 println!("shared secret fingerprint: {}", secret.fingerprint());
             }
-            X3dhStep::Respond { message, from } => {
+            HandshakeStep::Respond { message, from } => {
                 let mut me = Device::open(&cli.state, &passphrase(&cli)?)?;
                 let text = std::fs::read_to_string(message)
                     .with_context(|| format!("reading {}", message.display()))?;
@@ -355,7 +417,8 @@ async fn main() -> anyhow::Result<()> {
                     )
                     .await?;
                 println!(
-                    "answered X3DH from device {} (session version {version})",
+                    "answered {} from device {} (session version {version})",
+                    handshake(message.kyber_prekey_id),
                     message.device_id
                 );
                 println!("shared secret fingerprint: {}", secret.fingerprint());

@@ -1,5 +1,6 @@
-//! Cleanup: deletes consumed one-time prekeys, superseded signed prekeys, audit events and job
-//! records past their retention, oldest first, in bounded batches.
+//! Cleanup: deletes consumed one-time prekeys (EC and Kyber), superseded signed prekeys and
+//! last-resort Kyber prekeys, audit events and job records past their retention, oldest first,
+//! in bounded batches.
 //!
 //! Each batch is one short transaction, so fetches and uploads interleave with a large backlog
 //! instead of waiting behind it, and a killed run leaves only whole batches done; the next run
@@ -25,8 +26,12 @@ pub enum Mode {
 /// How long rows of `kind` are kept.
 pub fn retention(settings: &CleanupSettings, kind: Expiring) -> Duration {
     match kind {
-        Expiring::ConsumedOneTimePreKeys => settings.consumed_prekey_retention,
-        Expiring::SupersededSignedPreKeys => settings.superseded_signed_prekey_retention,
+        Expiring::ConsumedOneTimePreKeys | Expiring::ConsumedKyberPreKeys => {
+            settings.consumed_prekey_retention
+        }
+        Expiring::SupersededSignedPreKeys | Expiring::SupersededKyberLastResortPreKeys => {
+            settings.superseded_signed_prekey_retention
+        }
         Expiring::AuditEvents => settings.audit_retention,
         Expiring::JobRuns => settings.job_run_retention,
     }

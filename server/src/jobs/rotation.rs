@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use super::Step;
 use crate::clock::Clock;
 use crate::config::RotationPolicy;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, prekeys};
 
 /// How many of the oldest overdue devices a report names.
 const LISTED: u32 = 20;
@@ -28,29 +28,38 @@ impl RotationPolicy {
     }
 }
 
-/// Counts active signed prekeys past the rotation age and the stale age, naming the oldest.
+/// Counts active signed prekeys and last-resort Kyber prekeys past the rotation age and the
+/// stale age, naming the oldest devices of each.
 pub async fn check(
     store: &Store,
     policy: &RotationPolicy,
     clock: Clock,
 ) -> Result<(Vec<Step>, Vec<String>, bool), StoreError> {
     let now = clock.now();
-    let started = Instant::now();
-    let scan = store
-        .scan_rotation(
-            now - policy.rotation_age,
-            now - policy.stale_signed_prekey_age,
-            LISTED,
-        )
-        .await?;
-    let duration = started.elapsed();
-    let mut notes: Vec<String> = scan
-        .oldest
-        .iter()
-        .map(|d| {
+    let mut steps = Vec::new();
+    let mut notes = Vec::new();
+    for (kind, (due_step, stale_step), what) in [
+        (&prekeys::SIGNED, ("rotation_due", "stale"), "signed prekey"),
+        (
+            &prekeys::KYBER_LAST_RESORT,
+            ("kyber_rotation_due", "kyber_stale"),
+            "last-resort Kyber prekey",
+        ),
+    ] {
+        let started = Instant::now();
+        let scan = store
+            .scan_rotation(
+                kind,
+                now - policy.rotation_age,
+                now - policy.stale_signed_prekey_age,
+                LISTED,
+            )
+            .await?;
+        let duration = started.elapsed();
+        notes.extend(scan.oldest.iter().map(|d| {
             let age = Duration::from_secs((now - d.rotated_at).whole_seconds().max(0) as u64);
             format!(
-                "user {} device {}: signed prekey installed {} ({} ago){}",
+                "user {} device {}: {what} installed {} ({} ago){}",
                 d.user_id,
                 d.device_id,
                 super::when(d.rotated_at),
@@ -61,28 +70,23 @@ pub async fn check(
                     ""
                 }
             )
-        })
-        .collect();
-    if scan.due > scan.oldest.len() as u64 {
-        notes.push(format!(
-            "… and {} more overdue",
-            scan.due - scan.oldest.len() as u64
-        ));
+        }));
+        if scan.due > scan.oldest.len() as u64 {
+            notes.push(format!(
+                "… and {} more with an overdue {what}",
+                scan.due - scan.oldest.len() as u64
+            ));
+        }
+        steps.push(Step {
+            name: due_step,
+            count: scan.due,
+            duration,
+        });
+        steps.push(Step {
+            name: stale_step,
+            count: scan.stale,
+            duration,
+        });
     }
-    Ok((
-        vec![
-            Step {
-                name: "rotation_due",
-                count: scan.due,
-                duration,
-            },
-            Step {
-                name: "stale",
-                count: scan.stale,
-                duration,
-            },
-        ],
-        notes,
-        true,
-    ))
+    Ok((steps, notes, true))
 }

@@ -1,5 +1,8 @@
 //! `keyserver.v1.KeyService`: validates each request, calls the store, shapes the answer.
 
+use std::collections::HashMap;
+
+use keyserver_proto::checks;
 use keyserver_proto::limits::REPLENISH_BELOW;
 use keyserver_proto::pb;
 use keyserver_proto::pb::key_service_server::KeyService;
@@ -10,7 +13,7 @@ use crate::auth::caller;
 use crate::clock::Clock;
 use crate::config::RotationPolicy;
 use crate::jobs::bundle_view::ViewChanges;
-use crate::store::{DeviceBundle, KeyId, NewDevice, RegisterOutcome, Store};
+use crate::store::{DeviceBundle, KeyId, NewDevice, RegisterOutcome, Serve, Store};
 
 /// The key service over a store.
 pub struct KeyApi {
@@ -18,15 +21,37 @@ pub struct KeyApi {
     view: ViewChanges,
     rotation: RotationPolicy,
     clock: Clock,
+    /// Which devices fetches serve: all, or only PQXDH ones (`--require-pqxdh`, which also
+    /// refuses registrations without a last-resort Kyber prekey).
+    serve: Serve,
 }
 
 impl KeyApi {
-    pub fn new(store: Store, view: ViewChanges, rotation: RotationPolicy, clock: Clock) -> Self {
+    pub fn new(
+        store: Store,
+        view: ViewChanges,
+        rotation: RotationPolicy,
+        clock: Clock,
+        serve: Serve,
+    ) -> Self {
         Self {
             store,
             view,
             rotation,
             clock,
+            serve,
+        }
+    }
+
+    /// The age in whole seconds of a key installed at `at`, and whether it is due for rotation.
+    fn age(&self, installed: Option<time::OffsetDateTime>) -> (u64, bool) {
+        let now = self.clock.now();
+        match installed {
+            Some(at) => (
+                (now - at).whole_seconds().max(0) as u64,
+                self.rotation.due(at, now),
+            ),
+            None => (0, true),
         }
     }
 
@@ -46,7 +71,8 @@ impl KeyApi {
         &self,
         targets: &[crate::store::BundleTarget],
     ) -> Result<Vec<Vec<DeviceBundle>>, Status> {
-        let results = self.store.fetch_bundles(targets).await?;
+        let results = self.store.fetch_bundles(targets, self.serve).await?;
+        // The read model shows the next one-time EC prekey of each device.
         if results
             .iter()
             .flatten()
@@ -74,6 +100,11 @@ fn bundle_message(b: DeviceBundle, stale: bool) -> pb::DevicePreKeyBundle {
             key_id: key_id.get(),
             public_key: public.serialize().to_vec(),
         }),
+        kyber_prekey: b.kyber_prekey.map(|k| pb::KyberPreKey {
+            key_id: k.key_id.get(),
+            public_key: k.public.serialize(),
+            signature: k.signature.to_vec(),
+        }),
     }
 }
 
@@ -99,6 +130,24 @@ impl KeyService for KeyApi {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let identity_key = validate::public_key("identity_key", &r.identity_key)?;
+        let kyber_last_resort = match r.kyber_last_resort_prekey {
+            Some(key) => Some(validate::kyber_prekey(
+                "kyber_last_resort_prekey",
+                key,
+                &identity_key,
+            )?),
+            None if self.serve == Serve::PqxdhOnly => {
+                return Err(Status::invalid_argument(
+                    "kyber_last_resort_prekey: is required: this server serves PQXDH only",
+                ));
+            }
+            None if !r.kyber_one_time_prekeys.is_empty() => {
+                return Err(Status::invalid_argument(
+                    "kyber_last_resort_prekey: is required with kyber_one_time_prekeys",
+                ));
+            }
+            None => None,
+        };
         let device = NewDevice {
             user_id: caller.user_id,
             device_id: validate::device_id("device_id", &r.device_id)?,
@@ -118,6 +167,14 @@ impl KeyService for KeyApi {
                 r.one_time_prekeys,
                 0,
             )?,
+            kyber_one_time_prekeys: validate::kyber_prekeys(
+                "kyber_one_time_prekeys",
+                r.kyber_one_time_prekeys,
+                0,
+                &identity_key,
+                kyber_last_resort.as_ref().map(|k| k.key_id),
+            )?,
+            kyber_last_resort,
         };
         let device_id = device.device_id.clone();
         let registered = self.store.register_device(device).await?;
@@ -126,6 +183,7 @@ impl KeyService for KeyApi {
         Ok(Response::new(pb::RegisterDeviceResponse {
             outcome: outcome_message(registered.outcome).into(),
             one_time_prekeys_available: registered.available,
+            kyber_one_time_prekeys_available: registered.kyber_available,
         }))
     }
 
@@ -191,22 +249,27 @@ impl KeyService for KeyApi {
         let caller = caller(&request)?;
         let device_id = validate::device_id("device_id", &request.get_ref().device_id)?;
         let status = self.store.key_status(caller.user_id, &device_id).await?;
-        let now = self.clock.now();
-        let (id, created_at, age) = match status.active_signed_prekey {
-            Some((id, at)) => (
-                Some(id.get()),
-                Some(at),
-                (now - at).whole_seconds().max(0) as u64,
-            ),
-            None => (None, None, 0),
-        };
+        let signed_at = status.active_signed_prekey.map(|(_, at)| at);
+        let (age, rotation_due) = self.age(signed_at);
+        let kyber_at = status.kyber_last_resort.map(|(_, at)| at);
+        let (kyber_age, kyber_rotation_due) = self.age(kyber_at);
+        let kyber_replenish = status.kyber_available < REPLENISH_BELOW;
+        // A device without Kyber keys is not told to rotate or top up what it never had; its
+        // kyber_* fields say what it lacks.
+        let pqxdh = status.kyber_last_resort.is_some();
         Ok(Response::new(pb::GetKeyStatusResponse {
             one_time_prekeys_available: status.available,
-            active_signed_prekey_id: id,
-            active_signed_prekey_created_at: created_at.map(super::timestamp),
+            active_signed_prekey_id: status.active_signed_prekey.map(|(id, _)| id.get()),
+            active_signed_prekey_created_at: signed_at.map(super::timestamp),
             active_signed_prekey_age_seconds: age,
-            rotation_due: created_at.is_none_or(|at| self.rotation.due(at, now)),
-            replenish_recommended: status.available < REPLENISH_BELOW,
+            rotation_due: rotation_due || (pqxdh && kyber_rotation_due),
+            replenish_recommended: status.available < REPLENISH_BELOW || (pqxdh && kyber_replenish),
+            kyber_one_time_prekeys_available: status.kyber_available,
+            kyber_last_resort_prekey_id: status.kyber_last_resort.map(|(id, _)| id.get()),
+            kyber_last_resort_prekey_created_at: kyber_at.map(super::timestamp),
+            kyber_last_resort_prekey_age_seconds: kyber_age,
+            kyber_rotation_due,
+            kyber_replenish_recommended: kyber_replenish,
         }))
     }
 
@@ -294,5 +357,142 @@ impl KeyService for KeyApi {
                 })
                 .collect(),
         }))
+    }
+
+    async fn upload_kyber_pre_keys(
+        &self,
+        request: Request<pb::UploadKyberPreKeysRequest>,
+    ) -> Result<Response<pb::UploadKyberPreKeysResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let device_id = validate::device_id("device_id", &r.device_id)?;
+        let identity = self
+            .store
+            .device_identity(caller.user_id, &device_id)
+            .await?;
+        let keys = validate::kyber_prekeys(
+            "kyber_one_time_prekeys",
+            r.kyber_one_time_prekeys,
+            1,
+            &identity,
+            None,
+        )?;
+        let report = self
+            .store
+            .upload_kyber_prekeys(caller.user_id, &device_id, identity, keys)
+            .await?;
+        tracing::debug!(
+            %device_id,
+            stored = report.stored.len(),
+            refused = report.refused_consumed.len(),
+            "one-time Kyber prekeys uploaded"
+        );
+        Ok(Response::new(pb::UploadKyberPreKeysResponse {
+            stored_key_ids: ids(report.stored),
+            unchanged_key_ids: ids(report.unchanged),
+            refused_consumed_key_ids: ids(report.refused_consumed),
+            kyber_one_time_prekeys_available: report.available,
+        }))
+    }
+
+    async fn rotate_kyber_last_resort_pre_key(
+        &self,
+        request: Request<pb::RotateKyberLastResortPreKeyRequest>,
+    ) -> Result<Response<pb::RotateKyberLastResortPreKeyResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let device_id = validate::device_id("device_id", &r.device_id)?;
+        let field = "kyber_last_resort_prekey";
+        let upload = r
+            .kyber_last_resort_prekey
+            .ok_or_else(|| Status::invalid_argument(format!("{field}: is required")))?;
+        let identity = self
+            .store
+            .device_identity(caller.user_id, &device_id)
+            .await?;
+        let key = validate::kyber_prekey(field, upload, &identity)?;
+        let rotated = self
+            .store
+            .rotate_kyber_last_resort_prekey(caller.user_id, &device_id, identity, key)
+            .await?;
+        if rotated.rotated {
+            tracing::info!(%device_id, "last-resort Kyber prekey rotated");
+        }
+        Ok(Response::new(pb::RotateKyberLastResortPreKeyResponse {
+            rotated: rotated.rotated,
+            previous_key_id: rotated.previous_key_id.map(KeyId::get),
+        }))
+    }
+
+    async fn check_keys(
+        &self,
+        request: Request<pb::CheckKeysRequest>,
+    ) -> Result<Response<pb::CheckKeysResponse>, Status> {
+        let caller = caller(&request)?;
+        let r = request.into_inner();
+        let device_id = validate::device_id("device_id", &r.device_id)?;
+        let digest = validate::digest("digest", &r.digest)?;
+        let keys = self
+            .store
+            .published_keys(caller.user_id, &device_id)
+            .await?;
+        let matches = match (&keys.signed_prekey, &keys.kyber_last_resort) {
+            (Some((signed_id, signed)), Some((kyber_id, kyber))) => {
+                checks::published_keys_digest(
+                    &keys.identity_key,
+                    (signed_id.get(), signed),
+                    (kyber_id.get(), kyber),
+                ) == digest
+            }
+            _ => false,
+        };
+        Ok(Response::new(pb::CheckKeysResponse { matches }))
+    }
+
+    async fn check_identity_keys(
+        &self,
+        request: Request<pb::CheckIdentityKeysRequest>,
+    ) -> Result<Response<pb::CheckIdentityKeysResponse>, Status> {
+        caller(&request)?;
+        let checks = validate::identity_checks("checks", request.into_inner().checks)?;
+        let mut users: Vec<_> = checks.iter().map(|c| c.user_id).collect();
+        users.sort_unstable();
+        users.dedup();
+        let mut devices: HashMap<_, Vec<_>> = HashMap::new();
+        for (user, device, key) in self.store.device_identities(&users).await? {
+            devices.entry(user).or_default().push((device, key));
+        }
+        let mismatch = |user: uuid::Uuid, device: String, key: Vec<u8>| pb::IdentityKeyMismatch {
+            user_id: user.to_string(),
+            device_id: device,
+            identity_key: key,
+        };
+        let mut mismatches = Vec::new();
+        for check in checks {
+            let user = check.user_id;
+            let current = devices.get(&user).map(Vec::as_slice).unwrap_or_default();
+            let matches = |key| checks::identity_fingerprint(key) == check.fingerprint;
+            match check.device_id {
+                Some(device) => match current.iter().find(|(d, _)| *d == device) {
+                    Some((_, key)) if matches(key) => {}
+                    Some((_, key)) => mismatches.push(mismatch(
+                        user,
+                        device.into_string(),
+                        key.serialize().to_vec(),
+                    )),
+                    None => mismatches.push(mismatch(user, device.into_string(), Vec::new())),
+                },
+                None if current.iter().any(|(_, key)| matches(key)) => {}
+                None if current.is_empty() => {
+                    mismatches.push(mismatch(user, String::new(), Vec::new()));
+                }
+                None => mismatches.extend(
+                    current
+                        .iter()
+                        .map(|(d, key)| mismatch(user, d.to_string(), key.serialize().to_vec())),
+                ),
+            }
+        }
+        Ok(Response::new(pb::CheckIdentityKeysResponse { mismatches }))
     }
 }

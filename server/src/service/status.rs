@@ -34,6 +34,9 @@ impl From<StoreError> for Status {
             StoreError::SignedPreKeySuperseded { field, key_id } => Status::failed_precondition(
                 format!("{field}.key_id: {key_id} was already replaced by a newer key"),
             ),
+            StoreError::NoActiveKey { field } => Status::failed_precondition(format!(
+                "the device has no {field}; install one first (RotateKyberLastResortPreKey)"
+            )),
             StoreError::IdentityChanged => Status::aborted(
                 "the device's identity key changed while the request ran; sign with the new one",
             ),

@@ -1,21 +1,29 @@
 //! Turns request messages into the store's domain types, or says precisely which field is wrong
 //! and why. Nothing reaches the store before it passes here.
 
+use keyserver_proto::limits::{MAX_KEY_ID, MAX_ONE_TIME_PREKEYS, MAX_REGISTRATION_ID};
 use keyserver_proto::pb;
-use keyserver_proto::wire::{self, PublicKey};
+use keyserver_proto::wire::{self, KyberPublicKey, PublicKey};
 use keyserver_proto::xeddsa;
 use sha2::Digest;
 use uuid::Uuid;
 
 use crate::store::{
-    BundleTarget, DeviceId, NewOneTimePreKey, NewSignedPreKey, PreKeyId, SessionKey, SignedPreKeyId,
+    BundleTarget, DeviceId, KyberPreKeyId, NewKyberPreKey, NewOneTimePreKey, NewSignedPreKey,
+    PreKeyId, SessionKey, SignedPreKeyId,
 };
-use keyserver_proto::limits::{MAX_KEY_ID, MAX_ONE_TIME_PREKEYS, MAX_REGISTRATION_ID};
 
 /// Most targets one bulk fetch may name.
 pub const MAX_TARGETS: usize = 256;
-/// Largest encrypted private-key blob accepted (an AES-GCM sealed 32-byte key is about 60).
+/// Largest encrypted Curve25519 private-key blob accepted (an AES-GCM sealed 32-byte key is
+/// about 60).
 pub const MAX_ENCRYPTED_BLOB: usize = 512;
+/// Largest encrypted Kyber1024 private-key blob accepted: the 3168-byte secret key (3169 with
+/// libsignal's type byte) sealed with a version byte, a nonce of up to 24 bytes and a 16-byte
+/// tag fits; nothing much larger does.
+pub const MAX_KYBER_ENCRYPTED_BLOB: usize = 3232;
+/// Most identity keys one `CheckIdentityKeys` call may name.
+pub const MAX_IDENTITY_CHECKS: usize = 1000;
 /// Largest encrypted session state accepted.
 pub const MAX_SESSION_STATE: usize = 64 * 1024;
 /// Most sessions per page, and the page size when none is asked for.
@@ -67,16 +75,29 @@ pub fn public_key(field: &str, bytes: &[u8]) -> Result<PublicKey> {
 }
 
 pub fn encrypted_blob(field: &str, bytes: Vec<u8>) -> Result<Vec<u8>> {
-    if bytes.is_empty() || bytes.len() > MAX_ENCRYPTED_BLOB {
+    sized_blob(field, bytes, MAX_ENCRYPTED_BLOB)
+}
+
+fn sized_blob(field: &str, bytes: Vec<u8>, max: usize) -> Result<Vec<u8>> {
+    if bytes.is_empty() || bytes.len() > max {
         return Err(invalid(
             field,
-            format!(
-                "must be 1 to {MAX_ENCRYPTED_BLOB} bytes, got {}",
-                bytes.len()
-            ),
+            format!("must be 1 to {max} bytes, got {}", bytes.len()),
         ));
     }
     Ok(bytes)
+}
+
+/// A 64-byte signature by `identity` over `message`.
+fn signature(field: &str, bytes: &[u8], identity: &PublicKey, message: &[u8]) -> Result<[u8; 64]> {
+    let signature = wire::parse_signature(bytes).map_err(|e| invalid(field, e.to_string()))?;
+    if !xeddsa::verify(identity, message, &signature) {
+        return Err(invalid(
+            field,
+            "does not verify with the device's identity key",
+        ));
+    }
+    Ok(signature)
 }
 
 /// A signed prekey whose signature by `identity` verifies over its serialized public key.
@@ -86,27 +107,101 @@ pub fn signed_prekey(
     identity: &PublicKey,
 ) -> Result<NewSignedPreKey> {
     let upload = upload.ok_or_else(|| invalid(field, "is required"))?;
-    let key = NewSignedPreKey {
-        key_id: key_id(
-            &format!("{field}.key_id"),
-            upload.key_id,
-            SignedPreKeyId::new,
+    let key_id = key_id(
+        &format!("{field}.key_id"),
+        upload.key_id,
+        SignedPreKeyId::new,
+    )?;
+    let public = public_key(&format!("{field}.public_key"), &upload.public_key)?;
+    Ok(NewSignedPreKey {
+        key_id,
+        public,
+        signature: signature(
+            &format!("{field}.signature"),
+            &upload.signature,
+            identity,
+            &public.serialize(),
         )?,
-        public: public_key(&format!("{field}.public_key"), &upload.public_key)?,
-        signature: wire::parse_signature(&upload.signature)
-            .map_err(|e| invalid(format!("{field}.signature"), e.to_string()))?,
         encrypted_private: encrypted_blob(
             &format!("{field}.encrypted_private_key"),
             upload.encrypted_private_key,
         )?,
-    };
-    if !xeddsa::verify(identity, &key.public.serialize(), &key.signature) {
+    })
+}
+
+/// A Kyber prekey whose signature by `identity` verifies over its 1569-byte serialized form.
+pub fn kyber_prekey(
+    field: &str,
+    upload: pb::KyberPreKeyUpload,
+    identity: &PublicKey,
+) -> Result<NewKyberPreKey> {
+    let key_id = key_id(
+        &format!("{field}.key_id"),
+        upload.key_id,
+        KyberPreKeyId::new,
+    )?;
+    let public = KyberPublicKey::from_serialized(&upload.public_key)
+        .map_err(|e| invalid(format!("{field}.public_key"), e.to_string()))?;
+    Ok(NewKyberPreKey {
+        key_id,
+        signature: signature(
+            &format!("{field}.signature"),
+            &upload.signature,
+            identity,
+            &upload.public_key,
+        )?,
+        public,
+        encrypted_private: sized_blob(
+            &format!("{field}.encrypted_private_key"),
+            upload.encrypted_private_key,
+            MAX_KYBER_ENCRYPTED_BLOB,
+        )?,
+    })
+}
+
+/// One-time Kyber prekeys: between `min` and 100 of them, with distinct ids, none of them
+/// `reserved` (the last-resort key's id in the same request), each signed by `identity`.
+pub fn kyber_prekeys(
+    field: &str,
+    uploads: Vec<pb::KyberPreKeyUpload>,
+    min: usize,
+    identity: &PublicKey,
+    reserved: Option<KyberPreKeyId>,
+) -> Result<Vec<NewKyberPreKey>> {
+    count(field, uploads.len(), min)?;
+    let mut first_index = std::collections::HashMap::with_capacity(uploads.len());
+    uploads
+        .into_iter()
+        .enumerate()
+        .map(|(i, upload)| {
+            let at = format!("{field}[{i}]");
+            let key = kyber_prekey(&at, upload, identity)?;
+            if Some(key.key_id) == reserved {
+                return Err(invalid(
+                    format!("{at}.key_id"),
+                    format!("is the last-resort Kyber prekey's id ({})", key.key_id),
+                ));
+            }
+            if let Some(first) = first_index.insert(key.key_id, i) {
+                return Err(invalid(
+                    format!("{at}.key_id"),
+                    format!("duplicates {field}[{first}].key_id ({})", key.key_id),
+                ));
+            }
+            Ok(key)
+        })
+        .collect()
+}
+
+/// Between `min` and [`MAX_ONE_TIME_PREKEYS`] keys.
+fn count(field: &str, len: usize, min: usize) -> Result<()> {
+    if len < min || len > MAX_ONE_TIME_PREKEYS {
         return Err(invalid(
-            format!("{field}.signature"),
-            "does not verify with the device's identity key",
+            field,
+            format!("must hold {min} to {MAX_ONE_TIME_PREKEYS} keys, got {len}"),
         ));
     }
-    Ok(key)
+    Ok(())
 }
 
 /// One-time prekeys: between `min` and 100 of them, with distinct ids.
@@ -115,15 +210,7 @@ pub fn one_time_prekeys(
     uploads: Vec<pb::OneTimePreKeyUpload>,
     min: usize,
 ) -> Result<Vec<NewOneTimePreKey>> {
-    if uploads.len() < min || uploads.len() > MAX_ONE_TIME_PREKEYS {
-        return Err(invalid(
-            field,
-            format!(
-                "must hold {min} to {MAX_ONE_TIME_PREKEYS} keys, got {}",
-                uploads.len()
-            ),
-        ));
-    }
+    count(field, uploads.len(), min)?;
     let mut first_index = std::collections::HashMap::with_capacity(uploads.len());
     uploads
         .into_iter()
@@ -255,6 +342,59 @@ pub fn targets(field: &str, targets: Vec<pb::Target>) -> Result<Vec<BundleTarget
                 return Err(invalid(at, format!("duplicates {field}[{first}]")));
             }
             Ok(parsed)
+        })
+        .collect()
+}
+
+/// A fingerprint of `checks::identity_fingerprint`: exactly 4 bytes.
+pub fn fingerprint(field: &str, bytes: &[u8]) -> Result<[u8; 4]> {
+    bytes
+        .try_into()
+        .map_err(|_| invalid(field, format!("must be 4 bytes, got {}", bytes.len())))
+}
+
+/// A SHA-256 digest: exactly 32 bytes.
+pub fn digest(field: &str, bytes: &[u8]) -> Result<[u8; 32]> {
+    bytes
+        .try_into()
+        .map_err(|_| invalid(field, format!("must be 32 bytes, got {}", bytes.len())))
+}
+
+/// An identity key a sender holds, by fingerprint: of one device, or any of the user's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityCheck {
+    pub user_id: Uuid,
+    pub device_id: Option<DeviceId>,
+    pub fingerprint: [u8; 4],
+}
+
+/// 1 to [`MAX_IDENTITY_CHECKS`] checks.
+pub fn identity_checks(
+    field: &str,
+    checks: Vec<pb::IdentityKeyCheck>,
+) -> Result<Vec<IdentityCheck>> {
+    if checks.is_empty() || checks.len() > MAX_IDENTITY_CHECKS {
+        return Err(invalid(
+            field,
+            format!(
+                "must hold 1 to {MAX_IDENTITY_CHECKS} checks, got {}",
+                checks.len()
+            ),
+        ));
+    }
+    checks
+        .into_iter()
+        .enumerate()
+        .map(|(i, check)| {
+            let at = format!("{field}[{i}]");
+            Ok(IdentityCheck {
+                user_id: user_id(&format!("{at}.user_id"), &check.user_id)?,
+                device_id: check
+                    .device_id
+                    .map(|d| device_id(&format!("{at}.device_id"), &d))
+                    .transpose()?,
+                fingerprint: fingerprint(&format!("{at}.fingerprint"), &check.fingerprint)?,
+            })
         })
         .collect()
 }

@@ -13,8 +13,8 @@ use uuid::Uuid;
 use super::audit::{self, AuditEvent};
 use super::database::Tx;
 use super::ids::{DeviceId, KeyId};
-use super::prekeys::{self, NewOneTimePreKey, NewSignedPreKey};
-use super::sql::{Key, Uid, sql};
+use super::prekeys::{self, NewKyberPreKey, NewOneTimePreKey, NewSignedPreKey};
+use super::sql::{Key, List, Uid, sql};
 use super::{Store, StoreError, safety};
 
 /// Everything a device publishes when it registers.
@@ -27,6 +27,9 @@ pub struct NewDevice {
     pub encrypted_identity_private: Vec<u8>,
     pub signed_prekey: NewSignedPreKey,
     pub one_time_prekeys: Vec<NewOneTimePreKey>,
+    /// Present for a PQXDH device; required when `kyber_one_time_prekeys` is not empty.
+    pub kyber_last_resort: Option<NewKyberPreKey>,
+    pub kyber_one_time_prekeys: Vec<NewKyberPreKey>,
 }
 
 /// What a registration did to the stored device.
@@ -57,6 +60,8 @@ pub struct Registered {
     pub outcome: RegisterOutcome,
     /// One-time EC prekeys left to hand out.
     pub available: u32,
+    /// One-time Kyber prekeys left to hand out.
+    pub kyber_available: u32,
 }
 
 /// PostgreSQL's and SQLite's codes for a NOT NULL violation: a chat app's own `nchat_users`
@@ -155,12 +160,28 @@ pub(crate) async fn identity_keys(
 const IDENTITY_KEYS: super::sql::Sql =
     sql!("SELECT identity_key_public FROM nchat_identity_keys WHERE user_id = $1");
 
+/// Inserts every key of a device that has none.
+async fn insert_keys(tx: &mut Tx, device: &NewDevice) -> Result<(), StoreError> {
+    let id = &device.device_id;
+    prekeys::SIGNED
+        .insert(tx, id, &device.signed_prekey)
+        .await?;
+    let one_time: Vec<&NewOneTimePreKey> = device.one_time_prekeys.iter().collect();
+    prekeys::ONE_TIME.insert(tx, id, &one_time).await?;
+    if let Some(last_resort) = &device.kyber_last_resort {
+        prekeys::KYBER_LAST_RESORT
+            .insert(tx, id, last_resort)
+            .await?;
+    }
+    let kyber: Vec<&NewKyberPreKey> = device.kyber_one_time_prekeys.iter().collect();
+    prekeys::KYBER_ONE_TIME.insert(tx, id, &kyber).await
+}
+
 /// Stores the device with all its keys, or merges them in (same identity), or replaces them.
 async fn register_keys(tx: &mut Tx, device: &NewDevice) -> Result<RegisterOutcome, StoreError> {
     ensure_user(tx, device.user_id).await?;
     lock_user(tx, device.user_id).await?;
     let id = &device.device_id;
-    let all_keys: Vec<&NewOneTimePreKey> = device.one_time_prekeys.iter().collect();
     let inserted = tx
         .query(&sql!(
             "INSERT INTO nchat_identity_keys
@@ -177,10 +198,7 @@ async fn register_keys(tx: &mut Tx, device: &NewDevice) -> Result<RegisterOutcom
         .execute()
         .await?;
     if inserted == 1 {
-        prekeys::SIGNED
-            .insert(tx, id, &device.signed_prekey)
-            .await?;
-        prekeys::ONE_TIME.insert(tx, id, &all_keys).await?;
+        insert_keys(tx, device).await?;
         return Ok(RegisterOutcome::Created);
     }
     let stored_identity = lock_owned(tx, device.user_id, id)
@@ -210,14 +228,20 @@ async fn register_keys(tx: &mut Tx, device: &NewDevice) -> Result<RegisterOutcom
         prekeys::ONE_TIME
             .merge(tx, id, &device.one_time_prekeys)
             .await?;
+        // The last-resort key first: one-time Kyber keys need one to fall back to.
+        if let Some(last_resort) = &device.kyber_last_resort {
+            prekeys::KYBER_LAST_RESORT
+                .install(tx, id, last_resort)
+                .await?;
+        }
+        prekeys::KYBER_ONE_TIME
+            .merge(tx, id, &device.kyber_one_time_prekeys)
+            .await?;
         return Ok(RegisterOutcome::Updated);
     }
     // A new identity key makes every old key of the device meaningless: replace them all.
     prekeys::delete_all(tx, id).await?;
-    prekeys::SIGNED
-        .insert(tx, id, &device.signed_prekey)
-        .await?;
-    prekeys::ONE_TIME.insert(tx, id, &all_keys).await?;
+    insert_keys(tx, device).await?;
     Ok(RegisterOutcome::Replaced)
 }
 
@@ -234,6 +258,9 @@ impl Store {
         let available = prekeys::ONE_TIME
             .available(&mut tx, &device.device_id)
             .await?;
+        let kyber_available = prekeys::KYBER_ONE_TIME
+            .available(&mut tx, &device.device_id)
+            .await?;
         audit::record(
             &mut tx,
             AuditEvent::DeviceKeysGenerated,
@@ -245,11 +272,18 @@ impl Store {
                 "signed_prekey_id": device.signed_prekey.key_id.get(),
                 "one_time_prekeys_uploaded": device.one_time_prekeys.len(),
                 "one_time_prekeys_available": available,
+                "kyber_last_resort_prekey_id": device.kyber_last_resort.as_ref().map(|k| k.key_id.get()),
+                "kyber_one_time_prekeys_uploaded": device.kyber_one_time_prekeys.len(),
+                "kyber_one_time_prekeys_available": kyber_available,
             }),
         )
         .await?;
         tx.commit().await?;
-        Ok(Registered { outcome, available })
+        Ok(Registered {
+            outcome,
+            available,
+            kyber_available,
+        })
     }
 
     /// Removes a device of `user_id` with everything that hangs off it (the schema's cascades
@@ -307,6 +341,28 @@ impl Store {
             return Err(StoreError::NotYourDevice);
         }
         Ok(owner.identity_key_public.0)
+    }
+
+    /// Every device of the given users with its identity key, in one statement.
+    pub async fn device_identities(
+        &self,
+        users: &[Uuid],
+    ) -> Result<Vec<(Uuid, DeviceId, PublicKey)>, StoreError> {
+        let rows: Vec<(Uid, DeviceId, Key)> = self
+            .db
+            .read()
+            .await?
+            .query(&sql!(
+                "SELECT user_id, device_id, identity_key_public FROM nchat_identity_keys
+                 WHERE user_id" IN_LIST("$1")
+            ))
+            .bind(List(users.to_vec()))
+            .fetch_all()
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(user, device, key)| (user.0, device, key.0))
+            .collect())
     }
 
     /// The identity keys of every device of `user_id`.

@@ -23,6 +23,9 @@ pub enum StoreError {
     SignedPreKeyConflict { field: &'static str, key_id: u32 },
     #[error("{field}: key id {key_id} was already superseded by a newer one")]
     SignedPreKeySuperseded { field: &'static str, key_id: u32 },
+    /// The device has no active key of the kind `field` names, which the call needs.
+    #[error("the device has no active {field}")]
+    NoActiveKey { field: &'static str },
     #[error("the device's identity key changed during the call")]
     IdentityChanged,
     #[error("no such session")]

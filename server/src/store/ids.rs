@@ -106,6 +106,10 @@ key_id!(
     /// The id of a signed Curve25519 prekey.
     SignedPreKeyId
 );
+key_id!(
+    /// The id of a Kyber1024 prekey, one-time or last resort (one id space per device).
+    KyberPreKeyId
+);
 
 #[cfg(test)]
 mod tests {

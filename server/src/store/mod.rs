@@ -24,13 +24,13 @@ pub(crate) mod sql;
 pub mod transfer;
 
 pub use audit::{AuditEvent, AuditQuery, AuditRecord};
-pub use bundles::{BundleTarget, DeviceBundle, PublishedSignedPreKey};
+pub use bundles::{BundleTarget, DeviceBundle, PublishedKyberPreKey, PublishedSignedPreKey, Serve};
 pub use devices::{NewDevice, RegisterOutcome, Registered};
 pub use error::StoreError;
-pub use ids::{DeviceId, KeyId, PreKeyId, SignedPreKeyId};
+pub use ids::{DeviceId, KeyId, KyberPreKeyId, PreKeyId, SignedPreKeyId};
 pub use prekeys::repeated_use::Rotated;
 pub use prekeys::single_use::UploadReport;
-pub use prekeys::{KeyStatus, NewOneTimePreKey, NewSignedPreKey};
+pub use prekeys::{KeyStatus, NewKyberPreKey, NewOneTimePreKey, NewSignedPreKey, PublishedKeys};
 pub use recovery::{MasterKeyRecord, RecoverableDevice, Recovery};
 pub use safety::{SafetyRecord, VerificationMethod, safety_number};
 pub use sessions::{SessionKey, SessionQuery, StoredSession};

@@ -8,7 +8,7 @@
 //! them (a UUID is `UUID` on PostgreSQL and hyphenated text on SQLite, a time `TIMESTAMPTZ` or
 //! RFC 3339 text), and rows decode into `FromRow` structs shared by both.
 
-use keyserver_proto::wire::PublicKey;
+use keyserver_proto::wire::{KyberPublicKey, PublicKey};
 use sqlx::error::BoxDynError;
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::sqlite::{SqliteArguments, SqliteRow};
@@ -261,6 +261,7 @@ macro_rules! list_type {
 }
 list_type!(i32);
 list_type!(String);
+list_type!(Uuid);
 
 /// A stored Curve25519 public key: the 32 raw bytes the schema keeps (the wire adds the type
 /// byte); any other length is a corrupt row.
@@ -270,6 +271,16 @@ pub struct Key(pub PublicKey);
 dual_type!(Key,
     postgres: Vec<u8>, |v: &Key| v.0.as_raw().to_vec(), &[u8], |v: &[u8]| Ok(Key(PublicKey::from_raw_slice(v)?)),
     sqlite: Vec<u8>, |v: &Key| v.0.as_raw().to_vec(), &[u8], |v: &[u8]| Ok(Key(PublicKey::from_raw_slice(v)?)));
+
+/// A stored Kyber1024 public key: the 1568 raw bytes (the wire adds the type byte).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KyberKey(pub KyberPublicKey);
+
+dual_type!(KyberKey,
+    postgres: Vec<u8>, |v: &KyberKey| v.0.as_raw().to_vec(), &[u8],
+        |v: &[u8]| Ok(KyberKey(KyberPublicKey::from_raw_slice(v)?)),
+    sqlite: Vec<u8>, |v: &KyberKey| v.0.as_raw().to_vec(), &[u8],
+        |v: &[u8]| Ok(KyberKey(KyberPublicKey::from_raw_slice(v)?)));
 
 /// A stored signature: exactly 64 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -29,7 +29,7 @@ macro_rules! conformance {
 
 use keyserver::testing::TestServer;
 use keyserver_client::api::{self, KeyClient};
-use keyserver_client::keys::KeyPair;
+use keyserver_client::keys::{KeyPair, KyberKeyPair};
 use keyserver_proto::pb;
 use uuid::Uuid;
 
@@ -42,7 +42,13 @@ pub struct TestDevice {
     pub signed: KeyPair,
     pub signed_id: u32,
     pub one_time: Vec<(u32, KeyPair)>,
+    /// The last-resort Kyber prekey: None for an X3DH-only device (the nchat design's).
+    pub kyber_last_resort: Option<(u32, KyberKeyPair)>,
+    pub kyber_one_time: Vec<(u32, KyberKeyPair)>,
 }
+
+/// The id test devices give their last-resort Kyber prekey (one-time ones count from 1).
+pub const LAST_RESORT_ID: u32 = 0x7000;
 
 impl TestDevice {
     pub fn new(user: Uuid, device_id: &str, one_time_prekeys: u32) -> Self {
@@ -56,7 +62,37 @@ impl TestDevice {
             one_time: (1..=one_time_prekeys)
                 .map(|id| (id, KeyPair::generate()))
                 .collect(),
+            kyber_last_resort: None,
+            kyber_one_time: Vec::new(),
         }
+    }
+
+    /// A PQXDH device: a last-resort Kyber prekey and `kyber_one_time` one-time ones besides.
+    pub fn pqxdh(user: Uuid, device_id: &str, one_time_prekeys: u32, kyber_one_time: u32) -> Self {
+        Self {
+            kyber_last_resort: Some((LAST_RESORT_ID, KyberKeyPair::generate())),
+            kyber_one_time: (1..=kyber_one_time)
+                .map(|id| (id, KyberKeyPair::generate()))
+                .collect(),
+            ..Self::new(user, device_id, one_time_prekeys)
+        }
+    }
+
+    /// A Kyber prekey upload signed by this device's identity key.
+    pub fn kyber_upload(&self, id: u32, pair: &KyberKeyPair) -> pb::KyberPreKeyUpload {
+        let public = pair.public().serialize();
+        pb::KyberPreKeyUpload {
+            key_id: id,
+            signature: self.identity.sign(&public).to_vec(),
+            public_key: public,
+            encrypted_private_key: vec![0xDD; 3197],
+        }
+    }
+
+    /// Fresh one-time Kyber prekeys with these ids, signed by this device.
+    pub fn fresh_kyber(&self, ids: std::ops::RangeInclusive<u32>) -> Vec<pb::KyberPreKeyUpload> {
+        ids.map(|id| self.kyber_upload(id, &KyberKeyPair::generate()))
+            .collect()
     }
 
     pub fn signed_upload(&self, id: u32, pair: &KeyPair) -> pb::SignedPreKeyUpload {
@@ -77,6 +113,15 @@ impl TestDevice {
             encrypted_identity_private_key: vec![0xBB; 61],
             signed_prekey: Some(self.signed_upload(self.signed_id, &self.signed)),
             one_time_prekeys: self.one_time.iter().map(|(id, k)| otk(*id, k)).collect(),
+            kyber_last_resort_prekey: self
+                .kyber_last_resort
+                .as_ref()
+                .map(|(id, k)| self.kyber_upload(*id, k)),
+            kyber_one_time_prekeys: self
+                .kyber_one_time
+                .iter()
+                .map(|(id, k)| self.kyber_upload(*id, k))
+                .collect(),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Bundles: what a peer fetches to start a session with a device, taking the device's oldest
-//! unused one-time prekey, which is never handed out again (docs/BUNDLES.md).
+//! unused one-time prekey and oldest unused one-time Kyber prekey, each never handed out again
+//! (docs/BUNDLES.md). A device out of one-time Kyber prekeys is served its last-resort one.
 //!
 //! This is the hot path and the one place the backends take different routes: PostgreSQL
 //! serves any number of targets in one statement, one round trip, with `FOR UPDATE SKIP
@@ -10,13 +11,13 @@
 mod postgres;
 mod sqlite;
 
-use keyserver_proto::wire::PublicKey;
+use keyserver_proto::wire::{KyberPublicKey, PublicKey};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::database::Database;
-use super::ids::{DeviceId, PreKeyId, SignedPreKeyId};
-use super::sql::{At, Key, Sig};
+use super::ids::{DeviceId, KyberPreKeyId, PreKeyId, SignedPreKeyId};
+use super::sql::{At, Key, KyberKey, Sig};
 use super::{Store, StoreError};
 
 /// One fetch target: a user, and one device or all of them.
@@ -36,6 +37,24 @@ pub struct PublishedSignedPreKey {
     pub rotated_at: OffsetDateTime,
 }
 
+/// A Kyber prekey as peers receive it: one-time or last resort, which only the device can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedKyberPreKey {
+    pub key_id: KyberPreKeyId,
+    pub public: KyberPublicKey,
+    pub signature: [u8; 64],
+}
+
+/// Which devices a fetch serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Serve {
+    /// Every device with an active signed prekey: devices without Kyber keys get X3DH bundles.
+    #[default]
+    Mixed,
+    /// Only devices with a last-resort Kyber prekey, as a PQXDH-only deployment (Signal) runs.
+    PqxdhOnly,
+}
+
 /// What a peer needs to start a session with one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceBundle {
@@ -45,6 +64,8 @@ pub struct DeviceBundle {
     pub signed_prekey: PublishedSignedPreKey,
     /// The one-time prekey handed to this caller, if the device had one left.
     pub one_time_prekey: Option<(PreKeyId, PublicKey)>,
+    /// The Kyber prekey for PQXDH; None for a device that never published Kyber keys.
+    pub kyber_prekey: Option<PublishedKyberPreKey>,
 }
 
 /// A device's part of a bundle, as both backends' statements return it.
@@ -59,8 +80,30 @@ struct DeviceRow {
     rotation_date: At,
 }
 
+/// A Kyber prekey's columns, as both backends' statements return them (all null when none).
+#[derive(sqlx::FromRow)]
+struct KyberRow {
+    kyber_prekey_id: Option<KyberPreKeyId>,
+    kyber_prekey_public: Option<KyberKey>,
+    kyber_signature: Option<Sig>,
+}
+
+impl KyberRow {
+    fn key(self) -> Option<PublishedKyberPreKey> {
+        Some(PublishedKyberPreKey {
+            key_id: self.kyber_prekey_id?,
+            public: self.kyber_prekey_public?.0,
+            signature: self.kyber_signature?.0,
+        })
+    }
+}
+
 impl DeviceRow {
-    fn bundle(self, one_time_prekey: Option<(PreKeyId, PublicKey)>) -> DeviceBundle {
+    fn bundle(
+        self,
+        one_time_prekey: Option<(PreKeyId, PublicKey)>,
+        kyber_prekey: Option<PublishedKyberPreKey>,
+    ) -> DeviceBundle {
         DeviceBundle {
             device_id: self.device_id,
             registration_id: self.registration_id as u32,
@@ -72,21 +115,25 @@ impl DeviceRow {
                 rotated_at: self.rotation_date.0,
             },
             one_time_prekey,
+            kyber_prekey,
         }
     }
 }
 
 impl Store {
     /// One result per target, in order, each with the bundles of the target's devices that
-    /// have an active signed prekey, ordered by device id. Takes one one-time prekey per
-    /// device, and a device named by several targets gets one key, shared by their results.
+    /// `serve` covers and that have an active signed prekey, ordered by device id. Takes one
+    /// one-time prekey and one one-time Kyber prekey per device, and a device named by several
+    /// targets gets one of each, shared by their results. One round trip on PostgreSQL.
     pub async fn fetch_bundles(
         &self,
         targets: &[BundleTarget],
+        serve: Serve,
     ) -> Result<Vec<Vec<DeviceBundle>>, StoreError> {
+        let pqxdh_only = serve == Serve::PqxdhOnly;
         match &self.db {
-            Database::Postgres(pg) => postgres::fetch(pg, targets).await,
-            Database::Sqlite(_) => sqlite::fetch(&self.db, targets).await,
+            Database::Postgres(pg) => postgres::fetch(pg, targets, pqxdh_only).await,
+            Database::Sqlite(_) => sqlite::fetch(&self.db, targets, pqxdh_only).await,
         }
     }
 }

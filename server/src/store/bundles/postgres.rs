@@ -1,20 +1,25 @@
 //! The fetch on PostgreSQL: one statement on the base tables for any number of targets, which
-//! takes each device's oldest unconsumed one-time prekey with `FOR UPDATE SKIP LOCKED` and flags
-//! it consumed, so concurrent fetchers in any number of processes never get the same key.
+//! takes each device's oldest unconsumed one-time prekey and one-time Kyber prekey with
+//! `FOR UPDATE SKIP LOCKED` and flags them consumed, so concurrent fetchers in any number of
+//! processes never get the same key, and serves the last-resort Kyber prekey where no one-time
+//! Kyber prekey was taken.
 
 use sqlx::FromRow;
 use uuid::Uuid;
 
-use super::{BundleTarget, DeviceBundle, DeviceRow};
+use super::{BundleTarget, DeviceBundle, DeviceRow, KyberRow};
 use crate::store::StoreError;
 use crate::store::database::PgDb;
 use crate::store::ids::PreKeyId;
 use crate::store::sql::Key;
 
-/// The bundle fetch after its `targets` CTE (ord, user_id, device_id, from the parameters $1
-/// order, $2 user ids, $3 optional device ids): takes one one-time prekey per device of the
-/// targets and returns their bundles. `devices` holds each device once however many targets name
-/// it, so one statement never takes two keys of a device nor hands one key to two results.
+/// The bundle fetch after its `targets` CTE (ord, user_id, device_id, pqxdh_only, from the
+/// parameters $1 order, $2 user ids, $3 optional device ids, $4 whether only devices with a
+/// last-resort Kyber prekey are served): takes one one-time prekey and one one-time Kyber prekey
+/// per device of the targets and returns their bundles. `devices` holds each device once however
+/// many targets name it, so one statement never takes two keys of a kind of a device nor hands
+/// one key to two results. The last-resort key is read only for devices that got no one-time
+/// Kyber key (it is 1.5 KB).
 macro_rules! fetch_bundles {
     ($targets:literal) => {
         concat!(
@@ -28,6 +33,10 @@ macro_rules! fetch_bundles {
                  JOIN nchat_identity_keys ik
                    ON ik.user_id = t.user_id AND (t.device_id IS NULL OR ik.device_id = t.device_id)
                  JOIN nchat_signed_prekeys sp ON sp.device_id = ik.device_id AND sp.is_active = TRUE
+                 WHERE NOT t.pqxdh_only OR EXISTS (
+                     SELECT 1 FROM nchat_kyber_prekeys lr
+                     WHERE lr.device_id = ik.device_id AND lr.is_last_resort = TRUE
+                       AND lr.is_active = TRUE)
              ),
              picked AS (
                  SELECT next.id
@@ -46,14 +55,40 @@ macro_rules! fetch_bundles {
                  FROM picked
                  WHERE o.id = picked.id AND o.is_consumed = FALSE
                  RETURNING o.device_id, o.prekey_id, o.prekey_public
+             ),
+             kyber_picked AS (
+                 SELECT next.id
+                 FROM devices d
+                 CROSS JOIN LATERAL (
+                     SELECT q.id FROM nchat_kyber_prekeys q
+                     WHERE q.device_id = d.device_id AND q.is_last_resort = FALSE
+                       AND q.is_consumed = FALSE
+                     ORDER BY q.id
+                     LIMIT 1
+                     FOR UPDATE SKIP LOCKED
+                 ) next
+             ),
+             kyber_taken AS (
+                 UPDATE nchat_kyber_prekeys q
+                 SET is_consumed = TRUE, consumed_at = NOW()
+                 FROM kyber_picked
+                 WHERE q.id = kyber_picked.id AND q.is_consumed = FALSE
+                 RETURNING q.device_id, q.kyber_prekey_id, q.kyber_prekey_public, q.signature
              )
              SELECT t.ord, d.device_id, COALESCE(d.registration_id, 0) AS registration_id,
                     d.identity_key_public, d.signed_prekey_id, d.signed_prekey_public, d.signature,
-                    d.rotation_date, k.prekey_id, k.prekey_public
+                    d.rotation_date, k.prekey_id, k.prekey_public,
+                    COALESCE(kt.kyber_prekey_id, lr.kyber_prekey_id) AS kyber_prekey_id,
+                    COALESCE(kt.kyber_prekey_public, lr.kyber_prekey_public) AS kyber_prekey_public,
+                    COALESCE(kt.signature, lr.signature) AS kyber_signature
              FROM targets t
              JOIN devices d
                ON d.user_id = t.user_id AND (t.device_id IS NULL OR d.device_id = t.device_id)
              LEFT JOIN taken k ON k.device_id = d.device_id
+             LEFT JOIN kyber_taken kt ON kt.device_id = d.device_id
+             LEFT JOIN nchat_kyber_prekeys lr
+               ON kt.device_id IS NULL AND lr.device_id = d.device_id
+              AND lr.is_last_resort = TRUE AND lr.is_active = TRUE
              ORDER BY t.ord, d.device_id"
         )
     };
@@ -61,7 +96,8 @@ macro_rules! fetch_bundles {
 
 /// Any number of targets.
 const FETCH_BUNDLES: &str = fetch_bundles!(
-    "SELECT * FROM unnest($1::int4[], $2::uuid[], $3::text[]) AS t(ord, user_id, device_id)"
+    "SELECT u.*, $4::bool AS pqxdh_only
+     FROM unnest($1::int4[], $2::uuid[], $3::text[]) AS u(ord, user_id, device_id)"
 );
 
 /// One target, the common case (`FetchPreKeyBundle`). An array of unknown length is planned as
@@ -71,7 +107,8 @@ const FETCH_BUNDLES: &str = fetch_bundles!(
 /// arrays plans as one row, and PostgreSQL keeps its generic plan after five calls.
 /// `loadtest/pgbench/fetch.sql` runs this statement (a test keeps them equal).
 const FETCH_ONE_BUNDLE: &str = fetch_bundles!(
-    "SELECT ($1::int4[])[1] AS ord, ($2::uuid[])[1] AS user_id, ($3::text[])[1] AS device_id"
+    "SELECT ($1::int4[])[1] AS ord, ($2::uuid[])[1] AS user_id, ($3::text[])[1] AS device_id,
+            $4::bool AS pqxdh_only"
 );
 
 #[derive(FromRow)]
@@ -81,11 +118,14 @@ struct Row {
     device: DeviceRow,
     prekey_id: Option<PreKeyId>,
     prekey_public: Option<Key>,
+    #[sqlx(flatten)]
+    kyber: KyberRow,
 }
 
 pub(super) async fn fetch(
     db: &PgDb,
     targets: &[BundleTarget],
+    pqxdh_only: bool,
 ) -> Result<Vec<Vec<DeviceBundle>>, StoreError> {
     let ords: Vec<i32> = (0..targets.len() as i32).collect();
     let users: Vec<Uuid> = targets.iter().map(|t| t.user_id).collect();
@@ -101,13 +141,14 @@ pub(super) async fn fetch(
         .bind(&ords)
         .bind(&users)
         .bind(&devices)
+        .bind(pqxdh_only)
         .fetch_all(db.pool())
         .await?;
     let mut results = vec![Vec::new(); targets.len()];
     for row in &rows {
         let row = Row::from_row(row)?;
         let one_time = row.prekey_id.zip(row.prekey_public.map(|k| k.0));
-        results[row.ord as usize].push(row.device.bundle(one_time));
+        results[row.ord as usize].push(row.device.bundle(one_time, row.kyber.key()));
     }
     Ok(results)
 }

@@ -1,13 +1,14 @@
-//! The fetch on SQLite: the targets' devices, then the one-time prekeys taken, in one write
-//! transaction. SQLite has one writer at a time, so nothing can take a key between the read
-//! and the take, and in-process statements cost no round trips.
+//! The fetch on SQLite: the targets' devices with their last-resort Kyber prekeys, then the
+//! one-time prekeys taken, then the one-time Kyber prekeys taken, in one write transaction.
+//! SQLite has one writer at a time, so nothing can take a key between the read and the take,
+//! and in-process statements cost no round trips.
 
 use std::collections::HashMap;
 
 use keyserver_proto::wire::PublicKey;
 use sqlx::FromRow;
 
-use super::{BundleTarget, DeviceBundle, DeviceRow};
+use super::{BundleTarget, DeviceBundle, DeviceRow, KyberRow, PublishedKyberPreKey};
 use crate::store::StoreError;
 use crate::store::database::Database;
 use crate::store::ids::{DeviceId, PreKeyId};
@@ -18,6 +19,9 @@ struct Row {
     ord: i32,
     #[sqlx(flatten)]
     device: DeviceRow,
+    /// The device's last-resort Kyber prekey.
+    #[sqlx(flatten)]
+    last_resort: KyberRow,
 }
 
 #[derive(FromRow)]
@@ -27,9 +31,17 @@ struct Taken {
     prekey_public: Key,
 }
 
+#[derive(FromRow)]
+struct KyberTaken {
+    device_id: DeviceId,
+    #[sqlx(flatten)]
+    key: KyberRow,
+}
+
 pub(super) async fn fetch(
     db: &Database,
     targets: &[BundleTarget],
+    pqxdh_only: bool,
 ) -> Result<Vec<Vec<DeviceBundle>>, StoreError> {
     let targets_json = serde_json::Value::Array(
         targets
@@ -53,14 +65,19 @@ pub(super) async fn fetch(
              )
              SELECT t.ord, ik.device_id, COALESCE(ik.registration_id, 0) AS registration_id,
                     ik.identity_key_public, sp.signed_prekey_id, sp.signed_prekey_public,
-                    sp.signature, sp.rotation_date
+                    sp.signature, sp.rotation_date, lr.kyber_prekey_id, lr.kyber_prekey_public,
+                    lr.signature AS kyber_signature
              FROM targets t
              JOIN nchat_identity_keys ik
                ON ik.user_id = t.user_id AND (t.device_id IS NULL OR ik.device_id = t.device_id)
              JOIN nchat_signed_prekeys sp ON sp.device_id = ik.device_id AND sp.is_active = TRUE
+             LEFT JOIN nchat_kyber_prekeys lr
+               ON lr.device_id = ik.device_id AND lr.is_last_resort = TRUE AND lr.is_active = TRUE
+             WHERE NOT $2 OR lr.id IS NOT NULL
              ORDER BY t.ord, ik.device_id"
         ))
         .bind(Json(targets_json))
+        .bind(pqxdh_only)
         .fetch_all()
         .await?;
 
@@ -82,18 +99,42 @@ pub(super) async fn fetch(
              ) AND is_consumed = FALSE
              RETURNING device_id, prekey_id, prekey_public"
         ))
-        .bind(List(devices))
+        .bind(List(devices.clone()))
         .fetch_all::<Taken>()
         .await?
         .into_iter()
         .map(|t| (t.device_id, (t.prekey_id, t.prekey_public.0)))
+        .collect();
+    let kyber_taken: HashMap<DeviceId, PublishedKyberPreKey> = tx
+        .query(&sql!(
+            "UPDATE nchat_kyber_prekeys SET is_consumed = TRUE, consumed_at = " NOW "
+             WHERE id IN (
+                 SELECT (SELECT q.id FROM nchat_kyber_prekeys q
+                         WHERE q.device_id = d.value AND q.is_last_resort = FALSE
+                           AND q.is_consumed = FALSE
+                         ORDER BY q.id LIMIT 1)
+                 FROM json_each($1) d
+             ) AND is_consumed = FALSE
+             RETURNING device_id, kyber_prekey_id, kyber_prekey_public,
+                       signature AS kyber_signature"
+        ))
+        .bind(List(devices))
+        .fetch_all::<KyberTaken>()
+        .await?
+        .into_iter()
+        .filter_map(|t| Some((t.device_id, t.key.key()?)))
         .collect();
     tx.commit().await?;
 
     let mut results = vec![Vec::new(); targets.len()];
     for row in rows {
         let one_time = taken.get(&row.device.device_id).copied();
-        results[row.ord as usize].push(row.device.bundle(one_time));
+        // A device named by several targets: the key taken for it goes to each of them.
+        let kyber = kyber_taken
+            .get(&row.device.device_id)
+            .cloned()
+            .or_else(|| row.last_resort.key());
+        results[row.ord as usize].push(row.device.bundle(one_time, kyber));
     }
     Ok(results)
 }

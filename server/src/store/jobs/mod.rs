@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::database::Database;
 use super::ids::DeviceId;
-use super::prekeys::{self, Expired, retired::Retired};
+use super::prekeys::{self, Expired, repeated_use::RepeatedUse, retired::Retired};
 use super::sql::{At, Json, List, Sql, Uid, sql};
 use super::{Store, StoreError};
 pub use locks::JobLock;
@@ -127,8 +127,12 @@ pub struct JobRun {
 pub enum Expiring {
     /// One-time prekeys handed out (by `consumed_at`).
     ConsumedOneTimePreKeys,
+    /// One-time Kyber prekeys handed out (by `consumed_at`).
+    ConsumedKyberPreKeys,
     /// Signed prekeys no longer active (by `superseded_at`).
     SupersededSignedPreKeys,
+    /// Last-resort Kyber prekeys no longer active (by `superseded_at`).
+    SupersededKyberLastResortPreKeys,
     /// Audit events (by `created_at`).
     AuditEvents,
     /// Finished job-run records (by `finished_at`).
@@ -144,9 +148,11 @@ enum Expiry {
 }
 
 impl Expiring {
-    pub const ALL: [Expiring; 4] = [
+    pub const ALL: [Expiring; 6] = [
         Expiring::ConsumedOneTimePreKeys,
+        Expiring::ConsumedKyberPreKeys,
         Expiring::SupersededSignedPreKeys,
+        Expiring::SupersededKyberLastResortPreKeys,
         Expiring::AuditEvents,
         Expiring::JobRuns,
     ];
@@ -154,7 +160,9 @@ impl Expiring {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::ConsumedOneTimePreKeys => "consumed_one_time_prekeys",
+            Self::ConsumedKyberPreKeys => "consumed_kyber_prekeys",
             Self::SupersededSignedPreKeys => "superseded_signed_prekeys",
+            Self::SupersededKyberLastResortPreKeys => "superseded_kyber_last_resort_prekeys",
             Self::AuditEvents => "audit_events",
             Self::JobRuns => "job_runs",
         }
@@ -165,9 +173,17 @@ impl Expiring {
             Self::ConsumedOneTimePreKeys => {
                 Expiry::Keys(prekeys::ONE_TIME.expired, prekeys::ONE_TIME.retired)
             }
+            Self::ConsumedKyberPreKeys => Expiry::Keys(
+                prekeys::KYBER_ONE_TIME.expired,
+                prekeys::KYBER_ONE_TIME.retired,
+            ),
             Self::SupersededSignedPreKeys => {
                 Expiry::Keys(prekeys::SIGNED.expired, prekeys::SIGNED.retired)
             }
+            Self::SupersededKyberLastResortPreKeys => Expiry::Keys(
+                prekeys::KYBER_LAST_RESORT.expired,
+                prekeys::KYBER_LAST_RESORT.retired,
+            ),
             Self::AuditEvents => Expiry::Rows {
                 count: sql!("SELECT count(*) FROM nchat_e2ee_audit_log WHERE created_at < $1"),
                 delete: sql!(
@@ -188,7 +204,7 @@ impl Expiring {
     }
 }
 
-/// A device whose active signed prekey is past the rotation age.
+/// A device whose active key of a kind is past the rotation age.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverdueDevice {
     pub user_id: Uuid,
@@ -196,7 +212,7 @@ pub struct OverdueDevice {
     pub rotated_at: OffsetDateTime,
 }
 
-/// Active signed prekeys by age.
+/// Active keys of a repeated-use kind by age.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RotationScan {
     /// Installed before the rotation cut-off.
@@ -244,7 +260,7 @@ impl TryFrom<RunRow> for JobRun {
 struct Overdue {
     user_id: Uid,
     device_id: DeviceId,
-    rotation_date: At,
+    installed_at: At,
 }
 
 impl Store {
@@ -420,32 +436,26 @@ impl Store {
         Ok(deleted)
     }
 
-    /// Counts active signed prekeys installed before `due_before` and before `stale_before`,
-    /// listing up to `list` of the oldest.
+    /// Counts the active keys of `kind` installed before `due_before` and before
+    /// `stale_before`, listing up to `list` of the oldest.
     pub async fn scan_rotation(
         &self,
+        kind: &RepeatedUse,
         due_before: OffsetDateTime,
         stale_before: OffsetDateTime,
         list: u32,
     ) -> Result<RotationScan, StoreError> {
         let mut conn = self.db.read().await?;
-        // Both statements stay on idx_signed_prekeys_rotation (rotation_date WHERE is_active).
+        // Both statements stay on the kind's partial index of active keys by installation time
+        // (idx_signed_prekeys_rotation, idx_kyber_prekeys_rotation).
         let (due, stale): (i64, i64) = conn
-            .query(&sql!(
-                "SELECT count(*), count(*) FILTER (WHERE rotation_date < $2)
-                 FROM nchat_signed_prekeys WHERE is_active = TRUE AND rotation_date < $1"
-            ))
+            .query(&kind.overdue_counts)
             .bind(At(due_before))
             .bind(At(stale_before))
             .fetch_one()
             .await?;
         let oldest: Vec<Overdue> = conn
-            .query(&sql!(
-                "SELECT ik.user_id, sp.device_id, sp.rotation_date
-                 FROM nchat_signed_prekeys sp JOIN nchat_identity_keys ik USING (device_id)
-                 WHERE sp.is_active = TRUE AND sp.rotation_date < $1
-                 ORDER BY sp.rotation_date LIMIT $2"
-            ))
+            .query(&kind.overdue_oldest)
             .bind(At(due_before))
             .bind(i64::from(list))
             .fetch_all()
@@ -458,7 +468,7 @@ impl Store {
                 .map(|o| OverdueDevice {
                     user_id: o.user_id.0,
                     device_id: o.device_id,
-                    rotated_at: o.rotation_date.0,
+                    rotated_at: o.installed_at.0,
                 })
                 .collect(),
         })

@@ -20,31 +20,47 @@ pub struct RepeatedUse {
     pub name: &'static str,
     /// The id space its retired ids are kept in.
     pub retired: Retired,
+    /// Audit metadata's names for the key's id and the id of the key it replaced.
+    pub audit_fields: (&'static str, &'static str),
     /// `$1` device, `$2` id: `key_id`, `public`, `active` and `same_kind` of the key with that
     /// id (of any kind sharing the id space) and of the active key of this kind.
     pub(super) stored: Sql,
+    /// `$1` device: whether the device has an active key of this kind.
+    pub(super) has_active: Sql,
     /// `$1` device: deactivates the active key, recording now as when it was superseded.
     pub(super) deactivate: Sql,
     /// `$1` device, `$2` id, `$3` public key, `$4` private blob, `$5` signature: an active key.
     pub(super) insert: Sql,
     /// Keys superseded by a newer one, by when (`superseded_at`).
     pub(crate) expired: Expired,
+    /// The rotation check: `$1` rotation cut-off, `$2` stale cut-off: how many active keys were
+    /// installed before each.
+    pub(crate) overdue_counts: Sql,
+    /// The rotation check: `$1` rotation cut-off, `$2` limit: (`user_id`, `device_id`,
+    /// `installed_at`) of the oldest overdue active keys.
+    pub(crate) overdue_oldest: Sql,
 }
 
-/// The statements of a repeated-use kind, from its table and columns. `kind_test` is true of
-/// the table's rows of this kind; `extra` columns and values are what an insert sets besides
-/// the key (its kind flag).
+/// The statements of a repeated-use kind, from its table and columns. `installed` is the
+/// column holding when a key was installed; `kind_test` is true of the table's rows of this
+/// kind (unqualified: no other table of the statements has its columns); `extra` columns and
+/// values are what an insert sets besides the key (its kind flag).
 macro_rules! repeated_use {
-    (field: $field:literal, name: $name:literal, retired: $retired:expr, table: $table:literal,
+    (field: $field:literal, name: $name:literal, retired: $retired:expr,
+     audit_fields: ($id_field:literal, $previous_field:literal), table: $table:literal,
      id: $id:literal, public: $public:literal, private: $private:literal,
-     kind_test: $kind:literal, extra: ($extra_columns:literal, $extra_values:literal)) => {
+     installed: $installed:literal, kind_test: $kind:literal,
+     extra: ($extra_columns:literal, $extra_values:literal)) => {
         $crate::store::prekeys::repeated_use::RepeatedUse {
             field: $field,
             name: $name,
             retired: $retired,
+            audit_fields: ($id_field, $previous_field),
             stored: sql!("SELECT " $id " AS key_id, " $public " AS public, is_active AS active, "
                 $kind " AS same_kind FROM " $table " WHERE device_id = $1 AND ("
                 $id " = $2 OR (is_active = TRUE AND " $kind "))"),
+            has_active: sql!("SELECT EXISTS (SELECT 1 FROM " $table
+                " WHERE device_id = $1 AND is_active = TRUE AND " $kind ")"),
             deactivate: sql!("UPDATE " $table " SET is_active = FALSE, superseded_at = " NOW
                 " WHERE device_id = $1 AND is_active = TRUE AND " $kind),
             insert: sql!("INSERT INTO " $table " (device_id, " $id ", " $public ", " $private
@@ -58,6 +74,12 @@ macro_rules! repeated_use {
                 delete: sql!("DELETE FROM " $table " WHERE id" IN_LIST("$1")
                     " AND is_active = FALSE RETURNING device_id, " $id " AS key_id"),
             },
+            overdue_counts: sql!("SELECT count(*), count(*) FILTER (WHERE " $installed " < $2) FROM "
+                $table " WHERE is_active = TRUE AND " $kind " AND " $installed " < $1"),
+            overdue_oldest: sql!("SELECT ik.user_id, k.device_id, k." $installed " AS installed_at
+                FROM " $table " k JOIN nchat_identity_keys ik ON ik.device_id = k.device_id
+                WHERE k.is_active = TRUE AND " $kind " AND k." $installed " < $1
+                ORDER BY k." $installed " LIMIT $2"),
         }
     };
 }
@@ -128,6 +150,15 @@ impl RepeatedUse {
             rotated: true,
             previous_key_id: previous,
         })
+    }
+
+    /// Whether the device has an active key of this kind.
+    pub(crate) async fn has_active(
+        &self,
+        tx: &mut Tx,
+        device: &DeviceId,
+    ) -> Result<bool, StoreError> {
+        Ok(tx.query(&self.has_active).bind(device).scalar().await?)
     }
 
     /// Inserts `key` as the active key (the device has none of this kind).

@@ -15,8 +15,12 @@ use crate::store::sql::{List, Sql, sql};
 /// device share one space: libsignal keeps one-time and last-resort Kyber prekeys in one store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retired {
+    /// One-time Curve25519 prekeys.
     OneTime,
+    /// Signed Curve25519 prekeys.
     Signed,
+    /// Kyber prekeys, one-time and last resort.
+    Kyber,
 }
 
 impl Retired {
@@ -24,6 +28,7 @@ impl Retired {
         match self {
             Self::OneTime => "one_time",
             Self::Signed => "signed",
+            Self::Kyber => "kyber",
         }
     }
 

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use super::repeated_use::RepeatedUse;
 use super::retired::{self, Retired};
 use super::{Expired, NewPreKey};
 use crate::store::StoreError;
@@ -22,6 +23,11 @@ pub struct SingleUse {
     pub name: &'static str,
     /// The id space its retired ids are kept in.
     pub retired: Retired,
+    /// Audit metadata's name for the count of keys left.
+    pub available_field: &'static str,
+    /// The repeated-use kind a device must have an active key of to upload these: what is
+    /// served when they run out (none for a kind whose bundles may go without).
+    pub fallback: Option<&'static RepeatedUse>,
     /// `$1` device, `$2` list of ids: `key_id`, `public`, `consumed`, and `same_kind` (false
     /// for a key of another kind sharing the id space).
     pub(super) stored: Sql,
@@ -39,13 +45,16 @@ pub struct SingleUse {
 /// table's rows of this kind (`TRUE` when the table holds one kind); `signature` names the
 /// signature column of a signed kind.
 macro_rules! single_use {
-    (field: $field:literal, name: $name:literal, retired: $retired:expr, table: $table:literal,
+    (field: $field:literal, name: $name:literal, retired: $retired:expr,
+     available_field: $available:literal, fallback: $fallback:expr, table: $table:literal,
      id: $id:literal, public: $public:literal, private: $private:literal,
      kind_test: $kind:literal, signature: $($sig:literal)?) => {
         $crate::store::prekeys::single_use::SingleUse {
             field: $field,
             name: $name,
             retired: $retired,
+            available_field: $available,
+            fallback: $fallback,
             stored: sql!("SELECT " $id " AS key_id, " $public " AS public, is_consumed AS consumed, "
                 $kind " AS same_kind FROM " $table " WHERE device_id = $1 AND " $id IN_LIST("$2")),
             insert: $crate::store::sql::Sql {

@@ -107,6 +107,25 @@ pub const TABLES: &[Table] = &[
         serial: true,
     },
     Table {
+        name: "nchat_kyber_prekeys",
+        columns: &[
+            ("id", Int),
+            ("device_id", Text),
+            ("kyber_prekey_id", Int),
+            ("kyber_prekey_public", Bytes),
+            ("kyber_prekey_private_encrypted", Bytes),
+            ("signature", Bytes),
+            ("is_last_resort", Bool),
+            ("is_consumed", Bool),
+            ("consumed_at", Time),
+            ("is_active", Bool),
+            ("superseded_at", Time),
+            ("created_at", Time),
+        ],
+        references: &[("device_id", "nchat_identity_keys", "device_id")],
+        serial: true,
+    },
+    Table {
         name: "keyserver_retired_prekeys",
         columns: &[
             ("id", Int),
