@@ -1,5 +1,6 @@
 //! `keyctl` end to end: two devices register through the real binary, Alice fetches Bob's
-//! bundle, and both derive the same X3DH secret through the server.
+//! bundle, and both derive the same PQXDH secret through the server; a device registered before
+//! PQXDH catches up with `keyctl refresh`.
 
 use std::path::Path;
 
@@ -45,30 +46,122 @@ fn fingerprint(output: &str) -> String {
 }
 
 /// Alice fetches Bob's bundle and writes her initial message to `message`; Bob answers it.
-/// Returns the fingerprints each side printed.
-async fn x3dh_round_trip(alice: &Keyctl<'_>, bob: &Keyctl<'_>, message: &Path) -> (String, String) {
+/// Returns the fingerprints each side printed, after checking both name `handshake`.
+async fn round_trip(
+    alice: &Keyctl<'_>,
+    bob: &Keyctl<'_>,
+    message: &Path,
+    handshake: &str,
+) -> (String, String) {
     let path = message.to_str().unwrap();
     let (alice_user, bob_user) = (alice.user.to_string(), bob.user.to_string());
     let sent = alice
-        .run(&["x3dh", "initiate", "--user", &bob_user, "--out", path])
+        .run(&["pqxdh", "initiate", "--user", &bob_user, "--out", path])
         .await;
+    assert!(sent.contains(&format!("initiated {handshake}")), "{sent}");
+    // `x3dh` is the command's old name, kept as an alias.
     let received = bob
         .run(&["x3dh", "respond", "--message", path, "--from", &alice_user])
         .await;
+    assert!(
+        received.contains(&format!("answered {handshake}")),
+        "{received}"
+    );
     (fingerprint(&sent), fingerprint(&received))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_postgres() {
-    alice_and_bob_agree_on_an_x3dh_secret_through_the_server(Backend::Postgres).await;
+    alice_and_bob_agree_on_a_pqxdh_secret_through_the_server(Backend::Postgres).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_sqlite() {
-    alice_and_bob_agree_on_an_x3dh_secret_through_the_server(Backend::Sqlite).await;
+    alice_and_bob_agree_on_a_pqxdh_secret_through_the_server(Backend::Sqlite).await;
 }
 
-async fn alice_and_bob_agree_on_an_x3dh_secret_through_the_server(backend: Backend) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_from_before_pqxdh_catches_up_on_postgres() {
+    a_device_registered_before_pqxdh_catches_up_with_refresh(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_from_before_pqxdh_catches_up_on_sqlite() {
+    a_device_registered_before_pqxdh_catches_up_with_refresh(Backend::Sqlite).await;
+}
+
+/// Bob's phone was registered by a keyctl from before PQXDH: no Kyber keys on the server, and a
+/// version 1 state file without them. Peers get X3DH bundles; `keyctl refresh` finds the
+/// server's keys differ from what the device should have published (`CheckKeys`), registers
+/// again with Kyber keys, and from then on peers get PQXDH.
+async fn a_device_registered_before_pqxdh_catches_up_with_refresh(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
+    let server = TestServer::start(&db).await;
+    let dir = std::env::temp_dir().join(format!("keyctl-upgrade-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bob = Keyctl {
+        server: &server,
+        user: Uuid::new_v4(),
+        state: dir.join("bob.json"),
+    };
+    let alice = Keyctl {
+        server: &server,
+        user: Uuid::new_v4(),
+        state: dir.join("alice.json"),
+    };
+    for (who, device) in [(&bob, "old-phone"), (&alice, "alice-laptop")] {
+        who.run(&["init", "--device-id", device, "--iterations", "100000"])
+            .await;
+        who.run(&["register"]).await;
+    }
+    // What the old keyctl and server left: no Kyber keys anywhere.
+    server
+        .db
+        .execute("DELETE FROM nchat_kyber_prekeys WHERE device_id = 'old-phone'")
+        .await;
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&bob.state).unwrap()).unwrap();
+    let fields = state.as_object_mut().unwrap();
+    for field in [
+        "kyber_one_time_prekeys",
+        "kyber_last_resort_prekeys",
+        "next_kyber_prekey_id",
+    ] {
+        fields.remove(field);
+    }
+    fields.insert("version".into(), 1.into());
+    std::fs::write(&bob.state, serde_json::to_string(&state).unwrap()).unwrap();
+
+    let status = bob.run(&["status"]).await;
+    assert!(
+        status.contains("last-resort Kyber prekey: none"),
+        "{status}"
+    );
+    let message = dir.join("hello.json");
+    let (sent, received) = round_trip(&alice, &bob, &message, "X3DH").await;
+    assert_eq!(sent, received, "an X3DH device still works");
+
+    let out = bob.run(&["refresh"]).await;
+    assert!(
+        out.contains("the server's keys differed from this device's: registered again (Updated)"),
+        "{out}"
+    );
+    let status = bob.run(&["status"]).await;
+    assert!(
+        status.contains("one-time Kyber prekeys available: 100"),
+        "{status}"
+    );
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&bob.state).unwrap()).unwrap();
+    assert_eq!(saved["version"], 2);
+    let (sent, received) = round_trip(&alice, &bob, &message, "PQXDH").await;
+    assert_eq!(sent, received);
+    let out = bob.run(&["refresh"]).await;
+    assert!(out.contains("the server holds this device's keys"), "{out}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+async fn alice_and_bob_agree_on_a_pqxdh_secret_through_the_server(backend: Backend) {
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let dir = std::env::temp_dir().join(format!("keyctl-e2e-{}", Uuid::new_v4()));
@@ -89,7 +182,7 @@ async fn alice_and_bob_agree_on_an_x3dh_secret_through_the_server(backend: Backe
             .await;
         let out = who.run(&["register"]).await;
         assert!(
-            out.contains("Created, 100 one-time prekeys on the server"),
+            out.contains("Created, 100 one-time prekeys on the server, 100 one-time Kyber prekeys"),
             "{out}"
         );
     }
@@ -97,9 +190,13 @@ async fn alice_and_bob_agree_on_an_x3dh_secret_through_the_server(backend: Backe
     let fetched = alice.run(&["fetch", "--user", &bob.user.to_string()]).await;
     assert!(fetched.contains("device bob-phone"), "{fetched}");
     assert!(fetched.contains("signature verified"), "{fetched}");
+    assert!(
+        fetched.contains(", Kyber prekey ") && fetched.ends_with("(signature verified)\n"),
+        "{fetched}"
+    );
 
     let message = dir.join("initial-message.json");
-    let (sent, received) = x3dh_round_trip(&alice, &bob, &message).await;
+    let (sent, received) = round_trip(&alice, &bob, &message, "PQXDH").await;
     assert_eq!(sent, received, "both sides derive the same secret");
 
     // The one-time prekey Alice used is gone from Bob's device: a replay cannot derive it again.
@@ -119,23 +216,38 @@ async fn alice_and_bob_agree_on_an_x3dh_secret_through_the_server(backend: Backe
         status.contains("one-time prekeys available: 98"),
         "{status}"
     );
+    assert!(
+        status.contains("one-time Kyber prekeys available: 98"),
+        "{status}"
+    );
     assert!(status.contains("rotation due: false"), "{status}");
     let out = bob.run(&["replenish"]).await;
     assert!(out.contains("nothing uploaded"), "{out}");
     let out = bob.run(&["replenish", "--below", "99"]).await;
     assert!(
-        out.contains("uploaded 2 one-time prekeys; 100 available"),
+        out.contains("uploaded 2 one-time prekeys; 100 available")
+            && out.contains("uploaded 2 one-time Kyber prekeys; 100 available"),
         "{out}"
     );
     let out = bob.run(&["rotate", "--if-due"]).await;
-    assert!(out.contains("not due"), "{out}");
+    assert!(
+        out.contains("the signed prekey is not due")
+            && out.contains("the last-resort Kyber prekey is not due"),
+        "{out}"
+    );
     let out = bob.run(&["refresh"]).await;
     assert!(
-        out.contains("nothing uploaded") && out.contains("not due"),
+        out.contains("the server holds this device's keys")
+            && out.contains("nothing uploaded")
+            && out.contains("not due"),
         "{out}"
     );
     let out = bob.run(&["rotate"]).await;
-    assert!(out.contains("rotated the signed prekey"), "{out}");
+    assert!(
+        out.contains("rotated the signed prekey")
+            && out.contains("rotated the last-resort Kyber prekey"),
+        "{out}"
+    );
 
     // A rotation that never reached the server (simulated by undoing it there) is resent by
     // the next `rotate --if-due` with the same key, although the old key is not yet due.
@@ -185,7 +297,7 @@ async fn alice_and_bob_agree_on_an_x3dh_secret_through_the_server(backend: Backe
     assert_ne!(active().await, rotated_to);
 
     // After rotation Alice's next session uses the new signed prekey, and still agrees.
-    let (sent, received) = x3dh_round_trip(&alice, &bob, &message).await;
+    let (sent, received) = round_trip(&alice, &bob, &message, "PQXDH").await;
     assert_eq!(sent, received);
 
     // Alice checks Bob's safety number locally against the server's, then records it.

@@ -12,9 +12,13 @@ use keyserver::store::transfer::{self, TransferError};
 use keyserver::testing::{Backend, TestDb, TestServer};
 use uuid::Uuid;
 
-/// Three users with five devices, some prekeys handed out, a rotation and uploads: every kind
-/// of row the key path writes. Returns each device's remaining prekey ids, in serving order.
-async fn populate(server: &TestServer) -> HashMap<(Uuid, String), Vec<u32>> {
+/// What a device has left to hand out, in serving order: one-time prekey ids, one-time Kyber
+/// prekey ids, and the last-resort Kyber prekey served after them.
+type Remaining = HashMap<(Uuid, String), (Vec<u32>, Vec<u32>, u32)>;
+
+/// Three users with five PQXDH devices, some prekeys of both kinds handed out, rotations and
+/// uploads: every kind of row the key path writes. Returns what each device has left.
+async fn populate(server: &TestServer) -> Remaining {
     let mut remaining = HashMap::new();
     let mut peer = client(server, Uuid::new_v4()).await;
     for (u, devices) in [(0, 1u32), (1, 2), (2, 2)] {
@@ -22,7 +26,7 @@ async fn populate(server: &TestServer) -> HashMap<(Uuid, String), Vec<u32>> {
         let mut c = client(server, user).await;
         for d in 0..devices {
             let name = format!("user{u}-device{d}");
-            let device = TestDevice::new(user, &name, 10);
+            let device = TestDevice::pqxdh(user, &name, 10, 4);
             c.register_device(device.register_request()).await.unwrap();
             c.upload_one_time_pre_keys(keyserver_proto::pb::UploadOneTimePreKeysRequest {
                 device_id: name.clone(),
@@ -30,6 +34,7 @@ async fn populate(server: &TestServer) -> HashMap<(Uuid, String), Vec<u32>> {
             })
             .await
             .unwrap();
+            let mut last_resort = LAST_RESORT_ID;
             if d == 0 {
                 c.rotate_signed_pre_key(keyserver_proto::pb::RotateSignedPreKeyRequest {
                     device_id: name.clone(),
@@ -39,13 +44,29 @@ async fn populate(server: &TestServer) -> HashMap<(Uuid, String), Vec<u32>> {
                 })
                 .await
                 .unwrap();
+                last_resort = 900;
+                c.rotate_kyber_last_resort_pre_key(
+                    keyserver_proto::pb::RotateKyberLastResortPreKeyRequest {
+                        device_id: name.clone(),
+                        kyber_last_resort_prekey: Some(device.kyber_upload(
+                            last_resort,
+                            &keyserver_client::keys::KyberKeyPair::generate(),
+                        )),
+                    },
+                )
+                .await
+                .unwrap();
             }
             // Hand out u + d + 1 keys of this device before the copy.
             let taken = u + d as usize + 1;
             for _ in 0..taken {
                 fetch(&mut peer, user, Some(&name)).await.unwrap();
             }
-            remaining.insert((user, name), (taken as u32 + 1..=12).collect());
+            let kyber_left = (taken as u32 + 1..=4).collect();
+            remaining.insert(
+                (user, name),
+                ((taken as u32 + 1..=12).collect(), kyber_left, last_resort),
+            );
         }
     }
     remaining
@@ -53,7 +74,7 @@ async fn populate(server: &TestServer) -> HashMap<(Uuid, String), Vec<u32>> {
 
 /// A database of `backend` populated through a server (stopped again), and what each device
 /// has left.
-async fn populated(backend: Backend) -> (TestDb, HashMap<(Uuid, String), Vec<u32>>) {
+async fn populated(backend: Backend) -> (TestDb, Remaining) {
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let remaining = populate(&server).await;
@@ -104,6 +125,16 @@ async fn a_sqlite_store_copied_to_postgres_serves_the_same_remaining_prekeys() {
         .unwrap();
     assert_eq!(one_time.target_rows, 5 * 12);
     assert!(progress.contains(&("nchat_one_time_prekeys".to_owned(), 60, 60)));
+    let kyber = report
+        .tables
+        .iter()
+        .find(|t| t.table == "nchat_kyber_prekeys")
+        .unwrap();
+    assert_eq!(
+        kyber.target_rows,
+        5 * 5 + 3,
+        "4 one-time and 1 last-resort key each, 3 rotated"
+    );
     assert_eq!(
         transfer::verify(&from, &from).await.unwrap(),
         before,
@@ -112,10 +143,15 @@ async fn a_sqlite_store_copied_to_postgres_serves_the_same_remaining_prekeys() {
 
     let server = TestServer::start(&postgres).await;
     let mut peer = client(&server, Uuid::new_v4()).await;
-    for ((user, device), expected) in &remaining {
+    for ((user, device), (expected, expected_kyber, last_resort)) in &remaining {
         let mut served = Vec::new();
+        let mut kyber = Vec::new();
         loop {
             let bundle = fetch(&mut peer, *user, Some(device)).await.unwrap();
+            let kyber_id = bundle.devices[0].kyber_prekey.as_ref().unwrap().key_id;
+            if kyber_id != *last_resort {
+                kyber.push(kyber_id);
+            }
             match &bundle.devices[0].one_time_prekey {
                 Some(key) => served.push(key.key_id),
                 None => break,
@@ -124,6 +160,10 @@ async fn a_sqlite_store_copied_to_postgres_serves_the_same_remaining_prekeys() {
         assert_eq!(
             &served, expected,
             "{device}: same keys, same order, none consumed before"
+        );
+        assert_eq!(
+            &kyber, expected_kyber,
+            "{device}: same Kyber keys, then the active last-resort key"
         );
     }
     // New rows get fresh ids: the sequences continue after the copied ones.

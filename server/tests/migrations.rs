@@ -272,3 +272,81 @@ async fn adopts_a_chat_database_that_already_has_the_schema() {
     migrations::down_to(&db, 0).await.unwrap();
     assert_eq!(db.schema_objects().await, ["nchat_users"]);
 }
+
+async fn reverting_0006_removes_the_kyber_keys_and_nothing_else(backend: Backend) {
+    let test_db = TestDb::migrated(backend).await;
+    let config = keyserver::testing::TestConfig::default();
+    let server = TestServer::start_with(&test_db, config).await;
+    let bob = TestDevice::pqxdh(Uuid::new_v4(), "bob-phone", 3, 2);
+    client(&server, bob.user)
+        .await
+        .register_device(bob.register_request())
+        .await
+        .unwrap();
+    let mut alice = client(&server, Uuid::new_v4()).await;
+    fetch(&mut alice, bob.user, None).await.unwrap();
+    // Cleanup retires the consumed keys' ids of both kinds.
+    let long_ago = time::OffsetDateTime::now_utc() - time::Duration::days(40);
+    for table in ["nchat_one_time_prekeys", "nchat_kyber_prekeys"] {
+        server
+            .db
+            .set_time(table, "consumed_at", "is_consumed", long_ago)
+            .await;
+    }
+    config
+        .jobs(&server.db)
+        .run(
+            keyserver::jobs::Job::Cleanup,
+            keyserver::jobs::Trigger::Cli,
+            &keyserver::shutdown::CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+    server.stop().await.unwrap();
+
+    let db = test_db.open().await;
+    let retired = |kind: &'static str| {
+        let db = db.clone();
+        async move {
+            db.count(&format!(
+                "SELECT count(*) FROM keyserver_retired_prekeys WHERE key_kind = '{kind}'"
+            ))
+            .await
+        }
+    };
+    assert_eq!((retired("one_time").await, retired("kyber").await), (1, 1));
+    let kept = "SELECT count(*) FROM nchat_one_time_prekeys";
+    assert_eq!(db.count(kept).await, 2);
+
+    migrations::down_to(&db, 5).await.unwrap();
+    assert!(
+        !db.schema_objects()
+            .await
+            .iter()
+            .any(|name| name.contains("kyber")),
+        "the Kyber table and its indexes are gone"
+    );
+    assert_eq!(retired("one_time").await, 1, "other retired ids stay");
+    assert_eq!(db.count(kept).await, 2);
+    assert_eq!(
+        db.count("SELECT count(*) FROM keyserver_retired_prekeys")
+            .await,
+        1,
+        "the Kyber ones went with the table"
+    );
+
+    migrations::up(&db).await.unwrap();
+    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(6));
+    let server = TestServer::start(&test_db).await;
+    let mut alice = client(&server, Uuid::new_v4()).await;
+    let bundle = fetch(&mut alice, bob.user, None).await.unwrap();
+    assert!(
+        bundle.devices[0].kyber_prekey.is_none(),
+        "an X3DH device again, until it publishes Kyber keys"
+    );
+    assert_eq!(
+        bundle.devices[0].one_time_prekey.as_ref().unwrap().key_id,
+        2
+    );
+}
+conformance!(reverting_0006_removes_the_kyber_keys_and_nothing_else);
