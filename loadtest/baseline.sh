@@ -11,9 +11,20 @@
 #       concurrency, with the latency of the fetches that completed while it ran.
 #   Every fetch run makes the same number of fetches, min(40 per device, $FETCHES): at 1,000
 #   devices a run of fixed length would use up the keys and measure empty bundles instead.
-# Writes $OUT/results.tsv and $OUT/baseline.md (the tables), and every run's JSON and SVG.
+# Several builds or seeds can be measured side by side in one run (VARIANTS): each gets its own
+#   seed, and their runs alternate at every size and concurrency (REPEAT times each), so they
+#   share the machine's state; the tables give each run's ratio to the first variant's. A
+#   variant `v` runs $BIN_v/keyserver and $BIN_v/loadtest (default $BIN), passes $ARGS_v to
+#   every loadtest call (seed and fetch) and runs pgbench with $PGBENCH_v (default
+#   loadtest/pgbench/fetch.sql). Besides latency and CPU, each run records the loopback bytes
+#   per fetch, and each seed its size on disk.
+# Writes $OUT/results.tsv, $OUT/seeds.tsv and $OUT/baseline.md (the tables), and every run's
+# JSON and SVG.
 #   cargo build --release -p keyserver -p keyserver-loadtest
 #   loadtest/baseline.sh                      # or SIZES="1000 10000" BACKENDS=postgres FETCHES=30000 …
+#   VARIANTS="before pqxdh x3dh" BIN_before=../before/target/release \
+#     PGBENCH_before=../before/loadtest/pgbench/fetch.sql ARGS_x3dh=--x3dh SIZES=10000 \
+#     PGBENCH=0 REFRESH=0 REPEAT=2 loadtest/baseline.sh
 # Needs psql, createdb, pgbench, jq and python3, and $ADMIN_URL's cluster on this machine (its CPU
 # is read from /proc). PostgreSQL databases named ks_base_* are dropped and recreated on that
 # cluster: never point this at data you keep.
@@ -24,6 +35,10 @@ SIZES=${SIZES:-1000 10000 100000}
 CONCURRENCY=${CONCURRENCY:-16 64}
 BACKENDS=${BACKENDS:-postgres sqlite}
 FETCHES=${FETCHES:-90000}       # most fetches per run
+VARIANTS=${VARIANTS:-now}
+REPEAT=${REPEAT:-1}             # runs of each variant at each size and concurrency, alternating
+PGBENCH=${PGBENCH:-1}           # 0: no pgbench runs
+REFRESH=${REFRESH:-1}           # 0: no view-refresh runs
 REFRESH_AFTER=${REFRESH_AFTER:-5}
 PORT=${PORT:-50100}
 OUT=${OUT:-target/baseline}
@@ -37,9 +52,11 @@ mkdir -p "$OUT"
 rm -rf "$SCRATCH"
 mkdir -p "$SCRATCH"
 results=$OUT/results.tsv
-printf 'backend\tdevices\tconcurrency\tfetches_per_s\tp50\tp95\tp99\tp999\tmax\tserved_twice\twithout_key_while_left\tserver_cores\tserver_rss_mb\tloadtest_cores\tmachine_busy\tdatabase_cores\tpgbench_per_s\tpgbench_p50\tpgbench_p99\tpgbench_database_cores\n' >"$results"
+printf 'variant\trepeat\tbackend\tdevices\tconcurrency\tfetches_per_s\tp50\tp95\tp99\tp999\tmax\tserved_twice\twithout_key_while_left\tserver_cores\tserver_rss_mb\tloadtest_cores\tmachine_busy\tdatabase_cores\tbytes_per_fetch\tpgbench_per_s\tpgbench_p50\tpgbench_p99\tpgbench_database_cores\n' >"$results"
+seeds=$OUT/seeds.tsv
+printf 'variant\tbackend\tdevices\tseconds\tregistrations_per_s\tdatabase_mb\n' >"$seeds"
 refreshes=$OUT/refresh.tsv
-printf 'devices\tview_rows\trefresh_alone_s\trefresh_under_load_s\tduring_per_s\tduring_p50\tduring_p99\tduring_max\toutside_per_s\toutside_p50\toutside_p99\toutside_max\n' >"$refreshes"
+printf 'variant\tdevices\tview_rows\trefresh_alone_s\trefresh_under_load_s\tduring_per_s\tduring_p50\tduring_p99\tduring_max\toutside_per_s\toutside_p50\toutside_p99\toutside_max\n' >"$refreshes"
 
 db_url() { echo "$ADMIN_URL/$1"; }
 psql_admin() { psql -qAt "$(db_url postgres)" -c "$1"; }
@@ -66,10 +83,27 @@ copy_seed() { # backend from to
     fi
 }
 
+# The current variant's binaries, loadtest arguments and pgbench script.
+bin=$BIN args=() pgbench_script=loadtest/pgbench/fetch.sql
+use_variant() { # name
+    local b="BIN_$1" a="ARGS_$1" p="PGBENCH_$1"
+    bin=${!b:-$BIN}
+    read -r -a args <<<"${!a:-}"
+    pgbench_script=${!p:-loadtest/pgbench/fetch.sql}
+}
+database_mb() { # backend name
+    if [ "$1" = postgres ]; then
+        psql_admin "SELECT pg_database_size('$2') / 1048576"
+    else
+        du -sm "$SCRATCH/$2" | cut -f1
+    fi
+}
+loopback_bytes() { awk '$1 == "lo:" { print $2 }' /proc/net/dev; }
+
 server_pid=
 start_server() { # backend name
     mkdir -p "$SCRATCH/$2"
-    DATABASE_URL=$(url_for "$1" "$2") "$BIN/keyserver" serve --listen "127.0.0.1:$PORT" \
+    DATABASE_URL=$(url_for "$1" "$2") "$bin/keyserver" serve --listen "127.0.0.1:$PORT" \
         --data-dir "$SCRATCH/$2" --bundle-view-refresh 0s --rotation-check-every 0s \
         --cleanup-every 0s 2>>"$OUT/server.log" &
     server_pid=$!
@@ -110,21 +144,21 @@ cores() { awk -v a="$1" -v b="$2" -v s="$3" -v hz="$hz" 'BEGIN { printf "%.2f", 
 load() { # name devices concurrency [loadtest args…]
     local name=$1 devices=$2 concurrency=$3
     shift 3
-    local s0 b0 i0 d0 t0 took database=
+    local s0 b0 i0 d0 t0 n0 took database=
     s0=$(cpu_ticks "$server_pid") b0=$(busy_ticks) i0=$(idle_ticks) d0=$(database_ticks)
-    t0=$(date +%s.%N)
+    n0=$(loopback_bytes) t0=$(date +%s.%N)
     TIMEFORMAT='%U %S'
-    { time "$BIN/loadtest" --url "http://127.0.0.1:$PORT" --scenario fetch \
+    { time "$bin/loadtest" --url "http://127.0.0.1:$PORT" --scenario fetch \
         --devices "$devices" --concurrency "$concurrency" --requests "$fetches" --duration 30m \
-        --json "$OUT/$name.json" --svg "$OUT/$name.svg" "$@" >"$OUT/$name.txt" 2>&1; } \
+        --json "$OUT/$name.json" --svg "$OUT/$name.svg" "${args[@]}" "$@" >"$OUT/$name.txt" 2>&1; } \
         2>"$OUT/$name.time"
     took=$(since "$t0")
     if [ "$backend" = postgres ]; then database=$(cores "$d0" "$(database_ticks)" "$took"); fi
     read -r user sys <"$OUT/$name.time"
     { cores "$s0" "$(cpu_ticks "$server_pid")" "$took"
-      echo " $(busy_ticks) $b0 $(idle_ticks) $i0 $took $user $sys" |
-          awk -v db="$database" '{ printf "\t%.2f\t%.0f%%\t%s\n", ($6 + $7) / $5,
-                                  100 * ($1 - $2) / (($1 - $2) + ($3 - $4)), db }'; } \
+      echo " $(busy_ticks) $b0 $(idle_ticks) $i0 $took $user $sys $(loopback_bytes) $n0" |
+          awk -v db="$database" -v n="$fetches" '{ printf "\t%.2f\t%.0f%%\t%s\t%.0f\n",
+              ($6 + $7) / $5, 100 * ($1 - $2) / (($1 - $2) + ($3 - $4)), db, ($8 - $9) / n }'; } \
         >"$OUT/$name.cpu"
 }
 fetch_figures() { # json: fetches/s p50 p95 p99 p99.9 max served_twice without_while_left
@@ -135,106 +169,153 @@ fetch_figures() { # json: fetches/s p50 p95 p99 p99.9 max served_twice without_w
 
 for backend in $BACKENDS; do
     for devices in $SIZES; do
-        seed=ks_base_seed_$devices run=ks_base_run
-        echo "== $backend, $devices devices: seeding through the API"
-        if [ "$backend" = postgres ]; then recreate_db "$seed"; else rm -rf "${SCRATCH:?}/$seed"; fi
-        start_server "$backend" "$seed"
-        "$BIN/loadtest" --url "http://127.0.0.1:$PORT" --scenario register --devices "$devices" \
-            --concurrency 16 --duration 60m --json "$OUT/$backend-$devices-seed.json" \
-            >"$OUT/$backend-$devices-seed.txt" 2>&1
-        stop_server
-        if [ "$backend" = postgres ]; then
-            psql -q "$(db_url "$seed")" -c "VACUUM ANALYZE" -c "CHECKPOINT"
-        fi
-        jq -r '"seeded in \(.seconds | floor) s, \(.rpcs.RegisterDevice.per_second | floor)/s"' \
-            "$OUT/$backend-$devices-seed.json"
+        run=ks_base_run
+        for variant in $VARIANTS; do
+            use_variant "$variant"
+            seed=ks_base_seed_${variant}_$devices
+            echo "== $backend, $devices devices, $variant: seeding through the API"
+            if [ "$backend" = postgres ]; then recreate_db "$seed"; else rm -rf "${SCRATCH:?}/$seed"; fi
+            start_server "$backend" "$seed"
+            "$bin/loadtest" --url "http://127.0.0.1:$PORT" --scenario register --devices "$devices" \
+                --concurrency 16 --duration 60m --json "$OUT/$variant-$backend-$devices-seed.json" \
+                "${args[@]}" >"$OUT/$variant-$backend-$devices-seed.txt" 2>&1
+            stop_server
+            if [ "$backend" = postgres ]; then
+                psql -q "$(db_url "$seed")" -c "VACUUM ANALYZE" -c "CHECKPOINT"
+            fi
+            jq -r --arg v "$variant" --arg b "$backend" --arg d "$devices" \
+                --arg mb "$(database_mb "$backend" "$seed")" \
+                '[$v, $b, $d, .seconds, .rpcs.RegisterDevice.per_second, $mb] | @tsv' \
+                "$OUT/$variant-$backend-$devices-seed.json" >>"$seeds"
+            tail -1 "$seeds"
+        done
         fetches=$((devices * 40 < FETCHES ? devices * 40 : FETCHES))
 
         for c in $CONCURRENCY; do
-            name=$backend-$devices-c$c
-            copy_seed "$backend" "$seed" "$run"
-            start_server "$backend" "$run"
-            load "$name" "$devices" "$c"
-            rss=$(peak_rss_mb "$server_pid")
-            stop_server
-            IFS=$'\t' read -r server_cores loadtest_cores busy database_cores <"$OUT/$name.cpu"
-            bench=$'\t\t\t'
-            if [ "$backend" = postgres ]; then
-                copy_seed "$backend" "$seed" "$run"
-                rm -f "$OUT/$name-pgbench".*
-                d0=$(database_ticks) t0=$(date +%s.%N)
-                pgbench -n -M prepared -f loadtest/pgbench/fetch.sql -D devices="$devices" -c "$c" -j 2 \
-                    -t $((fetches / c)) -l --log-prefix="$OUT/$name-pgbench" "$(db_url "$run")" \
-                    >"$OUT/$name-pgbench.txt" 2>&1
-                bench_database=$(cores "$d0" "$(database_ticks)" "$(since "$t0")")
-                tps=$(awk '/^tps/ { printf "%.0f", $3; exit }' "$OUT/$name-pgbench.txt")
-                read -r _ _ _ p50 _ _ _ p99 _ _ _ _ \
-                    < <(python3 loadtest/pgbench/latency.py "$OUT/$name-pgbench")
-                bench="$tps"$'\t'"$p50"$'\t'"$p99"$'\t'"$bench_database"
-                rm -f "$OUT/$name-pgbench".[0-9]*
-            fi
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$backend" "$devices" "$c" \
-                "$(fetch_figures "$OUT/$name.json")" "$server_cores" "$rss" "$loadtest_cores" \
-                "$busy" "$database_cores" "$bench" >>"$results"
-            tail -1 "$results"
+            for rep in $(seq "$REPEAT"); do
+                for variant in $VARIANTS; do
+                    use_variant "$variant"
+                    seed=ks_base_seed_${variant}_$devices
+                    name=$variant-$backend-$devices-c$c-$rep
+                    copy_seed "$backend" "$seed" "$run"
+                    start_server "$backend" "$run"
+                    load "$name" "$devices" "$c"
+                    rss=$(peak_rss_mb "$server_pid")
+                    stop_server
+                    IFS=$'\t' read -r server_cores loadtest_cores busy database_cores bytes \
+                        <"$OUT/$name.cpu"
+                    bench=$'\t\t\t'
+                    if [ "$backend" = postgres ] && [ "$PGBENCH" = 1 ]; then
+                        copy_seed "$backend" "$seed" "$run"
+                        rm -f "$OUT/$name-pgbench".*
+                        d0=$(database_ticks) t0=$(date +%s.%N)
+                        pgbench -n -M prepared -f "$pgbench_script" -D devices="$devices" -c "$c" \
+                            -j 2 -t $((fetches / c)) -l --log-prefix="$OUT/$name-pgbench" \
+                            "$(db_url "$run")" >"$OUT/$name-pgbench.txt" 2>&1
+                        bench_database=$(cores "$d0" "$(database_ticks)" "$(since "$t0")")
+                        tps=$(awk '/^tps/ { printf "%.0f", $3; exit }' "$OUT/$name-pgbench.txt")
+                        read -r _ _ _ p50 _ _ _ p99 _ _ _ _ \
+                            < <(python3 loadtest/pgbench/latency.py "$OUT/$name-pgbench")
+                        bench="$tps"$'\t'"$p50"$'\t'"$p99"$'\t'"$bench_database"
+                        rm -f "$OUT/$name-pgbench".[0-9]*
+                    fi
+                    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$variant" \
+                        "$rep" "$backend" "$devices" "$c" "$(fetch_figures "$OUT/$name.json")" \
+                        "$server_cores" "$rss" "$loadtest_cores" "$busy" "$database_cores" \
+                        "$bytes" "$bench" >>"$results"
+                    tail -1 "$results"
+                done
+            done
         done
 
-        if [ "$backend" = postgres ]; then
+        if [ "$backend" = postgres ] && [ "$REFRESH" = 1 ]; then
             # The first refresh fills the view; the measured ones are concurrent refreshes of a
             # populated view, as the server's refresher runs them.
             c=${CONCURRENCY%% *}
-            name=$backend-$devices-refresh
-            copy_seed "$backend" "$seed" "$run"
-            export DATABASE_URL; DATABASE_URL=$(db_url "$run")
-            "$BIN/keyserver" jobs refresh-bundles >/dev/null
-            t0=$(date +%s.%N)
-            "$BIN/keyserver" jobs refresh-bundles >"$OUT/$name-alone.txt"
-            alone=$(since "$t0")
-            rows=$(psql -qAt "$DATABASE_URL" -c "SELECT count(*) FROM nchat_prekey_bundles")
-            start_server "$backend" "$run"
-            load "$name" "$devices" "$c" --during "$BIN/keyserver jobs refresh-bundles" \
-                --during-after "${REFRESH_AFTER}s"
-            stop_server
-            unset DATABASE_URL
-            jq -r --arg devices "$devices" --arg rows "$rows" --arg alone "$alone" \
-                '[$devices, $rows, ($alone | tonumber), .during.seconds]
-                 + (.during.rpcs.FetchPreKeyBundle | [.per_second, .p50_ms, .p99_ms, .max_ms])
-                 + (.outside.rpcs.FetchPreKeyBundle | [.per_second, .p50_ms, .p99_ms, .max_ms])
-                 | @tsv' "$OUT/$name.json" >>"$refreshes"
-            tail -1 "$refreshes"
+            for variant in $VARIANTS; do
+                use_variant "$variant"
+                seed=ks_base_seed_${variant}_$devices
+                name=$variant-$backend-$devices-refresh
+                copy_seed "$backend" "$seed" "$run"
+                export DATABASE_URL; DATABASE_URL=$(db_url "$run")
+                "$bin/keyserver" jobs refresh-bundles >/dev/null
+                t0=$(date +%s.%N)
+                "$bin/keyserver" jobs refresh-bundles >"$OUT/$name-alone.txt"
+                alone=$(since "$t0")
+                rows=$(psql -qAt "$DATABASE_URL" -c "SELECT count(*) FROM nchat_prekey_bundles")
+                start_server "$backend" "$run"
+                load "$name" "$devices" "$c" --during "$bin/keyserver jobs refresh-bundles" \
+                    --during-after "${REFRESH_AFTER}s"
+                stop_server
+                unset DATABASE_URL
+                jq -r --arg v "$variant" --arg devices "$devices" --arg rows "$rows" \
+                    --arg alone "$alone" \
+                    '[$v, $devices, $rows, ($alone | tonumber), .during.seconds]
+                     + (.during.rpcs.FetchPreKeyBundle | [.per_second, .p50_ms, .p99_ms, .max_ms])
+                     + (.outside.rpcs.FetchPreKeyBundle | [.per_second, .p50_ms, .p99_ms, .max_ms])
+                     | @tsv' "$OUT/$name.json" >>"$refreshes"
+                tail -1 "$refreshes"
+            done
         fi
     done
 done
 psql_admin "DROP DATABASE IF EXISTS ks_base_run" >/dev/null
+for variant in $VARIANTS; do
+    for devices in $SIZES; do
+        psql_admin "DROP DATABASE IF EXISTS ks_base_seed_${variant}_$devices" >/dev/null
+    done
+done
 
 # The tables, as docs/PERFORMANCE.md quotes them.
-python3 - "$results" "$refreshes" >"$OUT/baseline.md" <<'PY'
+python3 - "$results" "$refreshes" "$seeds" >"$OUT/baseline.md" <<'PY'
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 refresh = list(csv.DictReader(open(sys.argv[2]), delimiter="\t"))
+seeds = list(csv.DictReader(open(sys.argv[3]), delimiter="\t"))
 f = lambda v, d=2: f"{float(v):,.{d}f}" if v else ""
+variants = list(dict.fromkeys(r["variant"] for r in rows))
+several = len(variants) > 1
+if several:
+    print("\n### Seeds\n")
+    print("| variant | backend | devices | seeded in | registrations/s | database size |")
+    print("|---|---|---|---|---|---|")
+    for s in seeds:
+        print(f"| {s['variant']} | {s['backend']} | {int(s['devices']):,} | {f(s['seconds'], 0)} s "
+              f"| {f(s['registrations_per_s'], 0)} | {int(s['database_mb']):,} MB |")
 for backend in dict.fromkeys(r["backend"] for r in rows):
     mine = [r for r in rows if r["backend"] == backend]
-    pg = backend == "postgres"
+    pg = backend == "postgres" and any(r["pgbench_per_s"] for r in mine)
     print(f"\n### {backend}\n")
-    head = ["devices", "concurrency", "fetches/s", "p50", "p95", "p99", "p99.9", "max",
-            "served twice", "server CPU", "server peak RSS", "loadtest CPU", "machine busy"]
+    head = (["variant", "run"] if several else []) + [
+        "devices", "concurrency", "fetches/s", "p50", "p95", "p99", "p99.9", "max",
+        "served twice", "server CPU", "server peak RSS", "loadtest CPU", "machine busy"]
+    if backend == "postgres":
+        head += ["database CPU"]
+    head += ["loopback bytes per fetch"]
     if pg:
-        head += ["database CPU", "pgbench/s", "pgbench p50", "pgbench p99",
+        head += ["pgbench/s", "pgbench p50", "pgbench p99",
                  "pgbench database CPU", "ratio to pgbench", "per database core, ratio to pgbench"]
-    head += ["ratio to 1,000 devices"]
+    head += [f"ratio to {variants[0]}, same run" if several else "ratio to 1,000 devices"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in mine:
-        base = next((b for b in mine if b["devices"] == "1000"
-                     and b["concurrency"] == r["concurrency"]), None)
-        cells = [f"{int(r['devices']):,}", r["concurrency"], f(r["fetches_per_s"], 0),
+        if several:
+            base = next(b for b in mine if b["variant"] == variants[0] and b["repeat"] == r["repeat"]
+                        and b["devices"] == r["devices"] and b["concurrency"] == r["concurrency"])
+        else:
+            base = next((b for b in mine if b["devices"] == "1000"
+                         and b["concurrency"] == r["concurrency"]), None)
+        cells = ([r["variant"], r["repeat"]] if several else []) + [
+                 f"{int(r['devices']):,}", r["concurrency"], f(r["fetches_per_s"], 0),
                  *(f(r[k]) + " ms" for k in ("p50", "p95", "p99", "p999", "max")),
                  r["served_twice"], r["server_cores"] + " cores", r["server_rss_mb"] + " MB",
                  r["loadtest_cores"] + " cores", r["machine_busy"]]
+        if backend == "postgres":
+            cells += [r["database_cores"] + " cores"]
+        cells += [f"{int(r['bytes_per_fetch']):,}"]
         if pg:
             ours, bench = float(r["fetches_per_s"]), float(r["pgbench_per_s"])
-            cells += [r["database_cores"] + " cores", f(bench, 0), f(r["pgbench_p50"]) + " ms",
+            cells += [f(bench, 0), f(r["pgbench_p50"]) + " ms",
                       f(r["pgbench_p99"]) + " ms", r["pgbench_database_cores"] + " cores",
                       f(ours / bench),
                       f(ours / float(r["database_cores"])
@@ -243,13 +324,13 @@ for backend in dict.fromkeys(r["backend"] for r in rows):
         print("| " + " | ".join(cells) + " |")
 if refresh:
     print("\n### Concurrent refresh of nchat_prekey_bundles (PostgreSQL)\n")
-    print("| devices | view rows | refresh alone | refresh under fetches | fetches/s during "
+    print("| variant | devices | view rows | refresh alone | refresh under fetches | fetches/s during "
           "| p50 during | p99 during | max during | fetches/s outside | p50 outside "
           "| p99 outside | max outside |")
-    print("|" + "---|" * 12)
+    print("|" + "---|" * 13)
     for r in refresh:
         print("| " + " | ".join([
-            f"{int(r['devices']):,}", f"{int(r['view_rows']):,}",
+            r["variant"], f"{int(r['devices']):,}", f"{int(r['view_rows']):,}",
             f(r["refresh_alone_s"]) + " s", f(r["refresh_under_load_s"]) + " s",
             f(r["during_per_s"], 0), f(r["during_p50"]) + " ms", f(r["during_p99"]) + " ms",
             f(r["during_max"]) + " ms", f(r["outside_per_s"], 0),

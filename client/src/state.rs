@@ -34,7 +34,7 @@ pub struct StoredIdentity {
     pub sealed_private: Vec<u8>,
 }
 
-/// A signed prekey pair and its signature.
+/// A signed key pair and its signature by the identity key: a signed prekey, or a Kyber prekey.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredSignedPreKey {
     pub id: u32,
@@ -59,20 +59,9 @@ pub struct StoredPreKey {
 }
 
 /// A Kyber prekey pair and its signature: one-time (kept until a peer's first message uses it)
-/// or last resort (kept after it is replaced, so late messages still decrypt).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct StoredKyberPreKey {
-    pub id: u32,
-    /// Serialized public key (1569 bytes).
-    #[serde(with = "hex::serde")]
-    pub public: Vec<u8>,
-    #[serde(with = "hex::serde")]
-    pub signature: Vec<u8>,
-    #[serde(with = "hex::serde")]
-    pub sealed_private: Vec<u8>,
-    /// Unix seconds when it was generated.
-    pub created_at: i64,
-}
+/// or last resort (kept after it is replaced, so late messages still decrypt). Its public key is
+/// the 1569-byte serialized form.
+pub type StoredKyberPreKey = StoredSignedPreKey;
 
 /// Everything a device keeps locally.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -168,40 +168,22 @@ pub fn kyber_prekeys(
     identity: &PublicKey,
     reserved: Option<KyberPreKeyId>,
 ) -> Result<Vec<NewKyberPreKey>> {
-    count(field, uploads.len(), min)?;
-    let mut first_index = std::collections::HashMap::with_capacity(uploads.len());
-    uploads
-        .into_iter()
-        .enumerate()
-        .map(|(i, upload)| {
-            let at = format!("{field}[{i}]");
-            let key = kyber_prekey(&at, upload, identity)?;
+    distinct(
+        field,
+        uploads,
+        min,
+        |at, upload| {
+            let key = kyber_prekey(at, upload, identity)?;
             if Some(key.key_id) == reserved {
                 return Err(invalid(
                     format!("{at}.key_id"),
                     format!("is the last-resort Kyber prekey's id ({})", key.key_id),
                 ));
             }
-            if let Some(first) = first_index.insert(key.key_id, i) {
-                return Err(invalid(
-                    format!("{at}.key_id"),
-                    format!("duplicates {field}[{first}].key_id ({})", key.key_id),
-                ));
-            }
             Ok(key)
-        })
-        .collect()
-}
-
-/// Between `min` and [`MAX_ONE_TIME_PREKEYS`] keys.
-fn count(field: &str, len: usize, min: usize) -> Result<()> {
-    if len < min || len > MAX_ONE_TIME_PREKEYS {
-        return Err(invalid(
-            field,
-            format!("must hold {min} to {MAX_ONE_TIME_PREKEYS} keys, got {len}"),
-        ));
-    }
-    Ok(())
+        },
+        |key| key.key_id,
+    )
 }
 
 /// One-time prekeys: between `min` and 100 of them, with distinct ids.
@@ -210,28 +192,61 @@ pub fn one_time_prekeys(
     uploads: Vec<pb::OneTimePreKeyUpload>,
     min: usize,
 ) -> Result<Vec<NewOneTimePreKey>> {
-    count(field, uploads.len(), min)?;
-    let mut first_index = std::collections::HashMap::with_capacity(uploads.len());
-    uploads
-        .into_iter()
-        .enumerate()
-        .map(|(i, upload)| {
-            let at = format!("{field}[{i}]");
-            let id = key_id(&format!("{at}.key_id"), upload.key_id, PreKeyId::new)?;
-            if let Some(first) = first_index.insert(id, i) {
-                return Err(invalid(
-                    format!("{at}.key_id"),
-                    format!("duplicates {field}[{first}].key_id ({id})"),
-                ));
-            }
+    distinct(
+        field,
+        uploads,
+        min,
+        |at, upload| {
             Ok(NewOneTimePreKey {
-                key_id: id,
+                key_id: key_id(&format!("{at}.key_id"), upload.key_id, PreKeyId::new)?,
                 public: public_key(&format!("{at}.public_key"), &upload.public_key)?,
                 encrypted_private: encrypted_blob(
                     &format!("{at}.encrypted_private_key"),
                     upload.encrypted_private_key,
                 )?,
             })
+        },
+        |key| key.key_id,
+    )
+}
+
+/// Between `min` and 100 keys, each parsed by `parse` (given its field path), no two with the
+/// same `id`.
+fn distinct<U, K, I>(
+    field: &str,
+    uploads: Vec<U>,
+    min: usize,
+    parse: impl Fn(&str, U) -> Result<K>,
+    id: impl Fn(&K) -> I,
+) -> Result<Vec<K>>
+where
+    I: std::hash::Hash + Eq + std::fmt::Display,
+{
+    if uploads.len() < min || uploads.len() > MAX_ONE_TIME_PREKEYS {
+        return Err(invalid(
+            field,
+            format!(
+                "must hold {min} to {MAX_ONE_TIME_PREKEYS} keys, got {}",
+                uploads.len()
+            ),
+        ));
+    }
+    let mut first_index = std::collections::HashMap::with_capacity(uploads.len());
+    uploads
+        .into_iter()
+        .enumerate()
+        .map(|(i, upload)| {
+            let at = format!("{field}[{i}]");
+            let key = parse(&at, upload)?;
+            let key_id = id(&key);
+            if let Some(first) = first_index.get(&key_id) {
+                return Err(invalid(
+                    format!("{at}.key_id"),
+                    format!("duplicates {field}[{first}].key_id ({key_id})"),
+                ));
+            }
+            first_index.insert(key_id, i);
+            Ok(key)
         })
         .collect()
 }

@@ -125,35 +125,20 @@ impl NewPreKey for NewSignedPreKey {
 
 /// Debug output names the key and the size of its encrypted private blob, never the blob, so
 /// a logged request cannot leak it.
-impl std::fmt::Debug for NewOneTimePreKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NewOneTimePreKey")
-            .field("key_id", &self.key_id)
-            .field("public", &self.public)
-            .field("encrypted_private_len", &self.encrypted_private.len())
-            .finish()
-    }
+macro_rules! debug_without_private_key {
+    ($($ty:ident),+) => {$(
+        impl std::fmt::Debug for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($ty))
+                    .field("key_id", &self.key_id)
+                    .field("public", &self.public)
+                    .field("encrypted_private_len", &self.encrypted_private.len())
+                    .finish_non_exhaustive()
+            }
+        }
+    )+};
 }
-
-impl std::fmt::Debug for NewKyberPreKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NewKyberPreKey")
-            .field("key_id", &self.key_id)
-            .field("public", &self.public)
-            .field("encrypted_private_len", &self.encrypted_private.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl std::fmt::Debug for NewSignedPreKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NewSignedPreKey")
-            .field("key_id", &self.key_id)
-            .field("public", &self.public)
-            .field("encrypted_private_len", &self.encrypted_private.len())
-            .finish_non_exhaustive()
-    }
-}
+debug_without_private_key!(NewOneTimePreKey, NewSignedPreKey, NewKyberPreKey);
 
 /// One-time Curve25519 prekeys (the schema's `nchat_one_time_prekeys`). A device may run out of
 /// them: its bundles then come without one.
