@@ -140,7 +140,8 @@ since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { print b - a }'; }
 cores() { awk -v a="$1" -v b="$2" -v s="$3" -v hz="$hz" 'BEGIN { printf "%.2f", (b - a) / hz / s }'; }
 
 # One loadtest run of $fetches fetches against the running server; its JSON in $OUT/$name.json,
-# and the CPU it, the server, the whole machine and the database used in $OUT/$name.cpu (cores).
+# and the CPU it, the server, the whole machine and the database used (cores), and the loopback
+# bytes per fetch, in $OUT/$name.cpu.
 load() { # name devices concurrency [loadtest args…]
     local name=$1 devices=$2 concurrency=$3
     shift 3
@@ -157,8 +158,8 @@ load() { # name devices concurrency [loadtest args…]
     read -r user sys <"$OUT/$name.time"
     { cores "$s0" "$(cpu_ticks "$server_pid")" "$took"
       echo " $(busy_ticks) $b0 $(idle_ticks) $i0 $took $user $sys $(loopback_bytes) $n0" |
-          awk -v db="$database" -v n="$fetches" '{ printf "\t%.2f\t%.0f%%\t%s\t%.0f\n",
-              ($6 + $7) / $5, 100 * ($1 - $2) / (($1 - $2) + ($3 - $4)), db, ($8 - $9) / n }'; } \
+          awk -v db="$database" -v n="$fetches" '{ printf "\t%.2f\t%.0f%%\t%.0f\t%s\n",
+              ($6 + $7) / $5, 100 * ($1 - $2) / (($1 - $2) + ($3 - $4)), ($8 - $9) / n, db }'; } \
         >"$OUT/$name.cpu"
 }
 fetch_figures() { # json: fetches/s p50 p95 p99 p99.9 max served_twice without_while_left
@@ -202,7 +203,8 @@ for backend in $BACKENDS; do
                     load "$name" "$devices" "$c"
                     rss=$(peak_rss_mb "$server_pid")
                     stop_server
-                    IFS=$'\t' read -r server_cores loadtest_cores busy database_cores bytes \
+                    # The database's CPU last: it is empty on SQLite.
+                    IFS=$'\t' read -r server_cores loadtest_cores busy bytes database_cores \
                         <"$OUT/$name.cpu"
                     bench=$'\t\t\t'
                     if [ "$backend" = postgres ] && [ "$PGBENCH" = 1 ]; then
