@@ -29,10 +29,21 @@ pub enum MigrationError {
     Modified { version: i64, description: String },
     #[error("migration {version} was left half-applied; repair the database by hand")]
     Dirty { version: i64 },
-    #[error(transparent)]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
+    /// Applying or reverting failed, or the database could not be read (the driver's words).
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<sqlx::migrate::MigrateError> for MigrationError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        Self::Failed(e.to_string())
+    }
+}
+
+impl From<sqlx::Error> for MigrationError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Failed(e.to_string())
+    }
 }
 
 /// One migration and whether the database has it.

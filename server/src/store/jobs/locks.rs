@@ -12,7 +12,9 @@ use crate::store::StoreError;
 use crate::store::database::Database;
 
 /// A held job lock; dropping it (or the process dying) releases it.
-pub enum JobLock {
+pub struct JobLock(Held);
+
+enum Held {
     /// A session-level advisory lock, held by keeping its connection open.
     Postgres(sqlx::PgConnection),
     /// An exclusive lock on a file beside the SQLite database.
@@ -40,7 +42,7 @@ impl JobLock {
                     .fetch_one(&mut *conn)
                     .await?;
                 // The lock lives as long as this session: keep the connection out of the pool.
-                Ok(locked.then(|| Self::Postgres(conn.detach())))
+                Ok(locked.then(|| Self(Held::Postgres(conn.detach()))))
             }
             Database::Sqlite(lite) => Self::try_file(lite.path(), job),
         }
@@ -59,7 +61,7 @@ impl JobLock {
             .open(&name)
             .map_err(unavailable)?;
         match file.try_lock() {
-            Ok(()) => Ok(Some(Self::File(file))),
+            Ok(()) => Ok(Some(Self(Held::File(file)))),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => Err(unavailable(e)),
         }
@@ -67,8 +69,8 @@ impl JobLock {
 
     /// Releases the lock now.
     pub async fn release(self) {
-        match self {
-            Self::Postgres(mut conn) => {
+        match self.0 {
+            Held::Postgres(mut conn) => {
                 // Unlock before closing: the server ends a closed session (and frees its locks)
                 // only after the client has gone, so a run started right after this one could
                 // still find the lock held. A failed unlock falls back to the close.
@@ -77,7 +79,7 @@ impl JobLock {
                     .await;
                 let _ = conn.close().await;
             }
-            Self::File(file) => drop(file),
+            Held::File(file) => drop(file),
         }
     }
 }

@@ -35,8 +35,15 @@ pub enum TransferError {
     TargetNotEmpty { table: &'static str, rows: i64 },
     #[error(transparent)]
     Migration(#[from] MigrationError),
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
+    /// A statement of the copy failed (the driver's words); the target was left as it was.
+    #[error("{0}")]
+    Database(String),
+}
+
+impl From<sqlx::Error> for TransferError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Database(e.to_string())
+    }
 }
 
 /// One table's side-by-side comparison.
