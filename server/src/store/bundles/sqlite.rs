@@ -88,6 +88,15 @@ pub(super) async fn fetch(
         .collect();
     devices.sort();
     devices.dedup();
+    // Only a device with a last-resort Kyber prekey can hold one-time ones (uploads need it), so
+    // bundles of devices without Kyber keys cost no Kyber statement.
+    let mut kyber_devices: Vec<String> = rows
+        .iter()
+        .filter(|r| r.last_resort.kyber_prekey_id.is_some())
+        .map(|r| r.device.device_id.to_string())
+        .collect();
+    kyber_devices.sort();
+    kyber_devices.dedup();
     let taken: HashMap<DeviceId, (PreKeyId, PublicKey)> = tx
         .query(&sql!(
             "UPDATE nchat_one_time_prekeys SET is_consumed = TRUE, consumed_at = " NOW "
@@ -99,14 +108,16 @@ pub(super) async fn fetch(
              ) AND is_consumed = FALSE
              RETURNING device_id, prekey_id, prekey_public"
         ))
-        .bind(List(devices.clone()))
+        .bind(List(devices))
         .fetch_all::<Taken>()
         .await?
         .into_iter()
         .map(|t| (t.device_id, (t.prekey_id, t.prekey_public.0)))
         .collect();
-    let kyber_taken: HashMap<DeviceId, PublishedKyberPreKey> = tx
-        .query(&sql!(
+    let kyber_taken: HashMap<DeviceId, PublishedKyberPreKey> = if kyber_devices.is_empty() {
+        HashMap::new()
+    } else {
+        tx.query(&sql!(
             "UPDATE nchat_kyber_prekeys SET is_consumed = TRUE, consumed_at = " NOW "
              WHERE id IN (
                  SELECT (SELECT q.id FROM nchat_kyber_prekeys q
@@ -118,12 +129,13 @@ pub(super) async fn fetch(
              RETURNING device_id, kyber_prekey_id, kyber_prekey_public,
                        signature AS kyber_signature"
         ))
-        .bind(List(devices))
+        .bind(List(kyber_devices))
         .fetch_all::<KyberTaken>()
         .await?
         .into_iter()
         .filter_map(|t| Some((t.device_id, t.key.key()?)))
-        .collect();
+        .collect()
+    };
     tx.commit().await?;
 
     let mut results = vec![Vec::new(); targets.len()];
