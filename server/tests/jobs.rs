@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestDevice, client, fetch, otk};
+use common::{TestDevice, client, fetch, finished, otk};
 use keyserver::clock::Clock;
 use keyserver::config::{CleanupSettings, Schedule};
 use keyserver::jobs::{Job, Outcome, Run, Trigger};
@@ -103,13 +103,6 @@ async fn upload(
         .await
         .expect("uploading")
         .into_inner()
-}
-
-fn finished(run: Run) -> keyserver::jobs::Report {
-    match run {
-        Run::Finished(report) => report,
-        Run::Skipped(why) => panic!("the run was skipped: {why}"),
-    }
 }
 
 async fn rows_placed_on_each_side_of_every_boundary_are_kept_or_removed_exactly(backend: Backend) {

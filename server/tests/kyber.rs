@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use keyserver::config::CleanupSettings;
-use keyserver::jobs::{Job, Run, Trigger};
+use keyserver::jobs::{Job, Trigger};
 use keyserver::shutdown::CancellationToken;
 use keyserver::store::Serve;
 use keyserver::testing::{Backend, TestConfig, TestDb, TestServer};
@@ -468,13 +468,11 @@ async fn kyber_uploads_are_retry_safe_and_a_consumed_id_is_never_stored_again(ba
         )
         .await;
     let jobs = config.jobs(&server.db);
-    let Run::Finished(report) = jobs
-        .run(Job::Cleanup, Trigger::Cli, &CancellationToken::new())
-        .await
-        .unwrap()
-    else {
-        panic!("cleanup was skipped");
-    };
+    let report = finished(
+        jobs.run(Job::Cleanup, Trigger::Cli, &CancellationToken::new())
+            .await
+            .unwrap(),
+    );
     assert_eq!(report.count("consumed_kyber_prekeys"), 1, "{report}");
     assert_eq!(
         server
@@ -585,13 +583,11 @@ async fn a_last_resort_rotation_is_retry_safe_and_the_previous_key_stays_until_c
         )
         .await;
     let jobs = config.jobs(&server.db);
-    let Run::Finished(report) = jobs
-        .run(Job::Cleanup, Trigger::Cli, &CancellationToken::new())
-        .await
-        .unwrap()
-    else {
-        panic!("cleanup was skipped");
-    };
+    let report = finished(
+        jobs.run(Job::Cleanup, Trigger::Cli, &CancellationToken::new())
+            .await
+            .unwrap(),
+    );
     assert_eq!(report.count("superseded_kyber_last_resort_prekeys"), 1);
     assert_status(
         c.rotate_kyber_last_resort_pre_key(rotate(
@@ -614,13 +610,11 @@ async fn a_last_resort_rotation_is_retry_safe_and_the_previous_key_stays_until_c
             OffsetDateTime::now_utc() - time::Duration::days(8),
         )
         .await;
-    let Run::Finished(report) = jobs
-        .run(Job::Rotate, Trigger::Cli, &CancellationToken::new())
-        .await
-        .unwrap()
-    else {
-        panic!("the rotation check was skipped");
-    };
+    let report = finished(
+        jobs.run(Job::Rotate, Trigger::Cli, &CancellationToken::new())
+            .await
+            .unwrap(),
+    );
     assert_eq!(report.count("kyber_rotation_due"), 1, "{report}");
     assert_eq!(report.count("kyber_stale"), 0, "{report}");
     assert_eq!(report.count("rotation_due"), 0, "{report}");

@@ -179,3 +179,11 @@ pub fn assert_status<T: std::fmt::Debug>(
         status.message()
     );
 }
+
+/// The report of a job run that was expected to run, not to find the job's lock held.
+pub fn finished(run: keyserver::jobs::Run) -> keyserver::jobs::Report {
+    match run {
+        keyserver::jobs::Run::Finished(report) => report,
+        keyserver::jobs::Run::Skipped(why) => panic!("the run was skipped: {why}"),
+    }
+}

@@ -20,7 +20,7 @@ use super::audit::{self, AuditEvent};
 use super::database::Tx;
 use super::devices;
 use super::ids::{DeviceId, KeyId, KyberPreKeyId, PreKeyId, SignedPreKeyId};
-use super::sql::{At, Key, KyberKey, Sql, Uid, sql};
+use super::sql::{At, Decoded, Key, KyberKey, Sql, Uid, sql};
 use super::{Store, StoreError};
 use repeated_use::{RepeatedUse, Rotated, repeated_use};
 use retired::Retired;
@@ -177,6 +177,30 @@ pub const KYBER_LAST_RESORT: RepeatedUse = repeated_use!(
     kind_test: "is_last_resort = TRUE", extra: (", is_last_resort", ", TRUE")
 );
 
+/// A statement reading `$columns` of one device (`$1`) with its owner, over `ik` (its identity
+/// key row), `sp` (its active signed prekey) and `lr` (its active last-resort Kyber prekey).
+macro_rules! own_device_keys {
+    ($columns:literal) => {
+        sql!(
+            "SELECT ik.user_id, " $columns "
+             FROM nchat_identity_keys ik
+             LEFT JOIN nchat_signed_prekeys sp
+               ON sp.device_id = ik.device_id AND sp.is_active = TRUE
+             LEFT JOIN nchat_kyber_prekeys lr
+               ON lr.device_id = ik.device_id AND lr.is_last_resort = TRUE AND lr.is_active = TRUE
+             WHERE ik.device_id = $1"
+        )
+    };
+}
+
+/// A row of [`own_device_keys!`]: the owner, then the columns asked for.
+#[derive(sqlx::FromRow)]
+struct Owned<Keys> {
+    user_id: Uid,
+    #[sqlx(flatten)]
+    keys: Keys,
+}
+
 /// A device's keys on the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyStatus {
@@ -192,7 +216,6 @@ pub struct KeyStatus {
 
 #[derive(sqlx::FromRow)]
 struct StatusRow {
-    user_id: Uid,
     available: i64,
     signed_prekey_id: Option<SignedPreKeyId>,
     rotation_date: Option<At>,
@@ -211,7 +234,6 @@ pub struct PublishedKeys {
 
 #[derive(sqlx::FromRow)]
 struct PublishedRow {
-    user_id: Uid,
     identity_key_public: Key,
     signed_prekey_id: Option<SignedPreKeyId>,
     signed_prekey_public: Option<Key>,
@@ -370,33 +392,20 @@ impl Store {
         device: &DeviceId,
     ) -> Result<KeyStatus, StoreError> {
         let row: StatusRow = self
-            .db
-            .read()
-            .await?
-            .query(&sql!(
-                "SELECT ik.user_id,
-                        (SELECT count(*) FROM nchat_one_time_prekeys o
-                         WHERE o.device_id = ik.device_id AND o.is_consumed = FALSE) AS available,
-                        sp.signed_prekey_id, sp.rotation_date,
-                        (SELECT count(*) FROM nchat_kyber_prekeys k
-                         WHERE k.device_id = ik.device_id AND k.is_last_resort = FALSE
-                           AND k.is_consumed = FALSE) AS kyber_available,
-                        lr.kyber_prekey_id AS last_resort_id, lr.created_at AS last_resort_at
-                 FROM nchat_identity_keys ik
-                 LEFT JOIN nchat_signed_prekeys sp
-                   ON sp.device_id = ik.device_id AND sp.is_active = TRUE
-                 LEFT JOIN nchat_kyber_prekeys lr
-                   ON lr.device_id = ik.device_id AND lr.is_last_resort = TRUE
-                  AND lr.is_active = TRUE
-                 WHERE ik.device_id = $1"
-            ))
-            .bind(device)
-            .fetch_optional()
-            .await?
-            .ok_or(StoreError::DeviceNotFound)?;
-        if row.user_id.0 != user_id {
-            return Err(StoreError::NotYourDevice);
-        }
+            .own_device_keys(
+                user_id,
+                device,
+                &own_device_keys!(
+                    "(SELECT count(*) FROM nchat_one_time_prekeys o
+                      WHERE o.device_id = ik.device_id AND o.is_consumed = FALSE) AS available,
+                     sp.signed_prekey_id, sp.rotation_date,
+                     (SELECT count(*) FROM nchat_kyber_prekeys k
+                      WHERE k.device_id = ik.device_id AND k.is_last_resort = FALSE
+                        AND k.is_consumed = FALSE) AS kyber_available,
+                     lr.kyber_prekey_id AS last_resort_id, lr.created_at AS last_resort_at"
+                ),
+            )
+            .await?;
         Ok(KeyStatus {
             available: row.available as u32,
             active_signed_prekey: row.signed_prekey_id.zip(row.rotation_date.map(|at| at.0)),
@@ -412,28 +421,15 @@ impl Store {
         device: &DeviceId,
     ) -> Result<PublishedKeys, StoreError> {
         let row: PublishedRow = self
-            .db
-            .read()
-            .await?
-            .query(&sql!(
-                "SELECT ik.user_id, ik.identity_key_public,
-                        sp.signed_prekey_id, sp.signed_prekey_public,
-                        lr.kyber_prekey_id, lr.kyber_prekey_public
-                 FROM nchat_identity_keys ik
-                 LEFT JOIN nchat_signed_prekeys sp
-                   ON sp.device_id = ik.device_id AND sp.is_active = TRUE
-                 LEFT JOIN nchat_kyber_prekeys lr
-                   ON lr.device_id = ik.device_id AND lr.is_last_resort = TRUE
-                  AND lr.is_active = TRUE
-                 WHERE ik.device_id = $1"
-            ))
-            .bind(device)
-            .fetch_optional()
-            .await?
-            .ok_or(StoreError::DeviceNotFound)?;
-        if row.user_id.0 != user_id {
-            return Err(StoreError::NotYourDevice);
-        }
+            .own_device_keys(
+                user_id,
+                device,
+                &own_device_keys!(
+                    "ik.identity_key_public, sp.signed_prekey_id, sp.signed_prekey_public,
+                     lr.kyber_prekey_id, lr.kyber_prekey_public"
+                ),
+            )
+            .await?;
         Ok(PublishedKeys {
             identity_key: row.identity_key_public.0,
             signed_prekey: row
@@ -443,5 +439,28 @@ impl Store {
                 .kyber_prekey_id
                 .zip(row.kyber_prekey_public.map(|k| k.0)),
         })
+    }
+
+    /// Reads one row of a device's keys, which must belong to `user_id`: `query` is an
+    /// [`own_device_keys!`] statement.
+    async fn own_device_keys<R: Decoded>(
+        &self,
+        user_id: Uuid,
+        device: &DeviceId,
+        query: &Sql,
+    ) -> Result<R, StoreError> {
+        let row: Owned<R> = self
+            .db
+            .read()
+            .await?
+            .query(query)
+            .bind(device)
+            .fetch_optional()
+            .await?
+            .ok_or(StoreError::DeviceNotFound)?;
+        if row.user_id.0 != user_id {
+            return Err(StoreError::NotYourDevice);
+        }
+        Ok(row.keys)
     }
 }
