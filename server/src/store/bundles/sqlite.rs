@@ -3,7 +3,7 @@
 //! SQLite has one writer at a time, so nothing can take a key between the read and the take,
 //! and in-process statements cost no round trips.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use keyserver_proto::wire::PublicKey;
 use sqlx::FromRow;
@@ -81,22 +81,17 @@ pub(super) async fn fetch(
         .fetch_all()
         .await?;
 
-    // Each device once, however many targets name it: one key per device per call.
-    let mut devices: Vec<String> = rows
-        .iter()
-        .map(|r| r.device.device_id.to_string())
-        .collect();
-    devices.sort();
-    devices.dedup();
-    // Only a device with a last-resort Kyber prekey can hold one-time ones (uploads need it), so
+    // Each device once, however many targets name it: one key per device per call. Only a
+    // device with a last-resort Kyber prekey can hold one-time ones (uploads need it), so
     // bundles of devices without Kyber keys cost no Kyber statement.
-    let mut kyber_devices: Vec<String> = rows
-        .iter()
-        .filter(|r| r.last_resort.kyber_prekey_id.is_some())
-        .map(|r| r.device.device_id.to_string())
-        .collect();
-    kyber_devices.sort();
-    kyber_devices.dedup();
+    let distinct = |with_kyber: bool| -> Vec<String> {
+        let ids = rows
+            .iter()
+            .filter(|r| !with_kyber || r.last_resort.kyber_prekey_id.is_some())
+            .map(|r| r.device.device_id.to_string());
+        ids.collect::<BTreeSet<_>>().into_iter().collect()
+    };
+    let (devices, kyber_devices) = (distinct(false), distinct(true));
     let taken: HashMap<DeviceId, (PreKeyId, PublicKey)> = tx
         .query(&sql!(
             "UPDATE nchat_one_time_prekeys SET is_consumed = TRUE, consumed_at = " NOW "
