@@ -1,6 +1,9 @@
 //! Talking to the key server: an authenticated gRPC client, and the checks a device makes on a
 //! fetched bundle before trusting it.
 
+use std::path::Path;
+
+use anyhow::Context;
 use keyserver_proto::pb;
 use keyserver_proto::pb::audit_service_client::AuditServiceClient;
 use keyserver_proto::pb::key_service_client::KeyServiceClient;
@@ -11,7 +14,7 @@ use keyserver_proto::wire::{self, KyberPublicKey, PublicKey};
 use keyserver_proto::xeddsa;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::pqxdh::PeerPreKeys;
 
@@ -43,45 +46,159 @@ pub type MasterKeyClient = MasterKeyServiceClient<InterceptedService<Channel, Be
 /// An authenticated audit-service client.
 pub type AuditClient = AuditServiceClient<InterceptedService<Channel, BearerToken>>;
 
-/// A channel to `url` (for example `http://127.0.0.1:50051`) and the token's interceptor.
-async fn authenticated(url: &str, token: &str) -> anyhow::Result<(Channel, BearerToken)> {
+/// Where the server is and how to trust it: `http://host:port` in plaintext, or
+/// `https://host:port` over TLS, verified against the system's root certificates or the given
+/// CA, optionally with a client certificate (for servers that require mTLS).
+#[derive(Debug, Clone, Default)]
+pub struct Address {
+    pub url: String,
+    /// PEM CA certificates to trust instead of the system's roots.
+    pub ca_cert: Option<Vec<u8>>,
+    /// PEM certificate chain and private key to present to the server.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Address {
+    /// `url` with the TLS files given, read now.
+    pub fn new(
+        url: &str,
+        ca_cert: Option<&Path>,
+        client_cert: Option<&Path>,
+        client_key: Option<&Path>,
+    ) -> anyhow::Result<Self> {
+        let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let identity = match (client_cert, client_key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            (None, None) => None,
+            _ => anyhow::bail!("a client certificate needs its key, and a key its certificate"),
+        };
+        Ok(Self {
+            url: url.to_owned(),
+            ca_cert: ca_cert.map(read).transpose()?,
+            identity,
+        })
+    }
+
+    /// The endpoint to connect to: TLS for https:// (never a plaintext fallback), plaintext
+    /// for http://, and no Nagle delay on the socket either way.
+    pub fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        let url = &self.url;
+        let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+        let endpoint = Endpoint::from_shared(url.clone())
+            .with_context(|| {
+                format!("{url:?} is not a server URL (http://host:port or https://host:port)")
+            })?
+            .tcp_nodelay(true);
+        match scheme {
+            Some("https") => {
+                let mut tls = ClientTlsConfig::new();
+                tls = match &self.ca_cert {
+                    Some(pem) => tls.ca_certificate(Certificate::from_pem(pem)),
+                    None => tls.with_native_roots(),
+                };
+                if let Some((cert, key)) = &self.identity {
+                    tls = tls.identity(Identity::from_pem(cert, key));
+                }
+                Ok(endpoint.tls_config(tls)?)
+            }
+            Some("http") => {
+                anyhow::ensure!(
+                    self.ca_cert.is_none() && self.identity.is_none(),
+                    "TLS files were given for {url}, a plaintext URL; use https://"
+                );
+                Ok(endpoint)
+            }
+            _ => {
+                anyhow::bail!("{url:?} is not a server URL (http://host:port or https://host:port)")
+            }
+        }
+    }
+
+    /// A connected channel.
+    pub async fn connect(&self) -> anyhow::Result<Channel> {
+        let url = &self.url;
+        self.endpoint()?.connect().await.map_err(|e| {
+            // tonic's Display says only "transport error"; its sources say what happened.
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(inner) = source {
+                why = format!("{why}: {inner}");
+                source = inner.source();
+            }
+            anyhow::anyhow!("connecting to {url}: {why}")
+        })
+    }
+}
+
+impl From<&str> for Address {
+    fn from(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            ..Self::default()
+        }
+    }
+}
+
+impl From<&String> for Address {
+    fn from(url: &String) -> Self {
+        Self::from(url.as_str())
+    }
+}
+
+impl From<&Address> for Address {
+    fn from(address: &Address) -> Self {
+        address.clone()
+    }
+}
+
+/// A channel to `server` and the token's interceptor.
+async fn authenticated(
+    server: impl Into<Address>,
+    token: &str,
+) -> anyhow::Result<(Channel, BearerToken)> {
     let header = format!("Bearer {}", token.trim())
         .parse()
         .map_err(|_| anyhow::anyhow!("the token holds characters a header cannot carry"))?;
-    let channel = Endpoint::from_shared(url.to_owned())?
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("connecting to {url}: {e}"))?;
+    let channel = server.into().connect().await?;
     Ok((channel, BearerToken(header)))
 }
 
-/// Connects a key-service client to `url` with a bearer token.
-pub async fn connect(url: &str, token: &str) -> anyhow::Result<KeyClient> {
-    let (channel, bearer) = authenticated(url, token).await?;
+/// Connects a key-service client to `server` with a bearer token.
+pub async fn connect(server: impl Into<Address>, token: &str) -> anyhow::Result<KeyClient> {
+    let (channel, bearer) = authenticated(server, token).await?;
     Ok(KeyServiceClient::with_interceptor(channel, bearer))
 }
 
-/// Connects a session-service client to `url` with a bearer token.
-pub async fn connect_sessions(url: &str, token: &str) -> anyhow::Result<SessionClient> {
-    let (channel, bearer) = authenticated(url, token).await?;
+/// Connects a session-service client to `server` with a bearer token.
+pub async fn connect_sessions(
+    server: impl Into<Address>,
+    token: &str,
+) -> anyhow::Result<SessionClient> {
+    let (channel, bearer) = authenticated(server, token).await?;
     Ok(SessionServiceClient::with_interceptor(channel, bearer))
 }
 
-/// Connects a safety-number-service client to `url` with a bearer token.
-pub async fn connect_safety_numbers(url: &str, token: &str) -> anyhow::Result<SafetyNumberClient> {
-    let (channel, bearer) = authenticated(url, token).await?;
+/// Connects a safety-number-service client to `server` with a bearer token.
+pub async fn connect_safety_numbers(
+    server: impl Into<Address>,
+    token: &str,
+) -> anyhow::Result<SafetyNumberClient> {
+    let (channel, bearer) = authenticated(server, token).await?;
     Ok(SafetyNumberServiceClient::with_interceptor(channel, bearer))
 }
 
-/// Connects a master-key-service client to `url` with a bearer token.
-pub async fn connect_master_keys(url: &str, token: &str) -> anyhow::Result<MasterKeyClient> {
-    let (channel, bearer) = authenticated(url, token).await?;
+/// Connects a master-key-service client to `server` with a bearer token.
+pub async fn connect_master_keys(
+    server: impl Into<Address>,
+    token: &str,
+) -> anyhow::Result<MasterKeyClient> {
+    let (channel, bearer) = authenticated(server, token).await?;
     Ok(MasterKeyServiceClient::with_interceptor(channel, bearer))
 }
 
-/// Connects an audit-service client to `url` with a bearer token.
-pub async fn connect_audit(url: &str, token: &str) -> anyhow::Result<AuditClient> {
-    let (channel, bearer) = authenticated(url, token).await?;
+/// Connects an audit-service client to `server` with a bearer token.
+pub async fn connect_audit(server: impl Into<Address>, token: &str) -> anyhow::Result<AuditClient> {
+    let (channel, bearer) = authenticated(server, token).await?;
     Ok(AuditServiceClient::with_interceptor(channel, bearer))
 }
 

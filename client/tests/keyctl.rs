@@ -17,12 +17,25 @@ struct Keyctl<'a> {
 }
 
 impl Keyctl<'_> {
+    /// The token a chat backend would give this device: bound to the device of its state file
+    /// once there is one (`init` and `restore` name it), of the user alone before.
+    fn token(&self) -> String {
+        let device = std::fs::read(&self.state)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .and_then(|state| state["device_id"].as_str().map(str::to_owned));
+        match device {
+            Some(device) => self.server.device_token(self.user, &device),
+            None => self.server.token(self.user),
+        }
+    }
+
     async fn run(&self, args: &[&str]) -> String {
         let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyctl"))
             .args(args)
             .env("KEYCTL_STATE", &self.state)
             .env("KEYSERVER_URL", &self.server.url)
-            .env("KEYSERVER_TOKEN", self.server.token(self.user))
+            .env("KEYSERVER_TOKEN", self.token())
             .env("KEYCTL_PASSPHRASE", PASSPHRASE)
             .output()
             .await

@@ -67,7 +67,8 @@ SELECT t.ord, d.device_id, COALESCE(d.registration_id, 0) AS registration_id,
        d.rotation_date, k.prekey_id, k.prekey_public,
        COALESCE(kt.kyber_prekey_id, lr.kyber_prekey_id) AS kyber_prekey_id,
        COALESCE(kt.kyber_prekey_public, lr.kyber_prekey_public) AS kyber_prekey_public,
-       COALESCE(kt.signature, lr.signature) AS kyber_signature
+       COALESCE(kt.signature, lr.signature) AS kyber_signature,
+       kt.device_id IS NOT NULL AS kyber_one_time
 FROM targets t
 JOIN devices d
   ON d.user_id = t.user_id AND (t.device_id IS NULL OR d.device_id = t.device_id)

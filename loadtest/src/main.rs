@@ -23,7 +23,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use keyserver::auth::TokenAuthority;
 use keyserver::config::{DataDirArgs, SecretArgs};
 use keyserver::secret;
 
@@ -37,9 +36,18 @@ use stats::Recorder;
     args_override_self = true
 )]
 struct Cli {
-    /// The server to drive.
+    /// The server to drive: http://host:port, or https://host:port for TLS.
     #[arg(long, env = "KEYSERVER_URL", default_value = "http://127.0.0.1:50051")]
     url: String,
+    /// PEM CA certificate(s) to trust for an https:// server instead of the system's roots.
+    #[arg(long, env = "KEYSERVER_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// PEM client certificate, for a server that requires one (mTLS).
+    #[arg(long, env = "KEYSERVER_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's PEM private key.
+    #[arg(long, env = "KEYSERVER_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
     /// Allow a server that is not on this machine (refused by default: a load run is an attack
     /// on whatever it points at).
     #[arg(long)]
@@ -122,7 +130,7 @@ async fn main() -> anyhow::Result<()> {
         cli.during.is_none() || cli.during_after < cli.duration,
         "--during-after must be shorter than --duration"
     );
-    let key = secret::load_or_create(cli.secret.token_secret.as_deref(), &cli.data)
+    let tokens = secret::authority(&cli.secret, &cli.data, secret::Missing::Refuse)
         .context("the server's token secret (KEYSERVER_TOKEN_SECRET or its data directory)")?;
     let plan = Plan {
         scenario: cli.scenario,
@@ -153,13 +161,13 @@ async fn main() -> anyhow::Result<()> {
             }
         })
     };
-    scenario::run(
+    let server = keyserver_client::api::Address::new(
         &cli.url,
-        TokenAuthority::new(&key)?,
-        &plan,
-        recorder.clone(),
-    )
-    .await?;
+        cli.ca_cert.as_deref(),
+        cli.client_cert.as_deref(),
+        cli.client_key.as_deref(),
+    )?;
+    scenario::run(&server, tokens, &plan, recorder.clone()).await?;
     progress.abort();
     bar.finish_and_clear();
     let wall = recorder.elapsed();

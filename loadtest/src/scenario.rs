@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use keyserver::auth::TokenAuthority;
+use keyserver::store::DeviceId;
+use keyserver_client::api::Address;
 use keyserver_client::api::verify_bundle;
 use keyserver_client::keys::random_bytes;
 use keyserver_proto::pb;
@@ -79,9 +81,15 @@ impl Shared {
 
     fn request<T>(&self, message: T, device: u32) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
+        let bound = DeviceId::parse(&population::device_id(device)).expect("a valid device id");
         let token = self
             .tokens
-            .mint(population::user(device), Duration::from_secs(3600));
+            .mint(
+                population::user(device),
+                Some(&bound),
+                Duration::from_secs(3600),
+            )
+            .expect("an hour is within any token lifetime");
         request.metadata_mut().insert(
             "authorization",
             format!("Bearer {token}")
@@ -100,9 +108,9 @@ impl Shared {
     }
 }
 
-/// Runs `plan` with `concurrency` workers, each on its own connection to `url`.
+/// Runs `plan` with `concurrency` workers, each on its own connection to `server`.
 pub async fn run(
-    url: &str,
+    server: &Address,
     tokens: TokenAuthority,
     plan: &Plan,
     recorder: Arc<Recorder>,
@@ -123,10 +131,7 @@ pub async fn run(
     });
     let mut workers = Vec::with_capacity(plan.concurrency);
     for _ in 0..plan.concurrency {
-        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
-            .connect()
-            .await
-            .map_err(|e| anyhow::anyhow!("connecting to {url}: {e}"))?;
+        let channel = server.connect().await?;
         let client = KeyServiceClient::new(channel);
         let shared = shared.clone();
         let scenario = plan.scenario;

@@ -61,13 +61,43 @@ impl DatabaseArgs {
     }
 }
 
-/// Where the token secret comes from.
+/// Where the token secrets come from, and what a token must say.
 #[derive(Args, Debug, Clone)]
 pub struct SecretArgs {
-    /// HS256 secret for bearer tokens (at least 32 bytes); when unset, one is generated in the
-    /// data directory on first use.
+    /// HS256 secret that signs tokens (at least 32 bytes) and verifies them; when unset, the
+    /// data directory's token-secret file (which `serve` creates on first start).
     #[arg(long, env = "KEYSERVER_TOKEN_SECRET", hide_env_values = true)]
     pub token_secret: Option<String>,
+    /// Further secrets whose tokens are still accepted (comma-separated), for rotating the
+    /// secret without downtime: sign with the new one, keep the old one here until its tokens
+    /// have expired.
+    #[arg(
+        long,
+        env = "KEYSERVER_TOKEN_VERIFY_SECRETS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub token_verify_secrets: Vec<String>,
+    /// The issuer (iss) tokens must name.
+    #[arg(long, env = "KEYSERVER_TOKEN_ISSUER", default_value = "keyserver")]
+    pub token_issuer: String,
+    /// The audience (aud) tokens must name.
+    #[arg(long, env = "KEYSERVER_TOKEN_AUDIENCE", default_value = "keyserver")]
+    pub token_audience: String,
+    /// Longest lifetime (exp - iat) a token may have; longer ones are refused.
+    #[arg(long, env = "KEYSERVER_TOKEN_MAX_TTL", default_value = "30days", value_parser = humantime::parse_duration)]
+    pub token_max_ttl: Duration,
+}
+
+impl SecretArgs {
+    /// What tokens must say besides their signature.
+    pub fn policy(&self) -> crate::auth::TokenPolicy {
+        crate::auth::TokenPolicy {
+            issuer: self.token_issuer.clone(),
+            audience: self.token_audience.clone(),
+            max_ttl: self.token_max_ttl,
+        }
+    }
 }
 
 /// `keyserver serve`.
@@ -82,9 +112,13 @@ pub struct ServeArgs {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub secret: SecretArgs,
-    /// Serve Prometheus metrics (job runs) on this address at /metrics; off when unset.
+    /// Serve Prometheus metrics on this address at /metrics; off when unset.
     #[arg(long, env = "KEYSERVER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
+    pub edge: EdgeSettings,
     #[command(flatten)]
     pub rotation: RotationPolicy,
     #[command(flatten)]
@@ -185,4 +219,81 @@ impl Schedule {
         cleanup_every: Duration::ZERO,
         bundle_view_refresh: Duration::ZERO,
     };
+}
+
+/// TLS on the gRPC listener; plaintext when no certificate is given.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// PEM certificate chain (leaf first) to serve TLS with; reloaded on SIGHUP or change.
+    #[arg(long, env = "KEYSERVER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the certificate.
+    #[arg(long, env = "KEYSERVER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates; when set, clients must present a certificate one of them issued
+    /// (mTLS).
+    #[arg(long, env = "KEYSERVER_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The files to serve TLS from, when TLS is configured.
+    pub fn files(&self) -> Option<crate::edge::tls::TlsFiles> {
+        Some(crate::edge::tls::TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            client_ca: self.tls_client_ca.clone(),
+        })
+    }
+}
+
+/// Limits and checks at the request edge.
+#[derive(Args, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EdgeSettings {
+    /// Largest request message accepted, decoded (the largest legal one, a registration with
+    /// 100 one-time prekeys of each kind, is about 550 KiB).
+    #[arg(long, env = "KEYSERVER_MAX_REQUEST_BYTES", default_value_t = 640 * 1024)]
+    pub max_request_bytes: usize,
+    /// Longest a call may run before it is answered DEADLINE_EXCEEDED (a client's own
+    /// grpc-timeout is honoured when shorter).
+    #[arg(long, env = "KEYSERVER_REQUEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// Most calls in flight on one connection (HTTP/2 concurrent streams).
+    #[arg(long, env = "KEYSERVER_MAX_CONCURRENT_STREAMS", default_value_t = 256)]
+    pub max_concurrent_streams: u32,
+    /// Interval of HTTP/2 pings on an idle connection.
+    #[arg(long, env = "KEYSERVER_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    #[arg(long, env = "KEYSERVER_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+    /// Idle time before TCP keepalive probes.
+    #[arg(long, env = "KEYSERVER_TCP_KEEPALIVE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub tcp_keepalive: Duration,
+    /// After SIGTERM, how long calls in flight and open connections get to finish before the
+    /// server closes what is left and exits.
+    #[arg(long, env = "KEYSERVER_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+    /// Time between two readiness checks of the database.
+    #[arg(long, env = "KEYSERVER_READINESS_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub readiness_interval: Duration,
+    /// How long a readiness check may take before the database counts as down.
+    #[arg(long, env = "KEYSERVER_READINESS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub readiness_timeout: Duration,
+}
+
+impl Default for EdgeSettings {
+    fn default() -> Self {
+        Self {
+            max_request_bytes: 640 * 1024,
+            request_timeout: Duration::from_secs(30),
+            max_concurrent_streams: 256,
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            tcp_keepalive: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+            readiness_interval: Duration::from_secs(1),
+            readiness_timeout: Duration::from_secs(2),
+        }
+    }
 }

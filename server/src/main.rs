@@ -1,27 +1,37 @@
 //! The `keyserver` command: serve the API, run the maintenance jobs, manage the schema, mint
-//! tokens.
+//! tokens, make a TLS certificate to try TLS with.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use keyserver::auth::TokenAuthority;
 use keyserver::clock::Clock;
 use keyserver::config::{
     CleanupSettings, DataDirArgs, DatabaseArgs, RotationPolicy, SecretArgs, ServeArgs,
 };
+use keyserver::edge;
 use keyserver::jobs::{Job, Jobs, Run, Trigger};
-use keyserver::secret;
+use keyserver::logging::{self, LogFormat};
+use keyserver::secret::{self, Missing};
 use keyserver::server::{self, ServerParts};
 use keyserver::shutdown::{self, CancellationToken};
-use keyserver::store::Serve;
 use keyserver::store::database::Database;
+use keyserver::store::{DeviceId, Serve};
 use keyserver::store::{migrations, transfer};
 use uuid::Uuid;
 
 #[derive(Parser)]
 #[command(name = "keyserver", version, about = "Signal-protocol key server")]
 struct Cli {
+    /// How log lines are written to stderr: text, or JSON lines for log shippers.
+    #[arg(
+        long,
+        global = true,
+        env = "KEYSERVER_LOG_FORMAT",
+        value_enum,
+        default_value_t
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -29,7 +39,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the gRPC API (applies pending migrations first).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply, revert or list schema migrations.
     Migrate {
         #[command(subcommand)]
@@ -55,12 +65,18 @@ enum Command {
         #[command(subcommand)]
         action: DbAction,
     },
-    /// Mint a bearer token for a user, signed with the server's secret.
+    /// Mint a bearer token for a user, or for one device of a user, signed with the server's
+    /// secret (never a new one: it refuses when it finds none).
     Token {
         /// The user id (UUID) the token speaks for.
         #[arg(long)]
         user: Uuid,
-        /// How long the token is valid, for example 30m, 12h, 7d.
+        /// The device the token is bound to; needed to change an existing device (upload,
+        /// rotate, re-register, remove, write sessions). Without it the token may read, fetch
+        /// and register a new device.
+        #[arg(long, value_parser = parse_device)]
+        device: Option<DeviceId>,
+        /// How long the token is valid, for example 30m, 12h, 7d (at most --token-max-ttl).
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
         #[command(flatten)]
@@ -68,6 +84,32 @@ enum Command {
         #[command(flatten)]
         secret: SecretArgs,
     },
+    /// TLS helpers.
+    Tls {
+        #[command(subcommand)]
+        action: TlsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TlsAction {
+    /// Write a self-signed certificate and its key (PEM) for trying TLS; production servers
+    /// use a certificate from their CA.
+    SelfSigned {
+        /// Host names (and IP addresses) the certificate is for.
+        #[arg(long = "name", default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned()])]
+        names: Vec<String>,
+        /// Where to write the certificate.
+        #[arg(long, default_value = "keyserver-cert.pem")]
+        cert: std::path::PathBuf,
+        /// Where to write the private key (created owner-only).
+        #[arg(long, default_value = "keyserver-key.pem")]
+        key: std::path::PathBuf,
+    },
+}
+
+fn parse_device(value: &str) -> Result<DeviceId, String> {
+    DeviceId::parse(value)
 }
 
 #[derive(Subcommand)]
@@ -145,16 +187,11 @@ enum MigrateAction {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
     // Logs go to stderr; stdout is the commands' output (reports a cron job mails, tokens).
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KEYSERVER_LOG")
-                .unwrap_or_else(|_| "info,sqlx::postgres::notice=warn".into()),
-        )
-        .init();
-    match Cli::parse().command {
-        Command::Serve(args) => serve(args).await,
+    let _log_writer = logging::init(cli.log_format);
+    match cli.command {
+        Command::Serve(args) => serve(*args).await,
         Command::Migrate {
             action,
             data,
@@ -168,12 +205,20 @@ async fn main() -> anyhow::Result<()> {
         Command::Db { action } => db(action).await,
         Command::Token {
             user,
+            device,
             ttl,
             data,
             secret,
         } => {
-            let key = secret::load_or_create(secret.token_secret.as_deref(), &data)?;
-            println!("{}", TokenAuthority::new(&key)?.mint(user, ttl));
+            let authority = secret::authority(&secret, &data, Missing::Refuse)?;
+            println!("{}", authority.mint(user, device.as_ref(), ttl)?);
+            Ok(())
+        }
+        Command::Tls {
+            action: TlsAction::SelfSigned { names, cert, key },
+        } => {
+            edge::tls::write_self_signed(&names, &cert, &key)?;
+            println!("wrote {} and {}", cert.display(), key.display());
             Ok(())
         }
     }
@@ -195,24 +240,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     migrations::up(&db)
         .await
         .context("the database schema cannot be used")?;
-    let key = secret::load_or_create(args.secret.token_secret.as_deref(), &args.data)?;
+    let tokens = secret::authority(&args.secret, &args.data, Missing::Create)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    if let Some(addr) = args.metrics_listen {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .with_context(|| format!("serving metrics on {addr}"))?;
-        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
-    }
     let stop = CancellationToken::new();
+    let exporter = match args.metrics_listen {
+        Some(addr) => Some(edge::metrics::serve(addr, stop.clone()).await?),
+        None => None,
+    };
     shutdown::cancel_on_signal(stop.clone());
     server::run(
         listener,
         ServerParts {
             store: db.store(),
-            tokens: TokenAuthority::new(&key)?,
+            tokens,
             jobs: Jobs::new(db.store(), args.rotation, args.cleanup, Clock::System),
             schedule: args.schedule,
             rotation: args.rotation,
@@ -223,10 +265,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             } else {
                 Serve::Mixed
             },
+            tls: args.tls.files(),
+            edge: args.edge,
         },
         stop,
     )
-    .await
+    .await?;
+    if let Some(exporter) = exporter {
+        exporter.await?;
+    }
+    tracing::info!("stopped");
+    Ok(())
 }
 
 async fn jobs(action: JobAction, db: &Database) -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
-//! The token-signing secret: the configured one, or one generated on first start and kept in
-//! the data directory (owner-only) so tokens survive restarts and `keyserver token` works with
-//! no setup.
+//! The token secrets: the configured ones, or one generated on the server's first start and
+//! kept in the data directory (owner-only) so tokens survive restarts and `keyserver token`
+//! beside the server works with no setup. Only `serve` creates a secret: `keyserver token`
+//! run anywhere else would otherwise sign with a secret no server knows.
 
 use std::fs;
 use std::io::Write;
@@ -9,14 +10,46 @@ use std::path::Path;
 
 use anyhow::Context;
 
-use crate::auth::MIN_SECRET_LEN;
-use crate::config::DataDirArgs;
+use crate::auth::{MIN_SECRET_LEN, TokenAuthority};
+use crate::config::{DataDirArgs, SecretArgs};
 
 /// File name of the generated secret inside the data directory.
 pub const SECRET_FILE: &str = "token-secret";
 
-/// The configured secret if there is one, otherwise the data directory's (created if absent).
-pub fn load_or_create(configured: Option<&str>, data: &DataDirArgs) -> anyhow::Result<Vec<u8>> {
+/// Whether a missing secret file may be created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    /// `serve`: the embedded default generates its secret on first start.
+    Create,
+    /// Anything that mints tokens for a server: a new secret would fit no server.
+    Refuse,
+}
+
+/// The token authority of `args`: the signing secret (configured, or the data directory's)
+/// and the further verification secrets.
+pub fn authority(
+    args: &SecretArgs,
+    data: &DataDirArgs,
+    missing: Missing,
+) -> anyhow::Result<TokenAuthority> {
+    let mut secrets = vec![signing_secret(args.token_secret.as_deref(), data, missing)?];
+    for (i, extra) in args.token_verify_secrets.iter().enumerate() {
+        anyhow::ensure!(
+            extra.len() >= MIN_SECRET_LEN,
+            "KEYSERVER_TOKEN_VERIFY_SECRETS: secret {} is shorter than {MIN_SECRET_LEN} bytes",
+            i + 1
+        );
+        secrets.push(extra.as_bytes().to_vec());
+    }
+    TokenAuthority::new(&secrets, args.policy())
+}
+
+/// The configured secret if there is one, otherwise the data directory's.
+fn signing_secret(
+    configured: Option<&str>,
+    data: &DataDirArgs,
+    missing: Missing,
+) -> anyhow::Result<Vec<u8>> {
     if let Some(secret) = configured {
         anyhow::ensure!(
             secret.len() >= MIN_SECRET_LEN,
@@ -42,7 +75,19 @@ pub fn load_or_create(configured: Option<&str>, data: &DataDirArgs) -> anyhow::R
             );
             Ok(secret)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(data, &path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match missing {
+            Missing::Create => create(data, &path),
+            Missing::Refuse => anyhow::bail!(
+                "no token secret: KEYSERVER_TOKEN_SECRET is unset and {} does not exist. Run \
+                 this where the server keeps its data (--data-dir or KEYSERVER_DATA_DIR), or \
+                 set KEYSERVER_TOKEN_SECRET to the server's secret",
+                path.canonicalize()
+                    .unwrap_or_else(|_| std::env::current_dir()
+                        .map(|d| d.join(&path))
+                        .unwrap_or(path.clone()))
+                    .display()
+            ),
+        },
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
 }
@@ -65,7 +110,9 @@ fn create(data: &DataDirArgs, path: &Path) -> anyhow::Result<Vec<u8>> {
             Ok(secret.into_bytes())
         }
         // Another process created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_or_create(None, data),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            signing_secret(None, data, Missing::Refuse)
+        }
         Err(e) => Err(e).with_context(|| format!("writing {}", path.display())),
     }
 }
@@ -75,14 +122,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn generates_once_keeps_it_private_and_configured_wins() {
+    fn only_serve_generates_it_once_kept_private_and_configured_wins() {
         let dir = std::env::temp_dir().join(format!("ks-secret-{}", uuid::Uuid::new_v4()));
         let data = DataDirArgs {
             data_dir: dir.clone(),
         };
-        let first = load_or_create(None, &data).unwrap();
+        let refused = signing_secret(None, &data, Missing::Refuse).unwrap_err();
+        assert!(refused.to_string().contains("token-secret"), "{refused}");
+        assert!(!dir.exists(), "refusing created the data directory");
+        let first = signing_secret(None, &data, Missing::Create).unwrap();
         assert_eq!(first.len(), 64);
-        assert_eq!(load_or_create(None, &data).unwrap(), first);
+        assert_eq!(signing_secret(None, &data, Missing::Refuse).unwrap(), first);
         let mode = fs::metadata(dir.join(SECRET_FILE))
             .unwrap()
             .permissions()
@@ -91,13 +141,13 @@ mod tests {
 
         let configured = "x".repeat(40);
         assert_eq!(
-            load_or_create(Some(&configured), &data).unwrap(),
+            signing_secret(Some(&configured), &data, Missing::Refuse).unwrap(),
             configured.as_bytes()
         );
-        assert!(load_or_create(Some("short"), &data).is_err());
+        assert!(signing_secret(Some("short"), &data, Missing::Refuse).is_err());
 
         fs::set_permissions(dir.join(SECRET_FILE), fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(load_or_create(None, &data).is_err());
+        assert!(signing_secret(None, &data, Missing::Create).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

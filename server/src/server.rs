@@ -1,14 +1,19 @@
-//! Assembles the gRPC server: every service behind token authentication, the standard health
-//! service, and server reflection (v1 and v1alpha), served until shutdown is requested.
+//! Assembles the gRPC server: every service behind the one request pipeline of [`crate::edge`],
+//! the standard health service (one status per service, kept true by the readiness check) and
+//! server reflection (v1 and v1alpha), served until shutdown is requested.
 
 use keyserver_proto::pb;
 use keyserver_proto::pb::key_service_server::KeyServiceServer;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 
 use crate::auth::TokenAuthority;
 use crate::clock::Clock;
-use crate::config::{RotationPolicy, Schedule};
+use crate::config::{EdgeSettings, RotationPolicy, Schedule};
+use crate::edge::{
+    self, listener,
+    readiness::{Probe, Readiness},
+    tls::{Tls, TlsFiles},
+};
 use crate::jobs::{self, Job, Jobs};
 use crate::service::audit::AuditApi;
 use crate::service::keys::KeyApi;
@@ -21,11 +26,6 @@ use keyserver_proto::pb::audit_service_server::AuditServiceServer;
 use keyserver_proto::pb::master_key_service_server::MasterKeyServiceServer;
 use keyserver_proto::pb::safety_number_service_server::SafetyNumberServiceServer;
 use keyserver_proto::pb::session_service_server::SessionServiceServer;
-
-/// Largest request accepted: a registration with 100 one-time prekeys of each kind, a
-/// last-resort Kyber prekey and the largest private blobs allowed is about 550 KiB (a Kyber
-/// prekey with its sealed secret key is nearly 5 KiB); a session state is at most 64 KiB.
-const MAX_REQUEST_BYTES: usize = 640 * 1024;
 
 /// What the server needs beyond its listener.
 pub struct ServerParts {
@@ -41,6 +41,10 @@ pub struct ServerParts {
     pub min_pbkdf2_iterations: u32,
     /// Which devices fetches serve (all, or only PQXDH ones).
     pub serve: Serve,
+    /// TLS on the listener, when configured.
+    pub tls: Option<TlsFiles>,
+    /// Limits and checks at the edge.
+    pub edge: EdgeSettings,
 }
 
 /// Serves on `listener` until `shutdown` is cancelled, then finishes requests in flight.
@@ -65,11 +69,22 @@ pub async fn run(
     .chain(refresher)
     .chain([jobs::metrics::spawn(parts.jobs.clone(), shutdown.clone())])
     .collect();
+    let tls = parts.tls.map(Tls::new).transpose()?;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<KeyServiceServer<KeyApi>>().await;
-    health
-        .set_serving::<SessionServiceServer<SessionApi>>()
-        .await;
+    let (readiness, checker) = Readiness::start(
+        parts.store.clone(),
+        health,
+        Probe {
+            every: parts.edge.readiness_interval,
+            timeout: parts.edge.readiness_timeout,
+        },
+        shutdown.clone(),
+    )
+    .await;
+    let watcher = tls
+        .as_ref()
+        .map(|tls| tls.watch(shutdown.clone()))
+        .transpose()?;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -79,47 +94,46 @@ pub async fn run(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
+    let limit = parts.edge.max_request_bytes;
+    let master_keys = MasterKeyServiceServer::new(MasterKeyApi::new(
+        parts.store.clone(),
+        parts.min_pbkdf2_iterations,
+    ))
+    .max_decoding_message_size(limit);
+    let safety_numbers = SafetyNumberServiceServer::new(SafetyNumberApi::new(parts.store.clone()))
+        .max_decoding_message_size(limit);
+    let audit = AuditServiceServer::new(AuditApi::new(parts.store.clone()))
+        .max_decoding_message_size(limit);
+    let sessions = SessionServiceServer::new(SessionApi::new(parts.store.clone()))
+        .max_decoding_message_size(limit);
+    let keys = KeyServiceServer::new(KeyApi::new(
+        parts.store,
+        view,
+        parts.rotation,
+        parts.clock,
+        parts.serve,
+    ))
+    .max_decoding_message_size(limit);
 
-    let master_keys = tonic::service::interceptor::InterceptedService::new(
-        MasterKeyServiceServer::new(MasterKeyApi::new(
-            parts.store.clone(),
-            parts.min_pbkdf2_iterations,
-        )),
-        parts.tokens.clone(),
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        tls = tls.is_some(),
+        "serving the keyserver.v1 services"
     );
-    let safety_numbers = tonic::service::interceptor::InterceptedService::new(
-        SafetyNumberServiceServer::new(SafetyNumberApi::new(parts.store.clone())),
-        parts.tokens.clone(),
+    let incoming = listener::incoming(
+        listener,
+        tls,
+        Some(parts.edge.tcp_keepalive),
+        shutdown.clone(),
     );
-    let audit = tonic::service::interceptor::InterceptedService::new(
-        AuditServiceServer::new(AuditApi::new(parts.store.clone())),
-        parts.tokens.clone(),
-    );
-    let sessions = tonic::service::interceptor::InterceptedService::new(
-        SessionServiceServer::new(SessionApi::new(parts.store.clone()))
-            .max_decoding_message_size(MAX_REQUEST_BYTES),
-        parts.tokens.clone(),
-    );
-    let keys = tonic::service::interceptor::InterceptedService::new(
-        KeyServiceServer::new(KeyApi::new(
-            parts.store,
-            view,
-            parts.rotation,
-            parts.clock,
-            parts.serve,
-        ))
-        .max_decoding_message_size(MAX_REQUEST_BYTES),
-        parts.tokens,
-    );
-
-    tracing::info!(addr = %listener.local_addr()?, "serving keyserver.v1.KeyService");
-    // No Nagle on accepted connections: a response goes out as a data frame and then a small
-    // trailers frame, and with Nagle the second waits for the client's delayed ACK (40 ms on
-    // Linux). A PQXDH bundle (about 5 KB with its framing) hit that on every fetch: 51 ms
-    // instead of 4 ms at concurrency 1 (docs/PERFORMANCE.md).
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let stopping = shutdown.clone();
-    tonic::transport::Server::builder()
+    let draining = readiness.clone();
+    let serving = tonic::transport::Server::builder()
+        .timeout(parts.edge.request_timeout)
+        .max_concurrent_streams(parts.edge.max_concurrent_streams)
+        .http2_keepalive_interval(Some(parts.edge.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(parts.edge.http2_keepalive_timeout))
+        .layer(edge::pipeline(parts.tokens, readiness))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -130,12 +144,25 @@ pub async fn run(
         .add_service(master_keys)
         .serve_with_incoming_shutdown(incoming, async move {
             stopping.cancelled().await;
-            health.set_not_serving::<KeyServiceServer<KeyApi>>().await;
-            health
-                .set_not_serving::<SessionServiceServer<SessionApi>>()
-                .await;
-        })
-        .await?;
+            draining.stopping().await;
+        });
+    // A client that never closes its connection must not hold the shutdown up for good.
+    let grace = parts.edge.shutdown_grace;
+    let overdue = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        served = serving => served?,
+        () = overdue => tracing::warn!(
+            ?grace,
+            "connections were still open at the end of the shutdown grace period; closing them"
+        ),
+    }
+    checker.await?;
+    if let Some(watcher) = watcher {
+        watcher.await?;
+    }
     for task in scheduled {
         task.await?;
     }

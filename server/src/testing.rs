@@ -18,15 +18,16 @@ use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-use crate::auth::TokenAuthority;
+use crate::auth::{TokenAuthority, TokenPolicy};
 use crate::clock::Clock;
-use crate::config::{CleanupSettings, RotationPolicy, Schedule};
+use crate::config::{CleanupSettings, EdgeSettings, RotationPolicy, Schedule};
+use crate::edge::tls::TlsFiles;
 use crate::jobs::Jobs;
 use crate::server::{self, ServerParts};
 use crate::shutdown::CancellationToken;
-use crate::store::Serve;
 use crate::store::database::Database;
 use crate::store::migrations;
+use crate::store::{DeviceId, Serve};
 
 /// The PostgreSQL server the tests of this process use: its admin URL.
 fn admin_url() -> &'static str {
@@ -109,7 +110,10 @@ fn remove_stale_clusters(parent: &Path) {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix("keyserver-test-pg-") else {
+        let Some(pid) = name
+            .strip_prefix("keyserver-test-pg-")
+            .map(|rest| rest.split('-').next().unwrap_or(rest))
+        else {
             continue;
         };
         let Ok(pid) = pid.parse::<i32>() else {
@@ -122,72 +126,124 @@ fn remove_stale_clusters(parent: &Path) {
     }
 }
 
-fn start_cluster() -> Result<String, String> {
-    let bindir = find_bindir()?;
-    let user = run_as()?;
-    let parent = std::env::temp_dir();
-    remove_stale_clusters(&parent);
-    let dir = parent.join(format!("keyserver-test-pg-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    if let Some((uid, gid)) = user {
-        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
-            .map_err(|e| format!("chown {}: {e}", dir.display()))?;
-    }
-    let data = dir.join("data");
-    let mut initdb = Command::new(bindir.join("initdb"));
-    initdb
-        .args(["-D"])
-        .arg(&data)
-        .args([
-            "-U",
-            "postgres",
-            "-A",
-            "trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-            "--no-locale",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    prepare(&mut initdb, user, None);
-    let out = initdb
-        .output()
-        .map_err(|e| format!("running initdb: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
+/// A PostgreSQL cluster made for this test process: its binaries, its directory and port.
+struct Cluster {
+    bindir: PathBuf,
+    user: Option<(u32, u32)>,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Cluster {
+    /// Runs initdb in a new directory named `name` under the temporary directory.
+    fn init(name: &str) -> Result<Self, String> {
+        let bindir = find_bindir()?;
+        let user = run_as()?;
+        let parent = std::env::temp_dir();
+        remove_stale_clusters(&parent);
+        let dir = parent.join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(&dir, Some(uid), Some(gid))
+                .map_err(|e| format!("chown {}: {e}", dir.display()))?;
+        }
+        let mut initdb = Command::new(bindir.join("initdb"));
+        initdb
+            .args(["-D"])
+            .arg(dir.join("data"))
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--no-locale",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        prepare(&mut initdb, user, None);
+        let out = initdb
+            .output()
+            .map_err(|e| format!("running initdb: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let port = StdListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("finding a free port: {e}"))?
+            .port();
+        Ok(Self {
+            bindir,
+            user,
+            dir,
+            port,
+        })
     }
 
-    let port = StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("finding a free port: {e}"))?
-        .port();
-    let mut postgres = Command::new(bindir.join("postgres"));
-    postgres
-        .arg("-D")
-        .arg(&data)
-        .args(["-p", &port.to_string(), "-k"])
-        .arg(&dir)
-        .args([
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            "max_connections=300",
-            "-c",
-            "fsync=off",
-            "-c",
-            "synchronous_commit=off",
-            "-c",
-            "full_page_writes=off",
-        ])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("postgres.log")).map_err(|e| e.to_string())?);
-    // SIGQUIT is PostgreSQL's immediate shutdown: the postmaster takes its backends with it.
-    prepare(&mut postgres, user, Some(libc::SIGQUIT));
+    /// The postmaster's command line; it dies (SIGQUIT, taking its backends with it) when the
+    /// thread that spawns it ends.
+    fn postgres(&self) -> Result<Command, String> {
+        let mut postgres = Command::new(self.bindir.join("postgres"));
+        postgres
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-p", &self.port.to_string(), "-k"])
+            .arg(&self.dir)
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "max_connections=300",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ])
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join("postgres.log"))
+                    .map_err(|e| e.to_string())?,
+            );
+        prepare(&mut postgres, self.user, Some(libc::SIGQUIT));
+        Ok(postgres)
+    }
+
+    /// Waits until the cluster accepts connections.
+    fn wait_ready(&self) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if Instant::now() > deadline {
+                let log =
+                    std::fs::read_to_string(self.dir.join("postgres.log")).unwrap_or_default();
+                return Err(format!(
+                    "postgres did not accept connections within 30 s: {log}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+/// The cluster every test of this process shares, alive as long as the process.
+fn start_cluster() -> Result<String, String> {
+    let cluster = Cluster::init(&format!("keyserver-test-pg-{}", std::process::id()))?;
+    let mut postgres = cluster.postgres()?;
     // The death signal fires when the spawning thread ends, so spawn from a thread that lives
     // as long as the test process.
     let (tx, rx) = std::sync::mpsc::channel();
@@ -207,18 +263,71 @@ fn start_cluster() -> Result<String, String> {
     rx.recv()
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("starting postgres: {e}"))?;
+    cluster.wait_ready()?;
+    Ok(cluster.url())
+}
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            let log = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
-            return Err(format!(
-                "postgres did not accept connections within 30 s: {log}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
+/// A PostgreSQL cluster of one test's own, which the test may stop and start again (to see
+/// what the server does while its database is down). Removed when dropped.
+pub struct PrivatePostgres {
+    cluster: Cluster,
+    running: Option<std::process::Child>,
+}
+
+impl PrivatePostgres {
+    /// A new cluster, started. Panics with the reason when PostgreSQL cannot be started here.
+    pub fn start() -> Self {
+        let name = format!(
+            "keyserver-test-pg-{}-{}",
+            std::process::id(),
+            Uuid::new_v4().simple()
+        );
+        let cluster = Cluster::init(&name)
+            .unwrap_or_else(|why| panic!("this test needs the PostgreSQL server binaries: {why}"));
+        let mut this = Self {
+            cluster,
+            running: None,
+        };
+        this.resume();
+        this
     }
-    Ok(format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+
+    /// The URL of its `postgres` database.
+    pub fn url(&self) -> String {
+        self.cluster.url()
+    }
+
+    /// Stops the cluster (fast shutdown: connections are closed), as a crash or a maintenance
+    /// window would.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.running.take() {
+            // SAFETY: kill has no memory preconditions; the pid is our child's.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the cluster again on the same port.
+    pub fn resume(&mut self) {
+        if self.running.is_none() {
+            let child = self
+                .cluster
+                .postgres()
+                .and_then(|mut c| c.spawn().map_err(|e| e.to_string()))
+                .unwrap_or_else(|why| panic!("starting postgres: {why}"));
+            self.running = Some(child);
+            self.cluster
+                .wait_ready()
+                .unwrap_or_else(|why| panic!("{why}"));
+        }
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.cluster.dir);
+    }
 }
 
 fn with_database(url: &str, name: &str) -> String {
@@ -419,7 +528,15 @@ pub fn secret_looking(value: &serde_json::Value, path: &str) -> Option<String> {
                 && text.bytes().all(|b| {
                     b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_')
                 });
-            let jwt = text.split('.').count() == 3 && text.len() >= 40 && !text.contains(' ');
+            // Three base64url parts: a header, claims and a signature.
+            let jwt = text.len() >= 40
+                && text.split('.').count() == 3
+                && text.split('.').all(|part| {
+                    !part.is_empty()
+                        && part
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+                });
             (hex || base64 || jwt)
                 .then(|| format!("{path} holds a {}-character encoded value", text.len()))
         }
@@ -557,7 +674,7 @@ pub struct TestServer {
 pub const TEST_SECRET: &[u8] = b"keyserver test secret, 32+ bytes long";
 
 /// How a test server is configured beyond its database.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TestConfig {
     pub clock: Clock,
     pub schedule: Schedule,
@@ -565,6 +682,9 @@ pub struct TestConfig {
     pub cleanup: CleanupSettings,
     /// Which devices fetches serve (`--require-pqxdh`).
     pub serve: Serve,
+    /// TLS on the listener (the URL is then https://).
+    pub tls: Option<TlsFiles>,
+    pub edge: EdgeSettings,
 }
 
 impl Default for TestConfig {
@@ -580,6 +700,8 @@ impl Default for TestConfig {
             rotation: RotationPolicy::default(),
             cleanup: CleanupSettings::default(),
             serve: Serve::Mixed,
+            tls: None,
+            edge: EdgeSettings::default(),
         }
     }
 }
@@ -600,11 +722,17 @@ impl TestServer {
     /// Starts a server on `db` configured by `config`.
     pub async fn start_with(db: &TestDb, config: TestConfig) -> Self {
         let db = db.open().await;
-        let tokens = TokenAuthority::new(TEST_SECRET).expect("secret");
+        let tokens =
+            TokenAuthority::new(&[TEST_SECRET.to_vec()], TokenPolicy::default()).expect("secret");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("binding a loopback port");
-        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let url = format!("{scheme}://{}", listener.local_addr().expect("address"));
         let stop = CancellationToken::new();
         let parts = ServerParts {
             store: db.store(),
@@ -615,6 +743,8 @@ impl TestServer {
             clock: config.clock,
             min_pbkdf2_iterations: 100_000,
             serve: config.serve,
+            tls: config.tls,
+            edge: config.edge,
         };
         let task = tokio::spawn(server::run(listener, parts, stop.clone()));
         Self {
@@ -626,9 +756,20 @@ impl TestServer {
         }
     }
 
-    /// A valid token for `user`.
+    /// A valid token for `user` bound to no device: it reads, fetches and registers new
+    /// devices.
     pub fn token(&self, user: Uuid) -> String {
-        self.tokens.mint(user, Duration::from_secs(3600))
+        self.tokens
+            .mint(user, None, Duration::from_secs(3600))
+            .expect("minting")
+    }
+
+    /// A valid token for `device` of `user`: it may also change that device.
+    pub fn device_token(&self, user: Uuid, device: &str) -> String {
+        let device = DeviceId::parse(device).expect("a valid device id");
+        self.tokens
+            .mint(user, Some(&device), Duration::from_secs(3600))
+            .expect("minting")
     }
 
     /// Stops the server gracefully and reports how it ended.
@@ -658,6 +799,12 @@ mod tests {
             "is_initiator": true,
         });
         assert_eq!(secret_looking(&real, "$"), None);
+        let log_line = json!({
+            "span": { "method": "/keyserver.v1.KeyService/FetchPreKeyBundle",
+                      "request_id": "1a8bcadf-cb07-4840-a379-32e963b27851" },
+            "fields": { "status": "OK", "duration_ms": 0.3 },
+        });
+        assert_eq!(secret_looking(&log_line, "$"), None);
         let key = "05".repeat(33);
         for leak in [
             json!({ "identity": key }),

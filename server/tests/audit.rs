@@ -27,7 +27,7 @@ async fn a_user_reads_their_own_trail_filtered_and_paged(backend: Backend) {
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let alice = TestDevice::new(Uuid::new_v4(), "alice-phone", 2);
-    let mut c = client(&server, alice.user).await;
+    let mut c = alice.client(&server).await;
     c.register_device(alice.register_request()).await.unwrap();
     c.upload_one_time_pre_keys(pb::UploadOneTimePreKeysRequest {
         device_id: "alice-phone".into(),
@@ -46,7 +46,7 @@ async fn a_user_reads_their_own_trail_filtered_and_paged(backend: Backend) {
         .unwrap();
     }
     let bob = TestDevice::new(Uuid::new_v4(), "bob-phone", 1);
-    client(&server, bob.user)
+    bob.client(&server)
         .await
         .register_device(bob.register_request())
         .await

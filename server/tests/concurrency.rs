@@ -36,7 +36,7 @@ async fn thirty_two_fetchers_on_two_servers_get_each_of_fifty_prekeys_exactly_on
     let db = TestDb::migrated(backend).await;
     let servers = [TestServer::start(&db).await, TestServer::start(&db).await];
     let bob = TestDevice::new(Uuid::new_v4(), "bob-phone", PREKEYS);
-    client(&servers[0], bob.user)
+    bob.client(&servers[0])
         .await
         .register_device(bob.register_request())
         .await
@@ -139,7 +139,7 @@ async fn thirty_two_fetchers_get_each_of_fifty_kyber_prekeys_once_then_the_last_
     let db = TestDb::migrated(backend).await;
     let servers = [TestServer::start(&db).await, TestServer::start(&db).await];
     let bob = TestDevice::pqxdh(Uuid::new_v4(), "bob-phone", PREKEYS, PREKEYS);
-    client(&servers[0], bob.user)
+    bob.client(&servers[0])
         .await
         .register_device(bob.register_request())
         .await

@@ -23,10 +23,10 @@ async fn populate(server: &TestServer) -> Remaining {
     let mut peer = client(server, Uuid::new_v4()).await;
     for (u, devices) in [(0, 1u32), (1, 2), (2, 2)] {
         let user = Uuid::new_v4();
-        let mut c = client(server, user).await;
         for d in 0..devices {
             let name = format!("user{u}-device{d}");
             let device = TestDevice::pqxdh(user, &name, 10, 4);
+            let mut c = device.client(server).await;
             c.register_device(device.register_request()).await.unwrap();
             c.upload_one_time_pre_keys(keyserver_proto::pb::UploadOneTimePreKeysRequest {
                 device_id: name.clone(),
@@ -86,7 +86,8 @@ async fn populated(backend: Backend) -> (TestDb, Remaining) {
 /// the copy carried the sequences over.
 async fn assert_new_ids_follow_the_copied_ones(server: &TestServer, keys: u32) {
     let newcomer = TestDevice::new(Uuid::new_v4(), "newcomer", keys);
-    client(server, newcomer.user)
+    newcomer
+        .client(server)
         .await
         .register_device(newcomer.register_request())
         .await
@@ -223,7 +224,8 @@ async fn a_non_empty_target_is_refused_unless_replaced() {
     let postgres = TestDb::migrated(Backend::Postgres).await;
     let target = TestServer::start(&postgres).await;
     let stranger = TestDevice::new(Uuid::new_v4(), "already-here", 1);
-    client(&target, stranger.user)
+    stranger
+        .client(&target)
         .await
         .register_device(stranger.register_request())
         .await

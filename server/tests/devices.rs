@@ -22,14 +22,15 @@ async fn removing_a_device_takes_everything_that_hangs_off_it(backend: Backend) 
             .unwrap();
     }
     let alice = TestDevice::new(Uuid::new_v4(), "alice-phone", 1);
-    client(&server, alice.user)
+    alice
+        .client(&server)
         .await
         .register_device(alice.register_request())
         .await
         .unwrap();
 
     // The tablet has a session with Alice, and Alice verified Bob's safety number.
-    let mut sessions = connect_sessions(&server.url, &server.token(bob))
+    let mut sessions = connect_sessions(&server.url, &server.device_token(bob, "bob-tablet"))
         .await
         .unwrap();
     sessions
@@ -65,7 +66,14 @@ async fn removing_a_device_takes_everything_that_hangs_off_it(backend: Backend) 
         .await
         .unwrap();
 
-    let mut mallory = client(&server, Uuid::new_v4()).await;
+    // Mallory's token names Bob's device id, yet the device is not hers; and Bob's own token
+    // of no device, or of another device, may not remove it either.
+    let mut mallory = keyserver_client::api::connect(
+        &server.url,
+        &server.device_token(Uuid::new_v4(), "bob-tablet"),
+    )
+    .await
+    .unwrap();
     assert_status(
         mallory
             .remove_device(pb::RemoveDeviceRequest {
@@ -73,8 +81,27 @@ async fn removing_a_device_takes_everything_that_hangs_off_it(backend: Backend) 
             })
             .await,
         Code::PermissionDenied,
-        "device_id",
+        "device_id: the device belongs to another user",
     );
+    let mut phone =
+        keyserver_client::api::connect(&server.url, &server.device_token(bob, "bob-phone"))
+            .await
+            .unwrap();
+    for other in [&mut b, &mut phone] {
+        assert_status(
+            other
+                .remove_device(pb::RemoveDeviceRequest {
+                    device_id: "bob-tablet".into(),
+                })
+                .await,
+            Code::PermissionDenied,
+            "device_id: ",
+        );
+    }
+    let mut b =
+        keyserver_client::api::connect(&server.url, &server.device_token(bob, "bob-tablet"))
+            .await
+            .unwrap();
     let removed = b
         .remove_device(pb::RemoveDeviceRequest {
             device_id: "bob-tablet".into(),

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestDevice, client, fetch, finished, otk};
+use common::{TestDevice, fetch, finished, otk};
 use keyserver::clock::Clock;
 use keyserver::config::{CleanupSettings, Schedule};
 use keyserver::jobs::{Job, Outcome, Run, Trigger};
@@ -33,7 +33,8 @@ fn now_ms() -> OffsetDateTime {
 }
 
 async fn register(server: &TestServer, device: &TestDevice) {
-    client(server, device.user)
+    device
+        .client(server)
         .await
         .register_device(device.register_request())
         .await
@@ -94,7 +95,8 @@ async fn upload(
     device: &TestDevice,
     keys: Vec<pb::OneTimePreKeyUpload>,
 ) -> pb::UploadOneTimePreKeysResponse {
-    client(server, device.user)
+    device
+        .client(server)
         .await
         .upload_one_time_pre_keys(pb::UploadOneTimePreKeysRequest {
             device_id: device.device_id.clone(),
@@ -112,13 +114,12 @@ async fn rows_placed_on_each_side_of_every_boundary_are_kept_or_removed_exactly(
         clock: Clock::Fixed(now),
         ..TestConfig::default()
     };
-    let server = TestServer::start_with(&db, config).await;
+    let server = TestServer::start_with(&db, config.clone()).await;
     let store = &server.db;
     let user = Uuid::new_v4();
-    let mut c = client(&server, user).await;
-
     // One-time prekeys 1..=4 handed out, 5 and 6 left.
     let alice = TestDevice::new(user, "alice", 6);
+    let mut c = alice.client(&server).await;
     register(&server, &alice).await;
     for _ in 0..4 {
         fetch(&mut c, user, Some("alice")).await.unwrap();
@@ -372,7 +373,7 @@ async fn a_large_backlog_is_cleaned_up_while_fetches_go_on(backend: Backend) {
         },
         ..TestConfig::default()
     };
-    let server = TestServer::start_with(&db, config).await;
+    let server = TestServer::start_with(&db, config.clone()).await;
     let user = Uuid::new_v4();
     const DEVICES: u32 = 10;
     const BACKLOG: u32 = 2_000;
@@ -468,7 +469,7 @@ async fn one_cleanup_runs_at_a_time_and_the_other_says_why(backend: Backend) {
         },
         ..TestConfig::default()
     };
-    let server = TestServer::start_with(&db, config).await;
+    let server = TestServer::start_with(&db, config.clone()).await;
     let user = Uuid::new_v4();
     register(&server, &TestDevice::new(user, "phone", 1)).await;
     consumed_backlog(&server.db, "phone", 1_000..=5_999, now_ms() - 45 * DAY).await;
@@ -688,7 +689,7 @@ async fn servers_run_scheduled_jobs_once_per_period_between_them(backend: Backen
         },
         ..TestConfig::default()
     };
-    let first = TestServer::start_with(&db, config).await;
+    let first = TestServer::start_with(&db, config.clone()).await;
     let scheduled = |db: Database| async move {
         db.store()
             .job_runs(None, 100)
@@ -705,7 +706,7 @@ async fn servers_run_scheduled_jobs_once_per_period_between_them(backend: Backen
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // A second server (or a restart) finds both jobs done this period and does not repeat them.
-    let second = TestServer::start_with(&db, config).await;
+    let second = TestServer::start_with(&db, config.clone()).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut jobs = scheduled(second.db.clone()).await;
     jobs.sort();

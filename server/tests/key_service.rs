@@ -57,7 +57,7 @@ async fn register_then_fetch_serves_verified_bundles_taking_prekeys_in_upload_or
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let bob = TestDevice::new(Uuid::new_v4(), "bob-phone", 3);
-    let mut bob_client = client(&server, bob.user).await;
+    let mut bob_client = bob.client(&server).await;
     let registered = bob_client
         .register_device(bob.register_request())
         .await
@@ -171,7 +171,7 @@ async fn every_bad_registration_is_refused_precisely_and_writes_nothing(backend:
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let dev = TestDevice::new(Uuid::new_v4(), "dev-1", 3);
-    let mut c = client(&server, dev.user).await;
+    let mut c = dev.client(&server).await;
     let before = row_counts(&server).await;
     let good = dev.register_request();
 
@@ -292,15 +292,17 @@ async fn a_device_id_of_another_user_is_never_taken_over_or_written(backend: Bac
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let bob = TestDevice::new(Uuid::new_v4(), "shared-id", 2);
-    client(&server, bob.user)
+    bob.client(&server)
         .await
         .register_device(bob.register_request())
         .await
         .unwrap();
     let before = row_counts(&server).await;
 
+    // Mallory's token names the device id too (her backend would not mint it, but the
+    // ownership check must not rely on that).
     let mallory = TestDevice::new(Uuid::new_v4(), "shared-id", 2);
-    let mut m = client(&server, mallory.user).await;
+    let mut m = mallory.client(&server).await;
     assert_status(
         m.register_device(mallory.register_request()).await,
         Code::AlreadyExists,
@@ -352,7 +354,7 @@ async fn re_registration_is_idempotent_and_a_new_identity_replaces_every_key(bac
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let first = TestDevice::new(Uuid::new_v4(), "phone", 3);
-    let mut c = client(&server, first.user).await;
+    let mut c = first.client(&server).await;
     c.register_device(first.register_request()).await.unwrap();
     let again = c
         .register_device(first.register_request())
@@ -402,7 +404,7 @@ async fn uploads_are_retry_safe_and_never_restore_a_consumed_key(backend: Backen
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let dev = TestDevice::new(Uuid::new_v4(), "phone", 0);
-    let mut c = client(&server, dev.user).await;
+    let mut c = dev.client(&server).await;
     c.register_device(dev.register_request()).await.unwrap();
     let batch = fresh_otks(10..=11);
     let upload = |keys: Vec<pb::OneTimePreKeyUpload>| pb::UploadOneTimePreKeysRequest {
@@ -472,6 +474,17 @@ async fn uploads_are_retry_safe_and_never_restore_a_consumed_key(backend: Backen
             one_time_prekeys: fresh_otks(1..=1),
         })
         .await,
+        Code::PermissionDenied,
+        "device_id: the token is bound to another device",
+    );
+    assert_status(
+        device_client(&server, dev.user, "unknown")
+            .await
+            .upload_one_time_pre_keys(pb::UploadOneTimePreKeysRequest {
+                device_id: "unknown".into(),
+                one_time_prekeys: fresh_otks(1..=1),
+            })
+            .await,
         Code::NotFound,
         "device_id: no such device",
     );
@@ -494,7 +507,7 @@ async fn rotation_keeps_exactly_one_active_key_and_refuses_reused_ids(backend: B
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let dev = TestDevice::new(Uuid::new_v4(), "phone", 1);
-    let mut c = client(&server, dev.user).await;
+    let mut c = dev.client(&server).await;
     c.register_device(dev.register_request()).await.unwrap();
     let rotate = |key: pb::SignedPreKeyUpload| pb::RotateSignedPreKeyRequest {
         device_id: "phone".into(),
@@ -571,7 +584,7 @@ async fn concurrent_rotations_of_one_device_leave_exactly_one_active_key(backend
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let dev = TestDevice::new(Uuid::new_v4(), "phone", 0);
-    client(&server, dev.user)
+    dev.client(&server)
         .await
         .register_device(dev.register_request())
         .await
@@ -581,7 +594,7 @@ async fn concurrent_rotations_of_one_device_leave_exactly_one_active_key(backend
         .collect();
     let mut tasks = Vec::new();
     for upload in uploads {
-        let mut c = client(&server, dev.user).await;
+        let mut c = dev.client(&server).await;
         tasks.push(tokio::spawn(async move {
             c.rotate_signed_pre_key(pb::RotateSignedPreKeyRequest {
                 device_id: "phone".into(),
@@ -615,7 +628,7 @@ async fn status_reports_rotation_due_after_seven_days(backend: Backend) {
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let dev = TestDevice::new(Uuid::new_v4(), "phone", 12);
-    let mut c = client(&server, dev.user).await;
+    let mut c = dev.client(&server).await;
     c.register_device(dev.register_request()).await.unwrap();
     let status = |c: &mut keyserver_client::api::KeyClient| {
         let mut c = c.clone();
@@ -792,19 +805,24 @@ async fn calls_without_a_valid_token_are_unauthenticated(backend: Backend) {
         "missing authorization",
     );
 
-    let other = keyserver::auth::TokenAuthority::new(&[7u8; 32]).unwrap();
-    let forged = other.mint(user, Duration::from_secs(60));
+    use keyserver::auth::{TokenAuthority, TokenPolicy};
+    let unknown = TokenAuthority::new(&[vec![7u8; 32]], TokenPolicy::default()).unwrap();
+    let forged = unknown.mint(user, None, Duration::from_secs(60)).unwrap();
     let mut c = keyserver_client::api::connect(&server.url, &forged)
         .await
         .unwrap();
     assert_status(
         c.get_key_status(request()).await,
         Code::Unauthenticated,
-        "the token is not valid",
+        "the token names no key (kid)",
     );
 
-    let authority = keyserver::auth::TokenAuthority::new(keyserver::testing::TEST_SECRET).unwrap();
-    let expired = authority.mint(user, Duration::ZERO);
+    let authority = TokenAuthority::new(
+        &[keyserver::testing::TEST_SECRET.to_vec()],
+        TokenPolicy::default(),
+    )
+    .unwrap();
+    let expired = authority.mint(user, None, Duration::from_secs(1)).unwrap();
     tokio::time::sleep(Duration::from_secs(7)).await; // past the 5 s leeway
     let mut c = keyserver_client::api::connect(&server.url, &expired)
         .await
@@ -894,7 +912,7 @@ async fn the_bundle_view_is_refreshed_off_the_request_path(backend: Backend) {
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let dev = TestDevice::new(Uuid::new_v4(), "phone", 2);
-    client(&server, dev.user)
+    dev.client(&server)
         .await
         .register_device(dev.register_request())
         .await

@@ -53,7 +53,7 @@ async fn bundles_carry_one_kyber_prekey_oldest_first_then_the_last_resort_key(ba
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let bob = TestDevice::pqxdh(Uuid::new_v4(), "bob-phone", 2, 3);
-    let mut bob_client = client(&server, bob.user).await;
+    let mut bob_client = bob.client(&server).await;
     let registered = bob_client
         .register_device(bob.register_request())
         .await
@@ -175,7 +175,8 @@ async fn x3dh_devices_are_served_beside_pqxdh_ones_unless_the_server_requires_pq
     let before = row_counts(&strict).await;
     let newcomer = TestDevice::new(Uuid::new_v4(), "x3dh-only", 1);
     assert_status(
-        client(&strict, newcomer.user)
+        newcomer
+            .client(&strict)
             .await
             .register_device(newcomer.register_request())
             .await,
@@ -185,7 +186,7 @@ async fn x3dh_devices_are_served_beside_pqxdh_ones_unless_the_server_requires_pq
     assert_eq!(row_counts(&strict).await, before);
 
     // The X3DH device catches up: a last-resort key makes it servable there too.
-    let mut owner = client(&strict, user).await;
+    let mut owner = legacy.client(&strict).await;
     owner
         .rotate_kyber_last_resort_pre_key(pb::RotateKyberLastResortPreKeyRequest {
             device_id: "old-phone".into(),
@@ -202,7 +203,7 @@ async fn every_bad_kyber_upload_is_refused_precisely_and_writes_nothing(backend:
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let dev = TestDevice::pqxdh(Uuid::new_v4(), "dev-1", 1, 3);
-    let mut c = client(&server, dev.user).await;
+    let mut c = dev.client(&server).await;
     let before = row_counts(&server).await;
     let good = dev.register_request();
 
@@ -352,14 +353,17 @@ async fn every_bad_kyber_upload_is_refused_precisely_and_writes_nothing(backend:
         Code::InvalidArgument,
         "kyber_last_resort_prekey.signature: does not verify",
     );
-    let mallory = TestDevice::pqxdh(Uuid::new_v4(), "mallory", 0, 0);
-    let mut m = client(&server, mallory.user).await;
+    // Mallory's token names dev-1 too (her backend would not mint it, but the ownership check
+    // must not rely on that).
+    let mallory = TestDevice::pqxdh(Uuid::new_v4(), "dev-1", 0, 0);
+    let mut m = mallory.client(&server).await;
     assert_status(
         m.upload_kyber_pre_keys(upload(mallory.fresh_kyber(20..=20)))
             .await,
         Code::PermissionDenied,
         "device_id: the device belongs to another user",
     );
+    let mut m = device_client(&server, mallory.user, "nobody").await;
     assert_status(
         m.upload_kyber_pre_keys(pb::UploadKyberPreKeysRequest {
             device_id: "nobody".into(),
@@ -374,6 +378,7 @@ async fn every_bad_kyber_upload_is_refused_precisely_and_writes_nothing(backend:
     // An X3DH device cannot take one-time Kyber keys before it has a last-resort key: its
     // bundles would fall back to X3DH when they ran out.
     let legacy = TestDevice::new(dev.user, "dev-2", 1);
+    let mut c = legacy.client(&server).await;
     c.register_device(legacy.register_request()).await.unwrap();
     let before = row_counts(&server).await;
     assert_status(
@@ -392,9 +397,9 @@ conformance!(every_bad_kyber_upload_is_refused_precisely_and_writes_nothing);
 async fn kyber_uploads_are_retry_safe_and_a_consumed_id_is_never_stored_again(backend: Backend) {
     let db = TestDb::migrated(backend).await;
     let config = TestConfig::default();
-    let server = TestServer::start_with(&db, config).await;
+    let server = TestServer::start_with(&db, config.clone()).await;
     let bob = TestDevice::pqxdh(Uuid::new_v4(), "bob-phone", 0, 0);
-    let mut c = client(&server, bob.user).await;
+    let mut c = bob.client(&server).await;
     c.register_device(bob.register_request()).await.unwrap();
     let keys = bob.fresh_kyber(10..=11);
     let upload = |keys: Vec<pb::KyberPreKeyUpload>| pb::UploadKyberPreKeysRequest {
@@ -508,9 +513,9 @@ async fn a_last_resort_rotation_is_retry_safe_and_the_previous_key_stays_until_c
         cleanup: CleanupSettings::default(),
         ..TestConfig::default()
     };
-    let server = TestServer::start_with(&db, config).await;
+    let server = TestServer::start_with(&db, config.clone()).await;
     let bob = TestDevice::pqxdh(Uuid::new_v4(), "bob-phone", 0, 1);
-    let mut c = client(&server, bob.user).await;
+    let mut c = bob.client(&server).await;
     c.register_device(bob.register_request()).await.unwrap();
     let next = KyberKeyPair::generate();
     let rotate = |key: pb::KyberPreKeyUpload| pb::RotateKyberLastResortPreKeyRequest {
@@ -627,7 +632,7 @@ async fn a_new_identity_replaces_kyber_keys_and_the_same_one_merges_them(backend
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let user = Uuid::new_v4();
-    let mut c = client(&server, user).await;
+    let mut c = device_client(&server, user, "phone").await;
 
     // Registered before PQXDH; the same identity registers again with Kyber keys.
     let mut phone = TestDevice::new(user, "phone", 1);
@@ -680,7 +685,7 @@ async fn check_keys_tells_a_device_whether_the_server_holds_its_keys(backend: Ba
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let bob = TestDevice::pqxdh(Uuid::new_v4(), "bob-phone", 0, 0);
-    let mut c = client(&server, bob.user).await;
+    let mut c = bob.client(&server).await;
     c.register_device(bob.register_request()).await.unwrap();
     let (lr_id, lr) = bob.kyber_last_resort.as_ref().unwrap();
     let digest = |signed: &KeyPair, signed_id: u32| {
@@ -716,7 +721,11 @@ async fn check_keys_tells_a_device_whether_the_server_holds_its_keys(backend: Ba
 
     // A device without a last-resort key never matches: it should upload one.
     let legacy = TestDevice::new(bob.user, "old-phone", 0);
-    c.register_device(legacy.register_request()).await.unwrap();
+    client(&server, bob.user)
+        .await
+        .register_device(legacy.register_request())
+        .await
+        .unwrap();
     let request = pb::CheckKeysRequest {
         device_id: "old-phone".into(),
         digest: digest(&legacy.signed, legacy.signed_id),
@@ -745,7 +754,7 @@ async fn identity_checks_answer_only_the_keys_that_changed(backend: Backend) {
     let a2 = TestDevice::new(alice, "a-2", 0);
     let b1 = TestDevice::new(bob, "b-1", 0);
     for d in [&a1, &a2, &b1] {
-        client(&server, d.user)
+        d.client(&server)
             .await
             .register_device(d.register_request())
             .await

@@ -86,16 +86,27 @@ async fn libsignal_starts_pqxdh_sessions_from_our_bundles(backend: Backend) {
     let state = std::env::temp_dir().join(format!("libsignal-keyctl-{}.json", Uuid::new_v4()));
     let mut keyctl =
         Device::create(&state, "keyctl-phone", b"a passphrase for keyctl", 100_000).unwrap();
-    let mut client = api::connect(&server.url, &server.token(keyctl_user))
-        .await
-        .unwrap();
+    let mut client = api::connect(
+        &server.url,
+        &server.device_token(keyctl_user, "keyctl-phone"),
+    )
+    .await
+    .unwrap();
     keyctl.register(&mut client).await.unwrap();
     std::fs::remove_file(&state).unwrap();
 
     let users: Vec<serde_json::Value> = (0..4)
         .map(|_| {
             let user = Uuid::new_v4();
-            serde_json::json!({ "user": user, "token": server.token(user) })
+            // A token per device, as a chat backend mints them: bound to the device it changes.
+            let tokens: serde_json::Map<String, serde_json::Value> = (1..=2)
+                .map(|n| {
+                    let device = format!("{user}.{n}");
+                    let token = server.device_token(user, &device);
+                    (device, token.into())
+                })
+                .collect();
+            serde_json::json!({ "user": user, "tokens": tokens })
         })
         .collect();
     let out = tokio::process::Command::new("node")

@@ -99,7 +99,7 @@ async fn migrating_down_and_up_keeps_the_data(backend: Backend) {
     let test_db = TestDb::migrated(backend).await;
     let server = TestServer::start(&test_db).await;
     let bob = TestDevice::new(Uuid::new_v4(), "bob-phone", 5);
-    client(&server, bob.user)
+    bob.client(&server)
         .await
         .register_device(bob.register_request())
         .await
@@ -276,9 +276,9 @@ async fn adopts_a_chat_database_that_already_has_the_schema() {
 async fn reverting_0006_removes_the_kyber_keys_and_nothing_else(backend: Backend) {
     let test_db = TestDb::migrated(backend).await;
     let config = keyserver::testing::TestConfig::default();
-    let server = TestServer::start_with(&test_db, config).await;
+    let server = TestServer::start_with(&test_db, config.clone()).await;
     let bob = TestDevice::pqxdh(Uuid::new_v4(), "bob-phone", 3, 2);
-    client(&server, bob.user)
+    bob.client(&server)
         .await
         .register_device(bob.register_request())
         .await

@@ -41,7 +41,8 @@ fn verify(
 }
 
 async fn register(server: &TestServer, device: &TestDevice) {
-    client(server, device.user)
+    device
+        .client(server)
         .await
         .register_device(device.register_request())
         .await
@@ -211,7 +212,8 @@ async fn users_without_devices_have_no_safety_number(backend: Backend) {
         listed.identity_keys,
         [alice.identity.public().serialize().to_vec()]
     );
-    let own = client(&server, alice.user)
+    let own = alice
+        .client(&server)
         .await
         .get_identity_keys(pb::GetIdentityKeysRequest::default())
         .await

@@ -28,8 +28,9 @@ async fn setup(server: &TestServer) -> (Sessions, Uuid) {
     (session_client(server, owner).await, peer)
 }
 
+/// A session client of `user`'s device "phone", the device the tests' sessions belong to.
 async fn session_client(server: &TestServer, user: Uuid) -> Sessions {
-    keyserver_client::api::connect_sessions(&server.url, &server.token(user))
+    keyserver_client::api::connect_sessions(&server.url, &server.device_token(user, "phone"))
         .await
         .unwrap()
 }

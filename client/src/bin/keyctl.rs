@@ -23,7 +23,8 @@ struct Cli {
         global = true
     )]
     state: PathBuf,
-    /// The key server's address.
+    /// The key server's address: http://host:port, or https://host:port for TLS (verified
+    /// against the system's roots or --ca-cert; never a plaintext fallback).
     #[arg(
         long,
         env = "KEYSERVER_URL",
@@ -31,7 +32,27 @@ struct Cli {
         global = true
     )]
     server: String,
-    /// Bearer token for the user (see `keyserver token`).
+    /// PEM CA certificate(s) to trust for an https:// server instead of the system's roots.
+    #[arg(long, env = "KEYSERVER_CA_CERT", global = true)]
+    ca_cert: Option<PathBuf>,
+    /// PEM client certificate, for a server that requires one (mTLS).
+    #[arg(
+        long,
+        env = "KEYSERVER_CLIENT_CERT",
+        global = true,
+        requires = "client_key"
+    )]
+    client_cert: Option<PathBuf>,
+    /// The client certificate's PEM private key.
+    #[arg(
+        long,
+        env = "KEYSERVER_CLIENT_KEY",
+        global = true,
+        requires = "client_cert"
+    )]
+    client_key: Option<PathBuf>,
+    /// Bearer token for the user, bound to this device to change it (see `keyserver token
+    /// --device`).
     #[arg(long, env = "KEYSERVER_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
     /// Read the passphrase from this file instead of KEYCTL_PASSPHRASE or a prompt.
@@ -189,12 +210,22 @@ fn token(cli: &Cli) -> anyhow::Result<&str> {
         .context("a bearer token is needed: --token or KEYSERVER_TOKEN (see `keyserver token`)")
 }
 
+/// The server, with the TLS files to reach it.
+fn server(cli: &Cli) -> anyhow::Result<api::Address> {
+    api::Address::new(
+        &cli.server,
+        cli.ca_cert.as_deref(),
+        cli.client_cert.as_deref(),
+        cli.client_key.as_deref(),
+    )
+}
+
 async fn client(cli: &Cli) -> anyhow::Result<api::KeyClient> {
-    api::connect(&cli.server, token(cli)?).await
+    api::connect(&server(cli)?, token(cli)?).await
 }
 
 async fn sessions(cli: &Cli) -> anyhow::Result<api::SessionClient> {
-    api::connect_sessions(&cli.server, token(cli)?).await
+    api::connect_sessions(&server(cli)?, token(cli)?).await
 }
 
 fn print_replenish(done: &device::Replenished) {
@@ -426,7 +457,8 @@ async fn main() -> anyhow::Result<()> {
         },
         Command::SafetyNumber { user, verify } => {
             let me = Device::open(&cli.state, &passphrase(&cli)?)?;
-            let mut safety_client = api::connect_safety_numbers(&cli.server, token(&cli)?).await?;
+            let mut safety_client =
+                api::connect_safety_numbers(&server(&cli)?, token(&cli)?).await?;
             let check = safety::check(
                 &mut client(&cli).await?,
                 &mut safety_client,
@@ -472,7 +504,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Backup => {
             let device = Device::open(&cli.state, &passphrase(&cli)?)?;
-            let mut master = api::connect_master_keys(&cli.server, token(&cli)?).await?;
+            let mut master = api::connect_master_keys(&server(&cli)?, token(&cli)?).await?;
             let code = device.backup(&mut master).await?;
             println!("recovery code: {code}");
             println!("write it down and keep it offline: it is shown only this once");
@@ -482,7 +514,7 @@ async fn main() -> anyhow::Result<()> {
             device_id,
         } => {
             let passphrase = passphrase(&cli)?;
-            let mut master = api::connect_master_keys(&cli.server, token(&cli)?).await?;
+            let mut master = api::connect_master_keys(&server(&cli)?, token(&cli)?).await?;
             let recovery = master
                 .recover_device(pb::RecoverDeviceRequest {
                     recovery_code: recovery_code.clone(),
@@ -506,7 +538,7 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         Command::Audit { event_types, limit } => {
-            let mut audit = api::connect_audit(&cli.server, token(&cli)?).await?;
+            let mut audit = api::connect_audit(&server(&cli)?, token(&cli)?).await?;
             let page = audit
                 .list_audit_events(pb::ListAuditEventsRequest {
                     event_types: event_types.clone(),

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use super::{Job, Jobs, Outcome, Report, Trigger};
+use crate::edge::metrics as m;
 use crate::shutdown::CancellationToken;
 
 /// How often the last successful runs are read from the records.
@@ -20,18 +21,18 @@ const HISTORY: u32 = 50;
 /// Records one run of this process.
 pub fn observe(job: Job, trigger: Trigger, outcome: Outcome, report: Option<&Report>) {
     ::metrics::counter!(
-        "keyserver_job_runs_total",
+        m::JOB_RUNS,
         "job" => job.as_str(),
         "trigger" => trigger.as_str(),
         "outcome" => outcome.as_str()
     )
     .increment(1);
     if let Some(report) = report {
-        ::metrics::gauge!("keyserver_job_last_duration_seconds", "job" => job.as_str())
+        ::metrics::gauge!(m::JOB_LAST_DURATION, "job" => job.as_str())
             .set(report.duration.as_secs_f64());
         for step in &report.steps {
             ::metrics::counter!(
-                "keyserver_job_rows_total",
+                m::JOB_ROWS,
                 "job" => job.as_str(),
                 "kind" => step.name
             )
@@ -49,7 +50,7 @@ pub fn spawn(jobs: Jobs, shutdown: CancellationToken) -> JoinHandle<()> {
                     Ok(runs) => {
                         if let Some(run) = runs.iter().find(|r| r.outcome == Outcome::Succeeded) {
                             ::metrics::gauge!(
-                                "keyserver_job_last_success_timestamp_seconds",
+                                m::JOB_LAST_SUCCESS,
                                 "job" => job.as_str()
                             )
                             .set(run.started_at.unix_timestamp() as f64);

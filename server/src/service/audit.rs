@@ -28,7 +28,7 @@ fn time(field: &str, t: Option<prost_types::Timestamp>) -> Result<Option<OffsetD
                 at.replace_nanosecond(t.nanos.clamp(0, 999_999_999) as u32)
                     .ok()
             })
-            .ok_or_else(|| Status::invalid_argument(format!("{field}: not a representable time")))
+            .ok_or_else(|| validate::invalid(field, "not a representable time").into())
     })
     .transpose()
 }
@@ -47,8 +47,9 @@ impl AuditService for AuditApi {
             .enumerate()
             .map(|(i, name)| {
                 AuditEvent::from_name(name).ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "event_types[{i}]: {name:?} is not an audit event type"
+                    Status::from(validate::invalid(
+                        format!("event_types[{i}]"),
+                        format!("{name:?} is not an audit event type"),
                     ))
                 })
             })
@@ -57,7 +58,10 @@ impl AuditService for AuditApi {
         let before_id = match r.page_token.as_str() {
             "" => None,
             token => Some(token.parse::<u64>().map_err(|_| {
-                Status::invalid_argument("page_token: is not a token this server returned")
+                Status::from(validate::invalid(
+                    "page_token",
+                    "is not a token this server returned",
+                ))
             })?),
         };
         let query = AuditQuery {

@@ -8,10 +8,11 @@ use keyserver_proto::pb;
 use keyserver_proto::pb::key_service_server::KeyService;
 use tonic::{Request, Response, Status};
 
-use super::validate;
+use super::{status, validate};
 use crate::auth::caller;
 use crate::clock::Clock;
 use crate::config::RotationPolicy;
+use crate::edge::metrics as m;
 use crate::jobs::bundle_view::ViewChanges;
 use crate::store::{DeviceBundle, KeyId, NewDevice, RegisterOutcome, Serve, Store};
 
@@ -72,6 +73,7 @@ impl KeyApi {
         targets: &[crate::store::BundleTarget],
     ) -> Result<Vec<Vec<DeviceBundle>>, Status> {
         let results = self.store.fetch_bundles(targets, self.serve).await?;
+        served(&results);
         // The read model shows the next one-time EC prekey of each device.
         if results
             .iter()
@@ -81,6 +83,49 @@ impl KeyApi {
             self.view.mark();
         }
         Ok(results)
+    }
+}
+
+/// The kinds of key an upload stores, as the metrics label them.
+#[derive(Clone, Copy)]
+enum KeyKind {
+    OneTimeEc,
+    OneTimeKyber,
+    SignedEc,
+    KyberLastResort,
+}
+
+impl KeyKind {
+    fn uploaded(self, n: usize) {
+        let kind = match self {
+            Self::OneTimeEc => "one_time_ec",
+            Self::OneTimeKyber => "one_time_kyber",
+            Self::SignedEc => "signed_ec",
+            Self::KyberLastResort => "kyber_last_resort",
+        };
+        metrics::counter!(m::KEYS_UPLOADED, "kind" => kind).increment(n as u64);
+    }
+}
+
+/// Counts what a fetch handed out: bundles, one-time keys of each kind, and bundles that went
+/// without one because the device had none left (a device to warn, or a drain).
+fn served(results: &[Vec<DeviceBundle>]) {
+    for bundle in results.iter().flatten() {
+        metrics::counter!(m::BUNDLES_SERVED).increment(1);
+        let ec = if bundle.one_time_prekey.is_some() {
+            m::ONE_TIME_PREKEYS_SERVED
+        } else {
+            m::BUNDLES_WITHOUT_ONE_TIME_PREKEY
+        };
+        metrics::counter!(ec, "kind" => "ec").increment(1);
+        if bundle.kyber_prekey.is_some() {
+            let kyber = if bundle.kyber_one_time {
+                m::ONE_TIME_PREKEYS_SERVED
+            } else {
+                m::BUNDLES_WITHOUT_ONE_TIME_PREKEY
+            };
+            metrics::counter!(kyber, "kind" => "kyber").increment(1);
+        }
     }
 }
 
@@ -129,6 +174,12 @@ impl KeyService for KeyApi {
     ) -> Result<Response<pb::RegisterDeviceResponse>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
+        let device_id = validate::device_id("device_id", &r.device_id)?;
+        // A token of another device may not touch this one; a token of the user alone may
+        // create it, and the store refuses it if the device exists.
+        if caller.device_id.is_some() {
+            caller.may_write(&device_id)?;
+        }
         let identity_key = validate::public_key("identity_key", &r.identity_key)?;
         let kyber_last_resort = match r.kyber_last_resort_prekey {
             Some(key) => Some(validate::kyber_prekey(
@@ -137,20 +188,25 @@ impl KeyService for KeyApi {
                 &identity_key,
             )?),
             None if self.serve == Serve::PqxdhOnly => {
-                return Err(Status::invalid_argument(
-                    "kyber_last_resort_prekey: is required: this server serves PQXDH only",
-                ));
+                return Err(validate::invalid(
+                    "kyber_last_resort_prekey",
+                    "is required: this server serves PQXDH only",
+                )
+                .into());
             }
             None if !r.kyber_one_time_prekeys.is_empty() => {
-                return Err(Status::invalid_argument(
-                    "kyber_last_resort_prekey: is required with kyber_one_time_prekeys",
-                ));
+                return Err(validate::invalid(
+                    "kyber_last_resort_prekey",
+                    "is required with kyber_one_time_prekeys",
+                )
+                .into());
             }
             None => None,
         };
         let device = NewDevice {
             user_id: caller.user_id,
-            device_id: validate::device_id("device_id", &r.device_id)?,
+            may_change: caller.device_id.as_ref() == Some(&device_id),
+            device_id,
             registration_id: validate::registration_id("registration_id", r.registration_id)?,
             identity_key,
             encrypted_identity_private: validate::encrypted_blob(
@@ -177,7 +233,19 @@ impl KeyService for KeyApi {
             kyber_last_resort,
         };
         let device_id = device.device_id.clone();
+        let uploaded = [
+            (KeyKind::OneTimeEc, device.one_time_prekeys.len()),
+            (KeyKind::OneTimeKyber, device.kyber_one_time_prekeys.len()),
+            (KeyKind::SignedEc, 1),
+            (
+                KeyKind::KyberLastResort,
+                usize::from(device.kyber_last_resort.is_some()),
+            ),
+        ];
         let registered = self.store.register_device(device).await?;
+        for (kind, n) in uploaded {
+            kind.uploaded(n);
+        }
         self.view.mark();
         tracing::info!(%device_id, outcome = registered.outcome.as_str(), "device registered");
         Ok(Response::new(pb::RegisterDeviceResponse {
@@ -194,11 +262,13 @@ impl KeyService for KeyApi {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let device_id = validate::device_id("device_id", &r.device_id)?;
+        caller.may_write(&device_id)?;
         let keys = validate::one_time_prekeys("one_time_prekeys", r.one_time_prekeys, 1)?;
         let report = self
             .store
             .upload_one_time_prekeys(caller.user_id, &device_id, keys)
             .await?;
+        KeyKind::OneTimeEc.uploaded(report.stored.len());
         if !report.stored.is_empty() {
             self.view.mark();
         }
@@ -223,6 +293,7 @@ impl KeyService for KeyApi {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let device_id = validate::device_id("device_id", &r.device_id)?;
+        caller.may_write(&device_id)?;
         let identity = self
             .store
             .device_identity(caller.user_id, &device_id)
@@ -233,6 +304,7 @@ impl KeyService for KeyApi {
             .rotate_signed_prekey(caller.user_id, &device_id, identity, key)
             .await?;
         if rotated.rotated {
+            KeyKind::SignedEc.uploaded(1);
             self.view.mark();
             tracing::info!(%device_id, "signed prekey rotated");
         }
@@ -285,13 +357,7 @@ impl KeyService for KeyApi {
             .pop()
             .unwrap_or_default();
         if bundles.is_empty() {
-            return Err(Status::not_found(match &target.device_id {
-                Some(device) => format!(
-                    "target: device {device} of user {} has no bundle",
-                    target.user_id
-                ),
-                None => format!("target: no device of user {} has a bundle", target.user_id),
-            }));
+            return Err(status::no_bundle(&target));
         }
         Ok(Response::new(pb::FetchPreKeyBundleResponse {
             devices: self.bundle_messages(bundles),
@@ -304,6 +370,7 @@ impl KeyService for KeyApi {
     ) -> Result<Response<pb::RemoveDeviceResponse>, Status> {
         let caller = caller(&request)?;
         let device_id = validate::device_id("device_id", &request.get_ref().device_id)?;
+        caller.may_write(&device_id)?;
         let sessions_removed = self.store.remove_device(caller.user_id, &device_id).await?;
         self.view.mark();
         tracing::info!(%device_id, "device removed");
@@ -366,6 +433,7 @@ impl KeyService for KeyApi {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let device_id = validate::device_id("device_id", &r.device_id)?;
+        caller.may_write(&device_id)?;
         let identity = self
             .store
             .device_identity(caller.user_id, &device_id)
@@ -381,6 +449,7 @@ impl KeyService for KeyApi {
             .store
             .upload_kyber_prekeys(caller.user_id, &device_id, identity, keys)
             .await?;
+        KeyKind::OneTimeKyber.uploaded(report.stored.len());
         tracing::debug!(
             %device_id,
             stored = report.stored.len(),
@@ -402,10 +471,11 @@ impl KeyService for KeyApi {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let device_id = validate::device_id("device_id", &r.device_id)?;
+        caller.may_write(&device_id)?;
         let field = "kyber_last_resort_prekey";
         let upload = r
             .kyber_last_resort_prekey
-            .ok_or_else(|| Status::invalid_argument(format!("{field}: is required")))?;
+            .ok_or_else(|| validate::invalid(field, "is required"))?;
         let identity = self
             .store
             .device_identity(caller.user_id, &device_id)
@@ -416,6 +486,7 @@ impl KeyService for KeyApi {
             .rotate_kyber_last_resort_prekey(caller.user_id, &device_id, identity, key)
             .await?;
         if rotated.rotated {
+            KeyKind::KyberLastResort.uploaded(1);
             tracing::info!(%device_id, "last-resort Kyber prekey rotated");
         }
         Ok(Response::new(pb::RotateKyberLastResortPreKeyResponse {

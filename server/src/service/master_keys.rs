@@ -36,16 +36,18 @@ impl MasterKeyService for MasterKeyApi {
         let caller = caller(&request)?;
         let r = request.into_inner();
         if r.salt.len() != SALT_LEN {
-            return Err(Status::invalid_argument(format!(
-                "salt: must be {SALT_LEN} bytes, got {}",
-                r.salt.len()
-            )));
+            return Err(validate::invalid(
+                "salt",
+                format!("must be {SALT_LEN} bytes, got {}", r.salt.len()),
+            )
+            .into());
         }
         if r.pbkdf2_iterations < self.min_iterations || r.pbkdf2_iterations > i32::MAX as u32 {
-            return Err(Status::invalid_argument(format!(
-                "pbkdf2_iterations: must be at least {}",
-                self.min_iterations
-            )));
+            return Err(validate::invalid(
+                "pbkdf2_iterations",
+                format!("must be at least {}", self.min_iterations),
+            )
+            .into());
         }
         let hash = validate::recovery_code_hash("recovery_code", &r.recovery_code)?;
         let record = MasterKeyRecord {

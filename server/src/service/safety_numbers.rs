@@ -32,9 +32,11 @@ fn method_message(method: VerificationMethod) -> pb::VerificationMethod {
 fn peer(caller: uuid::Uuid, peer_user_id: &str) -> Result<uuid::Uuid, Status> {
     let peer = validate::user_id("peer_user_id", peer_user_id)?;
     if peer == caller {
-        return Err(Status::invalid_argument(
-            "peer_user_id: a safety number is between two different users",
-        ));
+        return Err(validate::invalid(
+            "peer_user_id",
+            "a safety number is between two different users",
+        )
+        .into());
     }
     Ok(peer)
 }
@@ -82,18 +84,18 @@ impl SafetyNumberService for SafetyNumberApi {
         let r = request.into_inner();
         let peer = peer(caller.user_id, &r.peer_user_id)?;
         if r.safety_number.len() != DIGITS || !r.safety_number.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(Status::invalid_argument(format!(
-                "safety_number: must be {DIGITS} digits"
-            )));
+            return Err(
+                validate::invalid("safety_number", format!("must be {DIGITS} digits")).into(),
+            );
         }
         let method = match r.method() {
             pb::VerificationMethod::Manual => VerificationMethod::Manual,
             pb::VerificationMethod::QrCode => VerificationMethod::QrCode,
             pb::VerificationMethod::OutOfBand => VerificationMethod::OutOfBand,
             pb::VerificationMethod::Unspecified => {
-                return Err(Status::invalid_argument(
-                    "method: must be MANUAL, QR_CODE or OUT_OF_BAND",
-                ));
+                return Err(
+                    validate::invalid("method", "must be MANUAL, QR_CODE or OUT_OF_BAND").into(),
+                );
             }
         };
         let at = self

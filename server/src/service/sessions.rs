@@ -49,6 +49,7 @@ impl SessionService for SessionApi {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let key = validate::session_key("key", r.key)?;
+        caller.may_write(&key.device_id)?;
         let state = validate::session_state("state", r.state)?;
         let version = self
             .store
@@ -109,6 +110,7 @@ impl SessionService for SessionApi {
     ) -> Result<Response<pb::TouchSessionResponse>, Status> {
         let caller = caller(&request)?;
         let key = validate::session_key("key", request.into_inner().key)?;
+        caller.may_write(&key.device_id)?;
         let at = self.store.touch_session(caller.user_id, &key).await?;
         Ok(Response::new(pb::TouchSessionResponse {
             last_message_at: Some(timestamp(at)),
@@ -122,6 +124,7 @@ impl SessionService for SessionApi {
         let caller = caller(&request)?;
         let r = request.into_inner();
         let key = validate::session_key("key", r.key)?;
+        caller.may_write(&key.device_id)?;
         let version = self
             .store
             .destroy_session(caller.user_id, &key, r.expected_version)

@@ -1,15 +1,61 @@
 //! Maps the lower layers' errors to gRPC statuses. Messages name the field or the rule that was
 //! broken and never carry key material; database details are logged, not returned.
 
-use tonic::Status;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use super::validate::InvalidField;
-use crate::store::StoreError;
+use crate::auth::AuthError;
+use crate::edge::metrics as m;
+use crate::store::{BundleTarget, StoreError};
 
+/// An invalid field: INVALID_ARGUMENT naming it in the message and, for clients that read
+/// details rather than text, as a `google.rpc.BadRequest` field violation.
 impl From<InvalidField> for Status {
     fn from(e: InvalidField) -> Self {
-        Status::invalid_argument(e.to_string())
+        let message = e.to_string();
+        Status::with_error_details(
+            Code::InvalidArgument,
+            message,
+            ErrorDetails::with_bad_request_violation(e.field, e.reason),
+        )
     }
+}
+
+/// A refused token is UNAUTHENTICATED (the edge logs it); a write with a token of another
+/// device, or of no device, is PERMISSION_DENIED and a security event.
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::NoDevice | AuthError::OtherDevice => {
+                security_event("permission_denied", e.reason());
+                Status::permission_denied(e.to_string())
+            }
+            _ => Status::unauthenticated(e.to_string()),
+        }
+    }
+}
+
+/// Counts and logs a security event: never with a token, key or blob.
+fn security_event(event: &'static str, reason: &'static str) {
+    metrics::counter!(m::SECURITY_EVENTS, "event" => event, "reason" => reason).increment(1);
+    tracing::warn!(security_event = event, reason, "security event");
+}
+
+/// What the edge answers while the database does not answer.
+pub fn database_unavailable() -> Status {
+    Status::unavailable("the database is unavailable; retry later")
+}
+
+/// A fetch found no bundle for its target.
+pub fn no_bundle(target: &BundleTarget) -> Status {
+    Status::not_found(match &target.device_id {
+        Some(device) => format!(
+            "target: device {device} of user {} has no bundle",
+            target.user_id
+        ),
+        None => format!("target: no device of user {} has a bundle", target.user_id),
+    })
 }
 
 impl From<StoreError> for Status {
@@ -17,8 +63,10 @@ impl From<StoreError> for Status {
         match e {
             StoreError::DeviceNotFound => Status::not_found("device_id: no such device"),
             StoreError::NotYourDevice => {
+                security_event("permission_denied", "not_your_device");
                 Status::permission_denied("device_id: the device belongs to another user")
             }
+            StoreError::DeviceTokenRequired => Status::from(AuthError::NoDevice),
             StoreError::DeviceTaken => {
                 Status::already_exists("device_id: registered to another user")
             }
@@ -59,15 +107,22 @@ impl From<StoreError> for Status {
             StoreError::NoMasterKey => {
                 Status::not_found("the user has no master-key record (PutMasterKey first)")
             }
-            StoreError::WrongRecoveryCode { attempts_left } => Status::permission_denied(format!(
-                "recovery_code: does not match; {attempts_left} attempts left before recovery locks"
-            )),
-            StoreError::RecoveryLocked { until } => Status::resource_exhausted(format!(
-                "recovery is locked after repeated failures until {until}"
-            )),
+            StoreError::WrongRecoveryCode { attempts_left } => {
+                security_event("recovery_failed", "wrong_code");
+                Status::permission_denied(format!(
+                    "recovery_code: does not match; {attempts_left} attempts left before \
+                     recovery locks"
+                ))
+            }
+            StoreError::RecoveryLocked { until } => {
+                security_event("recovery_locked", "too_many_failures");
+                Status::resource_exhausted(format!(
+                    "recovery is locked after repeated failures until {until}"
+                ))
+            }
             StoreError::Unavailable(why) => {
                 tracing::warn!(error = %why, "database unavailable");
-                Status::unavailable("the database is unavailable; retry later")
+                database_unavailable()
             }
             StoreError::Conflict(why) => {
                 tracing::info!(error = %why, "concurrent change");

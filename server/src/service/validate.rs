@@ -38,7 +38,7 @@ pub struct InvalidField {
     pub reason: String,
 }
 
-fn invalid(field: impl Into<String>, reason: impl Into<String>) -> InvalidField {
+pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> InvalidField {
     InvalidField {
         field: field.into(),
         reason: reason.into(),

@@ -22,7 +22,7 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -34,6 +34,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::sql::{Backend, Query, Sql};
 use super::{Store, StoreError};
+use crate::edge::metrics::DB_POOL_WAIT;
 
 /// A pooled PostgreSQL connection idle this long gets a round trip before it is used, so one
 /// whose database went away is found out at acquire time (within the acquire timeout) rather
@@ -59,6 +60,9 @@ pub enum Database {
 #[derive(Clone)]
 pub struct PgDb {
     pool: PgPool,
+    /// One connection of its own for readiness checks, so a busy pool does not look like a
+    /// database that went away.
+    probe: PgPool,
 }
 
 /// An SQLite database file and this process's write turn on it.
@@ -96,7 +100,11 @@ impl PgDb {
             })
             .connect(url)
             .await?;
-        Ok(Self { pool })
+        let probe = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_lazy_with(pool.connect_options().as_ref().clone());
+        Ok(Self { pool, probe })
     }
 
     /// The underlying pool, for migrations and operator tools.
@@ -180,8 +188,32 @@ impl Database {
     /// Closes every connection.
     pub async fn close(&self) {
         match self {
-            Self::Postgres(db) => db.pool.close().await,
+            Self::Postgres(db) => {
+                db.pool.close().await;
+                db.probe.close().await;
+            }
             Self::Sqlite(db) => db.pool.close().await,
+        }
+    }
+
+    /// One round trip to the database, outside the request pool on PostgreSQL.
+    pub(crate) async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Self::Postgres(db) => {
+                sqlx::query("SELECT 1").execute(&db.probe).await?;
+            }
+            Self::Sqlite(db) => {
+                sqlx::query("SELECT 1").execute(&db.pool).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The request pool's open and idle connections.
+    pub(crate) fn pool_figures(&self) -> (u32, usize) {
+        match self {
+            Self::Postgres(db) => (db.pool.size(), db.pool.num_idle()),
+            Self::Sqlite(db) => (db.pool.size(), db.pool.num_idle()),
         }
     }
 
@@ -189,18 +221,24 @@ impl Database {
     /// identity row (see the devices module); on SQLite every write transaction holds the
     /// database's single write lock.
     pub(crate) async fn begin_write(&self) -> Result<Tx, StoreError> {
-        Ok(match self {
+        let waited = Instant::now();
+        let tx = match self {
             Self::Postgres(db) => Tx::Postgres(db.pool.begin().await?),
             Self::Sqlite(db) => Tx::Sqlite(db.begin_immediate().await?),
-        })
+        };
+        metrics::histogram!(DB_POOL_WAIT).record(waited.elapsed().as_secs_f64());
+        Ok(tx)
     }
 
     /// A connection for statements that read, or write a single row on their own.
     pub(crate) async fn read(&self) -> Result<ReadConn, StoreError> {
-        Ok(match self {
+        let waited = Instant::now();
+        let conn = match self {
             Self::Postgres(db) => ReadConn::Postgres(db.pool.acquire().await?),
             Self::Sqlite(db) => ReadConn::Sqlite(db.pool.acquire().await?),
-        })
+        };
+        metrics::histogram!(DB_POOL_WAIT).record(waited.elapsed().as_secs_f64());
+        Ok(conn)
     }
 }
 

@@ -30,6 +30,9 @@ pub struct NewDevice {
     /// Present for a PQXDH device; required when `kyber_one_time_prekeys` is not empty.
     pub kyber_last_resort: Option<NewKyberPreKey>,
     pub kyber_one_time_prekeys: Vec<NewKyberPreKey>,
+    /// The caller's token is bound to this device, so it may change the device if it exists
+    /// already; a token of the user alone may only create it.
+    pub may_change: bool,
 }
 
 /// What a registration did to the stored device.
@@ -207,6 +210,9 @@ async fn register_keys(tx: &mut Tx, device: &NewDevice) -> Result<RegisterOutcom
             StoreError::NotYourDevice => StoreError::DeviceTaken,
             e => e,
         })?;
+    if !device.may_change {
+        return Err(StoreError::DeviceTokenRequired);
+    }
     let same_identity = stored_identity == device.identity_key;
     tx.query(&sql!(
         "UPDATE nchat_identity_keys

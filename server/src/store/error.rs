@@ -13,6 +13,9 @@ pub enum StoreError {
     NotYourDevice,
     #[error("the device id is registered to another user")]
     DeviceTaken,
+    /// The device exists, and the caller's token is not bound to it.
+    #[error("changing the device needs a token bound to it")]
+    DeviceTokenRequired,
     #[error("the user is not known to the chat database")]
     UnknownUser,
     /// A one-time key id (of the request field `field`) is stored with other bytes.

@@ -54,4 +54,14 @@ impl Store {
     pub fn database(&self) -> &Database {
         &self.db
     }
+
+    /// Whether the database answers a round trip (the readiness check).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.db.ping().await
+    }
+
+    /// Open and idle connections of the request pool.
+    pub fn pool_figures(&self) -> (u32, usize) {
+        self.db.pool_figures()
+    }
 }

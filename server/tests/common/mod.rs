@@ -138,7 +138,26 @@ pub fn fresh_otks(ids: std::ops::RangeInclusive<u32>) -> Vec<pb::OneTimePreKeyUp
     ids.map(|id| otk(id, &KeyPair::generate())).collect()
 }
 
-/// A client of `server` authenticated as `user`.
+impl TestDevice {
+    /// A client of `server` with this device's token: it may change this device.
+    pub async fn client(&self, server: &TestServer) -> KeyClient {
+        api::connect(
+            &server.url,
+            &server.device_token(self.user, &self.device_id),
+        )
+        .await
+        .expect("connecting to the test server")
+    }
+}
+
+/// A client of `server` with a token of `user` bound to `device`.
+pub async fn device_client(server: &TestServer, user: Uuid, device: &str) -> KeyClient {
+    api::connect(&server.url, &server.device_token(user, device))
+        .await
+        .expect("connecting to the test server")
+}
+
+/// A client of `server` authenticated as `user`, bound to no device.
 pub async fn client(server: &TestServer, user: Uuid) -> KeyClient {
     api::connect(&server.url, &server.token(user))
         .await

@@ -8,7 +8,7 @@
 // accepted by libsignal. Prints the counts as one JSON line; exits non-zero on any error.
 //
 // Environment (set by server/tests/libsignal.rs): KEYSERVER_ADDR (host:port), INTEROP_USERS
-// (JSON [{"user", "token"}]), INTEROP_KEYCTL (JSON {"user", "device_id"}), PROTO_ROOT.
+// (JSON [{"user", "tokens": {device id: token}}]), INTEROP_KEYCTL (JSON {"user", "device_id"}), PROTO_ROOT.
 
 import { createCipheriv, randomBytes, randomInt } from 'node:crypto';
 import assert from 'node:assert/strict';
@@ -75,11 +75,12 @@ const LAST_RESORT_ID = 0xF0_0000;
 
 /** One libsignal install: its identity, prekeys and sessions, in libsignal's store interfaces. */
 class Device {
-  constructor(user, token, deviceNumber) {
+  constructor(user, tokens, deviceNumber) {
     this.user = user;
-    this.token = token;
     // Device ids are unique across all users on the keyserver; libsignal's are 1..127 per user.
     this.deviceId = `${user}.${deviceNumber}`;
+    // The token the chat backend gave this device: bound to it, so it may change it.
+    this.token = tokens[this.deviceId];
     this.address = S.ProtocolAddress.new(user, deviceNumber);
     this.identity = S.IdentityKeyPair.generate();
     this.registrationId = randomInt(1, 16384);
@@ -266,11 +267,11 @@ async function main() {
   assert.ok(USERS.length >= 4);
   const [alice, bob, carol, dave] = USERS;
   const roster = [
-    new Device(alice.user, alice.token, 1),
-    new Device(alice.user, alice.token, 2),
-    new Device(bob.user, bob.token, 1),
-    new Device(carol.user, carol.token, 1),
-    new Device(dave.user, dave.token, 1),
+    new Device(alice.user, alice.tokens, 1),
+    new Device(alice.user, alice.tokens, 2),
+    new Device(bob.user, bob.tokens, 1),
+    new Device(carol.user, carol.tokens, 1),
+    new Device(dave.user, dave.tokens, 1),
   ];
   const KYBER_ONE_TIME = 3;
   for (const device of roster) {

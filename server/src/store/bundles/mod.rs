@@ -66,6 +66,9 @@ pub struct DeviceBundle {
     pub one_time_prekey: Option<(PreKeyId, PublicKey)>,
     /// The Kyber prekey for PQXDH; None for a device that never published Kyber keys.
     pub kyber_prekey: Option<PublishedKyberPreKey>,
+    /// Whether `kyber_prekey` is a one-time key handed to this caller (else the last-resort
+    /// key, which every caller gets once the one-time ones ran out).
+    pub kyber_one_time: bool,
 }
 
 /// A device's part of a bundle, as both backends' statements return it.
@@ -103,6 +106,7 @@ impl DeviceRow {
         self,
         one_time_prekey: Option<(PreKeyId, PublicKey)>,
         kyber_prekey: Option<PublishedKyberPreKey>,
+        kyber_one_time: bool,
     ) -> DeviceBundle {
         DeviceBundle {
             device_id: self.device_id,
@@ -116,6 +120,7 @@ impl DeviceRow {
             },
             one_time_prekey,
             kyber_prekey,
+            kyber_one_time,
         }
     }
 }

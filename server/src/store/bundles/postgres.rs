@@ -80,7 +80,8 @@ macro_rules! fetch_bundles {
                     d.rotation_date, k.prekey_id, k.prekey_public,
                     COALESCE(kt.kyber_prekey_id, lr.kyber_prekey_id) AS kyber_prekey_id,
                     COALESCE(kt.kyber_prekey_public, lr.kyber_prekey_public) AS kyber_prekey_public,
-                    COALESCE(kt.signature, lr.signature) AS kyber_signature
+                    COALESCE(kt.signature, lr.signature) AS kyber_signature,
+                    kt.device_id IS NOT NULL AS kyber_one_time
              FROM targets t
              JOIN devices d
                ON d.user_id = t.user_id AND (t.device_id IS NULL OR d.device_id = t.device_id)
@@ -120,6 +121,7 @@ struct Row {
     prekey_public: Option<Key>,
     #[sqlx(flatten)]
     kyber: KyberRow,
+    kyber_one_time: bool,
 }
 
 pub(super) async fn fetch(
@@ -148,7 +150,11 @@ pub(super) async fn fetch(
     for row in &rows {
         let row = Row::from_row(row)?;
         let one_time = row.prekey_id.zip(row.prekey_public.map(|k| k.0));
-        results[row.ord as usize].push(row.device.bundle(one_time, row.kyber.key()));
+        results[row.ord as usize].push(row.device.bundle(
+            one_time,
+            row.kyber.key(),
+            row.kyber_one_time,
+        ));
     }
     Ok(results)
 }

@@ -137,11 +137,11 @@ pub(super) async fn fetch(
     for row in rows {
         let one_time = taken.get(&row.device.device_id).copied();
         // A device named by several targets: the key taken for it goes to each of them.
-        let kyber = kyber_taken
-            .get(&row.device.device_id)
-            .cloned()
-            .or_else(|| row.last_resort.key());
-        results[row.ord as usize].push(row.device.bundle(one_time, kyber));
+        let (kyber, kyber_one_time) = match kyber_taken.get(&row.device.device_id) {
+            Some(taken) => (Some(taken.clone()), true),
+            None => (row.last_resort.key(), false),
+        };
+        results[row.ord as usize].push(row.device.bundle(one_time, kyber, kyber_one_time));
     }
     Ok(results)
 }
