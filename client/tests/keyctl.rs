@@ -411,3 +411,89 @@ fn assert_no_plaintext_private_keys(state: &Path) {
         0o600
     );
 }
+
+/// `keyctl` over TLS: trusted through `--ca-cert`, refused without it (the system roots do not
+/// know a self-signed certificate), and never falling back to plaintext: `https://` to a
+/// plaintext server fails, as does `http://` to a TLS one.
+#[tokio::test]
+async fn keyctl_speaks_tls_and_never_downgrades() {
+    use keyserver::edge::tls::{TlsFiles, write_self_signed};
+    use keyserver::testing::TestConfig;
+
+    let db = TestDb::migrated(Backend::Sqlite).await;
+    let dir = std::env::temp_dir().join(format!("keyctl-tls-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    write_self_signed(&["localhost".into(), "127.0.0.1".into()], &cert, &key).unwrap();
+    let tls = TestServer::start_with(
+        &db,
+        TestConfig {
+            tls: Some(TlsFiles {
+                cert: cert.clone(),
+                key,
+                client_ca: None,
+            }),
+            ..TestConfig::default()
+        },
+    )
+    .await;
+    assert!(tls.url.starts_with("https://127.0.0.1:"), "{}", tls.url);
+    let plain = TestServer::start(&db).await;
+    let user = Uuid::new_v4();
+    let state = dir.join("phone.json");
+    let keyctl = |url: String, ca: Option<&Path>, args: &'static [&'static str]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyctl"));
+        cmd.args(args)
+            .env("KEYCTL_STATE", &state)
+            .env("KEYSERVER_URL", url)
+            .env("KEYSERVER_TOKEN", tls.device_token(user, "tls-phone"))
+            .env("KEYCTL_PASSPHRASE", PASSPHRASE)
+            .env_remove("KEYSERVER_CA_CERT");
+        if let Some(ca) = ca {
+            cmd.env("KEYSERVER_CA_CERT", ca);
+        }
+        cmd.output()
+    };
+    let init = keyctl(
+        tls.url.clone(),
+        None,
+        &["init", "--device-id", "tls-phone", "--iterations", "100000"],
+    )
+    .await
+    .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+
+    let registered = keyctl(tls.url.clone(), Some(&cert), &["register"])
+        .await
+        .unwrap();
+    assert!(
+        registered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&registered.stderr)
+    );
+    let untrusted = keyctl(tls.url.clone(), None, &["status"]).await.unwrap();
+    assert!(!untrusted.status.success());
+    let said = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(said.contains("certificate"), "{said}");
+
+    let downgrade = plain.url.replace("http://", "https://");
+    let out = keyctl(downgrade, Some(&cert), &["status"]).await.unwrap();
+    assert!(
+        !out.status.success(),
+        "https:// to a plaintext server succeeded"
+    );
+    let cleartext = tls.url.replace("https://", "http://");
+    let out = keyctl(cleartext.clone(), None, &["status"]).await.unwrap();
+    assert!(!out.status.success(), "http:// to a TLS server succeeded");
+    let out = keyctl(cleartext, Some(&cert), &["status"]).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("use https://"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

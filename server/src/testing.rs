@@ -721,6 +721,7 @@ impl TestServer {
 
     /// Starts a server on `db` configured by `config`.
     pub async fn start_with(db: &TestDb, config: TestConfig) -> Self {
+        logs::capture();
         let db = db.open().await;
         let tokens =
             TokenAuthority::new(&[TEST_SECRET.to_vec()], TokenPolicy::default()).expect("secret");
@@ -782,6 +783,68 @@ impl TestServer {
 impl Drop for TestServer {
     fn drop(&mut self) {
         self.stop.cancel();
+        // Every test that ran a server checks what the servers of this process logged so far.
+        if !std::thread::panicking() {
+            logs::assert_no_secrets();
+        }
+    }
+}
+
+/// What the test servers of this process log, kept to be scanned for secrets: the same check
+/// the audit metadata gets, over every line, at debug level.
+mod logs {
+    use std::io::Write;
+    use std::sync::{Mutex, Once};
+
+    /// The lines logged so far, and how far they have been scanned.
+    static LOGGED: Mutex<(Vec<u8>, usize)> = Mutex::new((Vec::new(), 0));
+
+    struct Capture;
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            LOGGED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .0
+                .extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Installs the capturing logger once per process (JSON lines, the key server at debug).
+    pub fn capture() {
+        static INSTALLED: Once = Once::new();
+        INSTALLED.call_once(|| {
+            let _ = tracing_subscriber::fmt()
+                .json()
+                .with_current_span(true)
+                .with_writer(|| Capture)
+                .with_env_filter("warn,keyserver=debug")
+                .try_init();
+        });
+    }
+
+    /// Panics naming the first line logged since the last scan that holds secret-looking
+    /// material (a token, a key, a blob, a recovery code).
+    pub fn assert_no_secrets() {
+        let mut logged = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
+        let (text, scanned) = &mut *logged;
+        let end = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let fresh = String::from_utf8_lossy(&text[*scanned..end]).into_owned();
+        *scanned = end;
+        drop(logged);
+        for line in fresh.lines() {
+            let value: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("a log line is not JSON ({e}): {line}"));
+            if let Some(why) = super::secret_looking(&value, "$") {
+                panic!("a test server logged secret-looking material ({why}): {line}");
+            }
+        }
     }
 }
 

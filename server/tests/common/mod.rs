@@ -197,6 +197,21 @@ pub fn assert_status<T: std::fmt::Debug>(
         "message {:?} should start with {prefix:?}",
         status.message()
     );
+    // An invalid field is also named in the details, for clients that read them and not text.
+    if code == tonic::Code::InvalidArgument {
+        use tonic_types::StatusExt;
+        let field = status.message().split(':').next().unwrap_or_default();
+        let violations = status
+            .get_details_bad_request()
+            .unwrap_or_else(|| panic!("no google.rpc.BadRequest in {status:?}"))
+            .field_violations;
+        assert_eq!(violations.len(), 1, "{violations:?}");
+        assert_eq!(violations[0].field, field, "{violations:?}");
+        assert!(
+            status.message().ends_with(&violations[0].description),
+            "{violations:?}"
+        );
+    }
 }
 
 /// The report of a job run that was expected to run, not to find the job's lock held.
