@@ -15,8 +15,9 @@
 #   seed, and their runs alternate at every size and concurrency (REPEAT times each), so they
 #   share the machine's state; the tables give each run's ratio to the first variant's. A
 #   variant `v` runs $BIN_v/keyserver and $BIN_v/loadtest (default $BIN), passes $ARGS_v to
-#   every loadtest call (seed and fetch) and runs pgbench with $PGBENCH_v (default
-#   loadtest/pgbench/fetch.sql). Besides latency and CPU, each run records the loopback bytes
+#   every loadtest call (seed and fetch), $SERVE_v to `keyserver serve` (say TLS flags, with
+#   ARGS_v='--url https://localhost:$PORT --ca-cert …') and runs pgbench with $PGBENCH_v
+#   (default loadtest/pgbench/fetch.sql). Besides latency and CPU, each run records the loopback bytes
 #   per fetch, and each seed its size on disk.
 # Writes $OUT/results.tsv, $OUT/seeds.tsv and $OUT/baseline.md (the tables), and every run's
 # JSON and SVG.
@@ -87,11 +88,12 @@ copy_seed() { # backend from to
 }
 
 # The current variant's binaries, loadtest arguments and pgbench script.
-bin=$BIN args=() pgbench_script=loadtest/pgbench/fetch.sql
+bin=$BIN args=() serve_args=() pgbench_script=loadtest/pgbench/fetch.sql
 use_variant() { # name
-    local b="BIN_$1" a="ARGS_$1" p="PGBENCH_$1"
+    local b="BIN_$1" a="ARGS_$1" s="SERVE_$1" p="PGBENCH_$1"
     bin=${!b:-$BIN}
     read -r -a args <<<"${!a:-}"
+    read -r -a serve_args <<<"${!s:-}"
     pgbench_script=${!p:-loadtest/pgbench/fetch.sql}
 }
 database_mb() { # backend name
@@ -108,7 +110,7 @@ start_server() { # backend name
     mkdir -p "$SCRATCH/$2"
     DATABASE_URL=$(url_for "$1" "$2") "$bin/keyserver" serve --listen "127.0.0.1:$PORT" \
         --data-dir "$SCRATCH/$2" --bundle-view-refresh 0s --rotation-check-every 0s \
-        --cleanup-every 0s 2>>"$OUT/server.log" &
+        --cleanup-every 0s "${serve_args[@]}" 2>>"$OUT/server.log" &
     server_pid=$!
     for _ in $(seq 100); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then return; fi
