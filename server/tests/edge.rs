@@ -123,6 +123,20 @@ fn token(user: Uuid, device: Option<&str>) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+/// Registers `device` with a token bound to it, and returns a client of another user to fetch
+/// its bundles with.
+async fn registered(address: &Address, device: &TestDevice) -> api::KeyClient {
+    api::connect(address, &token(device.user, Some(&device.device_id)))
+        .await
+        .unwrap()
+        .register_device(device.register_request())
+        .await
+        .unwrap();
+    api::connect(address, &token(Uuid::new_v4(), None))
+        .await
+        .unwrap()
+}
+
 /// One plain HTTP/1.1 GET, answered as (status line, body).
 fn http_get(addr: &str, path: &str) -> (String, String) {
     let mut conn = std::net::TcpStream::connect(addr).expect("connecting to the metrics listener");
@@ -162,16 +176,7 @@ async fn metrics_count_every_call_by_method_and_code_and_describe_every_series()
     wait_serving(&address).await;
 
     let phone = TestDevice::pqxdh(Uuid::new_v4(), "metrics-phone", 3, 2);
-    let mut owner = api::connect(&address, &token(phone.user, Some("metrics-phone")))
-        .await
-        .unwrap();
-    owner
-        .register_device(phone.register_request())
-        .await
-        .unwrap();
-    let mut peer = api::connect(&address, &token(Uuid::new_v4(), None))
-        .await
-        .unwrap();
+    let mut peer = registered(&address, &phone).await;
     for _ in 0..4 {
         common::fetch(&mut peer, phone.user, Some("metrics-phone"))
             .await
@@ -444,16 +449,7 @@ async fn a_server_whose_log_reader_went_away_serves_on_and_stops_cleanly() {
 
     // Each call logs (debug), and every write to stderr now fails with EPIPE.
     let phone = TestDevice::new(Uuid::new_v4(), "pipe-phone", 20);
-    let mut owner = api::connect(&address, &token(phone.user, Some("pipe-phone")))
-        .await
-        .unwrap();
-    owner
-        .register_device(phone.register_request())
-        .await
-        .unwrap();
-    let mut peer = api::connect(&address, &token(Uuid::new_v4(), None))
-        .await
-        .unwrap();
+    let mut peer = registered(&address, &phone).await;
     for _ in 0..20 {
         common::fetch(&mut peer, phone.user, Some("pipe-phone"))
             .await
