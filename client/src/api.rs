@@ -34,6 +34,47 @@ impl tonic::service::Interceptor for BearerToken {
     }
 }
 
+/// Longest wait a call refused by a rate limit is retried after; a longer one is reported.
+pub const MAX_RETRY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long a call refused RESOURCE_EXHAUSTED asks to be retried after (its
+/// `google.rpc.RetryInfo`); None for any other answer.
+pub fn retry_after(status: &tonic::Status) -> Option<std::time::Duration> {
+    use tonic_types::StatusExt;
+    if status.code() != tonic::Code::ResourceExhausted {
+        return None;
+    }
+    status.get_details_retry_info()?.retry_delay
+}
+
+/// Runs `call`, and once more after the server's RetryInfo wait when a rate limit refused it
+/// and the wait is at most [`MAX_RETRY_WAIT`]; a longer wait is an error that says when.
+pub async fn honouring_retry_info<T, F, Fut>(mut call: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    match call().await {
+        Err(status) => match retry_after(&status) {
+            Some(wait) if wait <= MAX_RETRY_WAIT => {
+                eprintln!(
+                    "rate limited; retrying in {} s as the server asks",
+                    wait.as_secs_f64().ceil()
+                );
+                tokio::time::sleep(wait).await;
+                Ok(call().await?)
+            }
+            Some(wait) => Err(anyhow::anyhow!(
+                "rate limited: {}; the server asks to wait {} s",
+                status.message(),
+                wait.as_secs_f64().ceil()
+            )),
+            None => Err(status.into()),
+        },
+        ok => Ok(ok?),
+    }
+}
+
 /// An authenticated key-service client.
 pub type KeyClient = KeyServiceClient<InterceptedService<Channel, BearerToken>>;
 

@@ -761,15 +761,18 @@ pub async fn fetch_verified(
     user_id: &str,
     device_id: Option<&str>,
 ) -> anyhow::Result<Vec<VerifiedBundle>> {
-    let response = client
-        .fetch_pre_key_bundle(pb::FetchPreKeyBundleRequest {
-            target: Some(pb::Target {
-                user_id: user_id.to_owned(),
-                device_id: device_id.map(str::to_owned),
-            }),
-        })
-        .await?
-        .into_inner();
+    let request = pb::FetchPreKeyBundleRequest {
+        target: Some(pb::Target {
+            user_id: user_id.to_owned(),
+            device_id: device_id.map(str::to_owned),
+        }),
+    };
+    let response = api::honouring_retry_info(|| {
+        let (mut client, request) = (client.clone(), request.clone());
+        async move { client.fetch_pre_key_bundle(request).await }
+    })
+    .await?
+    .into_inner();
     response
         .devices
         .iter()

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use keyserver::auth::TokenAuthority;
 use keyserver::store::DeviceId;
 use keyserver_client::api::Address;
-use keyserver_client::api::verify_bundle;
+use keyserver_client::api::{MAX_RETRY_WAIT, retry_after, verify_bundle};
 use keyserver_client::keys::random_bytes;
 use keyserver_proto::pb;
 use keyserver_proto::pb::key_service_client::KeyServiceClient;
@@ -185,6 +185,11 @@ async fn timed<T>(
             shared
                 .recorder
                 .call(rpc, took, Some(format!("{:?}", status.code())));
+            // A rate limit says when to come back: this worker waits that long (at most the
+            // client's longest retry wait) instead of hammering a refusing server.
+            if let Some(wait) = retry_after(&status) {
+                tokio::time::sleep(wait.min(MAX_RETRY_WAIT)).await;
+            }
             None
         }
     }

@@ -40,6 +40,30 @@ impl Caller {
             None => Err(AuthError::NoDevice),
         }
     }
+
+    /// Whether this caller may register `device` by its chosen id: only with a token bound to
+    /// it, so nobody can squat another's id, and never an id in another user's issued space.
+    pub fn may_register(&self, device: &DeviceId) -> Result<(), AuthError> {
+        if let Some((owner, _)) = device.as_str().split_once('.')
+            && Uuid::try_parse(owner).is_ok_and(|owner| owner != self.user_id)
+        {
+            return Err(AuthError::ReservedDevice);
+        }
+        match &self.device_id {
+            Some(bound) if bound == device => Ok(()),
+            Some(_) => Err(AuthError::OtherDevice),
+            None => Err(AuthError::UnboundNewDevice),
+        }
+    }
+
+    /// A new device id in this user's own space (`<user>.<n>`), which nobody else may
+    /// register and nobody can guess.
+    pub fn issue_device_id(&self) -> DeviceId {
+        let mut n = [0u8; 8];
+        getrandom::fill(&mut n).expect("the system's random source");
+        DeviceId::parse(&format!("{}.{}", self.user_id, u64::from_le_bytes(n)))
+            .expect("a user id, a dot and digits make a valid device id")
+    }
 }
 
 /// Why a token was refused, or a call not allowed with it.
@@ -73,6 +97,13 @@ pub enum AuthError {
     NoDevice,
     #[error("device_id: the token is bound to another device")]
     OtherDevice,
+    #[error(
+        "device_id: registering a chosen device id needs a token bound to it (a dev claim); \
+         omit device_id to have the server issue one"
+    )]
+    UnboundNewDevice,
+    #[error("device_id: ids that begin with another user's id are reserved for that user")]
+    ReservedDevice,
 }
 
 impl AuthError {
@@ -93,6 +124,8 @@ impl AuthError {
             Self::BadDevice => "bad_device",
             Self::NoDevice => "no_device",
             Self::OtherDevice => "other_device",
+            Self::UnboundNewDevice => "unbound_new_device",
+            Self::ReservedDevice => "reserved_device",
         }
     }
 }

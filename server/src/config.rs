@@ -120,6 +120,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub edge: EdgeSettings,
     #[command(flatten)]
+    pub limits: LimitArgs,
+    #[command(flatten)]
     pub rotation: RotationPolicy,
     #[command(flatten)]
     pub cleanup: CleanupSettings,
@@ -294,6 +296,75 @@ impl Default for EdgeSettings {
             shutdown_grace: Duration::from_secs(30),
             readiness_interval: Duration::from_secs(1),
             readiness_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Rate limits and quotas (docs/ABUSE.md). A limit of 0 turns that limit off.
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct LimitArgs {
+    /// Fetches one requesting device may make of one target device (or of one user's devices
+    /// together) at once, as Signal allows.
+    #[arg(long, env = "KEYSERVER_FETCH_BURST", default_value_t = 6)]
+    pub fetch_burst: u32,
+    /// After the burst, one more fetch of the same target every this long.
+    #[arg(long, env = "KEYSERVER_FETCH_REFILL_EVERY", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub fetch_refill_every: Duration,
+    /// Targets one user may fetch over all targets per --fetch-budget-period, so one account
+    /// cannot walk the directory.
+    #[arg(long, env = "KEYSERVER_FETCH_BUDGET", default_value_t = 300)]
+    pub fetch_budget: u32,
+    #[arg(long, env = "KEYSERVER_FETCH_BUDGET_PERIOD", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub fetch_budget_period: Duration,
+    /// Key uploads and rotations per device per hour.
+    #[arg(long, env = "KEYSERVER_UPLOADS_PER_HOUR", default_value_t = 60)]
+    pub uploads_per_hour: u32,
+    /// Device registrations (new or again) per user per hour.
+    #[arg(long, env = "KEYSERVER_REGISTRATIONS_PER_HOUR", default_value_t = 20)]
+    pub registrations_per_hour: u32,
+    /// Most devices one user may have (Signal's device-id cap).
+    #[arg(long, env = "KEYSERVER_MAX_DEVICES_PER_USER", default_value_t = 128)]
+    pub max_devices_per_user: u32,
+    /// redis://… to keep the buckets in Redis, shared by every server process; when unset,
+    /// in this process only.
+    #[arg(long, env = "KEYSERVER_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// How long a rate-limit check may wait for Redis before Redis counts as unreachable.
+    #[arg(long, env = "KEYSERVER_REDIS_TIMEOUT", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+    /// While Redis is unreachable, let calls through unlimited instead of refusing them
+    /// UNAVAILABLE.
+    #[arg(long, env = "KEYSERVER_RATE_LIMIT_FAIL_OPEN")]
+    pub rate_limit_fail_open: bool,
+}
+
+impl Default for LimitArgs {
+    fn default() -> Self {
+        Self {
+            fetch_burst: 6,
+            fetch_refill_every: Duration::from_secs(600),
+            fetch_budget: 300,
+            fetch_budget_period: Duration::from_secs(3600),
+            uploads_per_hour: 60,
+            registrations_per_hour: 20,
+            max_devices_per_user: 128,
+            redis_url: None,
+            redis_timeout: Duration::from_millis(500),
+            rate_limit_fail_open: false,
+        }
+    }
+}
+
+impl LimitArgs {
+    /// No rate limit and no device quota (benchmarks and tests of other things).
+    pub fn off() -> Self {
+        Self {
+            fetch_burst: 0,
+            fetch_budget: 0,
+            uploads_per_hour: 0,
+            registrations_per_hour: 0,
+            max_devices_per_user: 0,
+            ..Self::default()
         }
     }
 }

@@ -11,6 +11,7 @@ use keyserver::config::{
 };
 use keyserver::edge;
 use keyserver::jobs::{Job, Jobs, Run, Trigger};
+use keyserver::limits::Limits;
 use keyserver::logging::{self, LogFormat};
 use keyserver::secret::{self, Missing};
 use keyserver::server::{self, ServerParts};
@@ -267,6 +268,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             },
             tls: args.tls.files(),
             edge: args.edge,
+            limits: Limits::new(&args.limits, Clock::System)?,
+            max_devices_per_user: args.limits.max_devices_per_user,
         },
         stop,
     )

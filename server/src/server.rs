@@ -15,8 +15,9 @@ use crate::edge::{
     tls::{Tls, TlsFiles},
 };
 use crate::jobs::{self, Job, Jobs};
+use crate::limits::Limits;
 use crate::service::audit::AuditApi;
-use crate::service::keys::KeyApi;
+use crate::service::keys::{KeyApi, KeyPolicy};
 use crate::service::master_keys::MasterKeyApi;
 use crate::service::safety_numbers::SafetyNumberApi;
 use crate::service::sessions::SessionApi;
@@ -45,6 +46,10 @@ pub struct ServerParts {
     pub tls: Option<TlsFiles>,
     /// Limits and checks at the edge.
     pub edge: EdgeSettings,
+    /// Rate limits on fetches and writes.
+    pub limits: Limits,
+    /// Most devices one user may have (0: no quota).
+    pub max_devices_per_user: u32,
 }
 
 /// Serves on `listener` until `shutdown` is cancelled, then finishes requests in flight.
@@ -109,9 +114,13 @@ pub async fn run(
     let keys = KeyServiceServer::new(KeyApi::new(
         parts.store,
         view,
-        parts.rotation,
-        parts.clock,
-        parts.serve,
+        KeyPolicy {
+            rotation: parts.rotation,
+            clock: parts.clock,
+            serve: parts.serve,
+            limits: parts.limits,
+            max_devices: parts.max_devices_per_user,
+        },
     ))
     .max_decoding_message_size(limit);
 

@@ -20,9 +20,10 @@ use uuid::Uuid;
 
 use crate::auth::{TokenAuthority, TokenPolicy};
 use crate::clock::Clock;
-use crate::config::{CleanupSettings, EdgeSettings, RotationPolicy, Schedule};
+use crate::config::{CleanupSettings, EdgeSettings, LimitArgs, RotationPolicy, Schedule};
 use crate::edge::tls::TlsFiles;
 use crate::jobs::Jobs;
+use crate::limits::Limits;
 use crate::server::{self, ServerParts};
 use crate::shutdown::CancellationToken;
 use crate::store::database::Database;
@@ -327,6 +328,129 @@ impl Drop for PrivatePostgres {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.cluster.dir);
+    }
+}
+
+/// A Redis of one test's own, from the installed `redis-server`, on a free loopback port,
+/// keeping nothing on disk; the test may kill it and start it again on the same port. Killed
+/// when dropped. Tests that only need a shared Redis use [`shared_redis_url`].
+pub struct PrivateRedis {
+    port: u16,
+    running: Option<std::process::Child>,
+    die_with_thread: bool,
+}
+
+impl PrivateRedis {
+    /// A new Redis, started. Panics with the reason when `redis-server` cannot run here.
+    pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    fn start_with(die_with_thread: bool) -> Self {
+        let port = StdListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("finding a free port")
+            .port();
+        let mut this = Self {
+            port,
+            running: None,
+            die_with_thread,
+        };
+        this.resume();
+        this
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kills Redis outright, as a crash or a lost host would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.running.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts Redis again on the same port (empty: it kept nothing).
+    pub fn resume(&mut self) {
+        if self.running.is_some() {
+            return;
+        }
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if self.die_with_thread {
+            // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+        }
+        let child = command.spawn().unwrap_or_else(|e| {
+            panic!("this test needs redis-server (Debian package redis-server): {e}")
+        });
+        self.running = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Ready once it answers PING.
+        while !redis_answers(self.port) {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer on port {} within 10 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn redis_answers(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let mut reply = [0u8; 7];
+    stream
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .is_ok()
+        && stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
+}
+
+/// The Redis for tests that share one: `REDIS_URL` when set, else a private one started for
+/// this test binary. Keys are per user, and every test's users are new, so tests do not see
+/// each other's buckets.
+pub fn shared_redis_url() -> String {
+    static PRIVATE: OnceLock<String> = OnceLock::new();
+    match std::env::var("REDIS_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => PRIVATE
+            .get_or_init(|| {
+                // A static is never dropped: the Redis is started by a thread that lives as
+                // long as the test binary, and dies with that thread (PR_SET_PDEATHSIG).
+                let (tx, rx) = std::sync::mpsc::channel();
+                std::thread::spawn(move || {
+                    let redis = PrivateRedis::start_with(true);
+                    let _ = tx.send(redis.url());
+                    loop {
+                        std::thread::park();
+                    }
+                });
+                rx.recv().expect("starting the shared test Redis")
+            })
+            .clone(),
     }
 }
 
@@ -685,6 +809,9 @@ pub struct TestConfig {
     /// TLS on the listener (the URL is then https://).
     pub tls: Option<TlsFiles>,
     pub edge: EdgeSettings,
+    /// Rate limits and the device quota; off unless a test sets them (other tests fetch one
+    /// device far more often than a sender would).
+    pub limits: LimitArgs,
 }
 
 impl Default for TestConfig {
@@ -702,6 +829,7 @@ impl Default for TestConfig {
             serve: Serve::Mixed,
             tls: None,
             edge: EdgeSettings::default(),
+            limits: LimitArgs::off(),
         }
     }
 }
@@ -709,7 +837,7 @@ impl Default for TestConfig {
 impl TestConfig {
     /// The jobs of a server with this configuration on `db`.
     pub fn jobs(&self, db: &Database) -> Jobs {
-        Jobs::new(db.store(), self.rotation, self.cleanup, self.clock)
+        Jobs::new(db.store(), self.rotation, self.cleanup, self.clock.clone())
     }
 }
 
@@ -741,6 +869,8 @@ impl TestServer {
             jobs: config.jobs(&db),
             schedule: config.schedule,
             rotation: config.rotation,
+            limits: Limits::new(&config.limits, config.clock.clone()).expect("rate limits"),
+            max_devices_per_user: config.limits.max_devices_per_user,
             clock: config.clock,
             min_pbkdf2_iterations: 100_000,
             serve: config.serve,

@@ -80,11 +80,10 @@ async fn concurrent_bulk_and_single_fetches_never_share_a_prekey(backend: Backen
     let servers = [TestServer::start(&db).await, TestServer::start(&db).await];
     let users: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
     for (i, user) in users.iter().enumerate() {
-        let mut c = client(&servers[0], *user).await;
         for d in 0..2 {
-            c.register_device(TestDevice::new(*user, &format!("u{i}-d{d}"), 20).register_request())
-                .await
-                .unwrap();
+            let device = TestDevice::new(*user, &format!("u{i}-d{d}"), 20);
+            let mut c = device.client(&servers[0]).await;
+            c.register_device(device.register_request()).await.unwrap();
         }
     }
     let mut tasks = Vec::new();

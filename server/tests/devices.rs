@@ -17,9 +17,7 @@ async fn removing_a_device_takes_everything_that_hangs_off_it(backend: Backend) 
     let bob = Uuid::new_v4();
     let mut b = client(&server, bob).await;
     for name in ["bob-phone", "bob-tablet"] {
-        b.register_device(TestDevice::new(bob, name, 5).register_request())
-            .await
-            .unwrap();
+        TestDevice::new(bob, name, 5).register(&server).await;
     }
     let alice = TestDevice::new(Uuid::new_v4(), "alice-phone", 1);
     alice

@@ -433,9 +433,10 @@ async fn json_logs_give_each_call_a_span_and_id_and_never_a_secret() {
 
 #[tokio::test]
 async fn a_server_whose_log_reader_went_away_serves_on_and_stops_cleanly() {
+    // The peer fetches one device far more often than a sender would: no fetch limit.
     let mut server = serve(
         "pipe",
-        &[],
+        &["--fetch-burst", "0"],
         Stdio::piped(),
         &[("KEYSERVER_LOG", "debug,sqlx=warn")],
     );

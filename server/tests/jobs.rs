@@ -32,15 +32,6 @@ fn now_ms() -> OffsetDateTime {
         .unwrap()
 }
 
-async fn register(server: &TestServer, device: &TestDevice) {
-    device
-        .client(server)
-        .await
-        .register_device(device.register_request())
-        .await
-        .expect("registering");
-}
-
 /// Inserts `ids` as one-time prekeys of `device` handed out at `consumed_at`: a backlog
 /// without going through thousands of fetches.
 async fn consumed_backlog(
@@ -120,7 +111,7 @@ async fn rows_placed_on_each_side_of_every_boundary_are_kept_or_removed_exactly(
     // One-time prekeys 1..=4 handed out, 5 and 6 left.
     let alice = TestDevice::new(user, "alice", 6);
     let mut c = alice.client(&server).await;
-    register(&server, &alice).await;
+    alice.register(&server).await;
     for _ in 0..4 {
         fetch(&mut c, user, Some("alice")).await.unwrap();
     }
@@ -194,7 +185,7 @@ async fn rows_placed_on_each_side_of_every_boundary_are_kept_or_removed_exactly(
         ("erin", now - 14 * DAY - SECOND),
     ];
     for (name, rotated_at) in ages {
-        register(&server, &TestDevice::new(user, name, 1)).await;
+        TestDevice::new(user, name, 1).register(&server).await;
         store
             .set_time(
                 "nchat_signed_prekeys",
@@ -380,7 +371,7 @@ async fn a_large_backlog_is_cleaned_up_while_fetches_go_on(backend: Backend) {
     let old = now_ms() - 45 * DAY;
     for d in 0..DEVICES {
         let device = TestDevice::new(user, &format!("dev-{d}"), 100);
-        register(&server, &device).await;
+        device.register(&server).await;
         consumed_backlog(&server.db, &device.device_id, 1_000..=999 + BACKLOG, old).await;
     }
 
@@ -471,7 +462,7 @@ async fn one_cleanup_runs_at_a_time_and_the_other_says_why(backend: Backend) {
     };
     let server = TestServer::start_with(&db, config.clone()).await;
     let user = Uuid::new_v4();
-    register(&server, &TestDevice::new(user, "phone", 1)).await;
+    TestDevice::new(user, "phone", 1).register(&server).await;
     consumed_backlog(&server.db, "phone", 1_000..=5_999, now_ms() - 45 * DAY).await;
 
     // Two runs started at once from two "processes" (separate connection pools): one runs,
@@ -557,7 +548,7 @@ async fn a_killed_cleanup_leaves_consistent_data_and_the_next_run_finishes(backe
     let server = TestServer::start(&db).await;
     let user = Uuid::new_v4();
     let device = TestDevice::new(user, "phone", 5);
-    register(&server, &device).await;
+    device.register(&server).await;
     const FIRST: u32 = 10_000;
     const LAST: u32 = 29_999;
     consumed_backlog(&server.db, "phone", FIRST..=LAST, now_ms() - 45 * DAY).await;

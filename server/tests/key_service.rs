@@ -123,12 +123,8 @@ async fn fetch_all_devices_leaves_out_devices_without_an_active_signed_prekey(ba
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let user = Uuid::new_v4();
-    let mut owner = client(&server, user).await;
     for name in ["tablet", "phone"] {
-        owner
-            .register_device(TestDevice::new(user, name, 1).register_request())
-            .await
-            .unwrap();
+        TestDevice::new(user, name, 1).register(&server).await;
     }
     // A device row with no signed prekey, as a chat database could hold.
     let insert = |blob: &str| {
@@ -195,8 +191,8 @@ async fn every_bad_registration_is_refused_precisely_and_writes_nothing(backend:
             "device_id: may hold only",
         ),
         (
-            "empty device id",
-            Box::new(|r| r.device_id.clear()),
+            "too long a device id",
+            Box::new(|r| r.device_id = "d".repeat(65)),
             "device_id: must be 1 to 64 characters",
         ),
         (
@@ -680,18 +676,9 @@ async fn bulk_fetch_answers_each_target_in_order_and_never_shares_a_key_twice(ba
     let server = TestServer::start(&db).await;
     let bob = Uuid::new_v4();
     let carol = Uuid::new_v4();
-    let mut b = client(&server, bob).await;
-    b.register_device(TestDevice::new(bob, "bob-1", 5).register_request())
-        .await
-        .unwrap();
-    b.register_device(TestDevice::new(bob, "bob-2", 5).register_request())
-        .await
-        .unwrap();
-    client(&server, carol)
-        .await
-        .register_device(TestDevice::new(carol, "carol-1", 5).register_request())
-        .await
-        .unwrap();
+    TestDevice::new(bob, "bob-1", 5).register(&server).await;
+    TestDevice::new(bob, "bob-2", 5).register(&server).await;
+    TestDevice::new(carol, "carol-1", 5).register(&server).await;
 
     let mut alice = client(&server, Uuid::new_v4()).await;
     let nobody = Uuid::new_v4();

@@ -116,10 +116,7 @@ async fn x3dh_devices_are_served_beside_pqxdh_ones_unless_the_server_requires_pq
     let legacy = TestDevice::new(user, "old-phone", 10);
     let current = TestDevice::pqxdh(user, "new-phone", 2, 2);
     for device in [&legacy, &current] {
-        owner
-            .register_device(device.register_request())
-            .await
-            .unwrap();
+        device.register(&mixed).await;
     }
     let legacy_status = kyber_status(&mut owner, "old-phone").await;
     assert_eq!(legacy_status.kyber_last_resort_prekey_id, None);
@@ -721,11 +718,7 @@ async fn check_keys_tells_a_device_whether_the_server_holds_its_keys(backend: Ba
 
     // A device without a last-resort key never matches: it should upload one.
     let legacy = TestDevice::new(bob.user, "old-phone", 0);
-    client(&server, bob.user)
-        .await
-        .register_device(legacy.register_request())
-        .await
-        .unwrap();
+    legacy.register(&server).await;
     let request = pb::CheckKeysRequest {
         device_id: "old-phone".into(),
         digest: digest(&legacy.signed, legacy.signed_id),

@@ -44,11 +44,7 @@ async fn a_recovery_code_restores_the_sealed_identity_keys(backend: Backend) {
     let server = TestServer::start(&db).await;
     let user = Uuid::new_v4();
     let device = TestDevice::new(user, "phone", 1);
-    client(&server, user)
-        .await
-        .register_device(device.register_request())
-        .await
-        .unwrap();
+    device.register(&server).await;
     let mut m = master(&server, user).await;
 
     assert_status(

@@ -249,16 +249,20 @@ async fn adopts_a_chat_database_that_already_has_the_schema() {
     );
 
     let server = TestServer::start(&test_db).await;
-    client(&server, known)
+    let device = TestDevice::new(known, "bob-phone", 1);
+    device
+        .client(&server)
         .await
-        .register_device(TestDevice::new(known, "bob-phone", 1).register_request())
+        .register_device(device.register_request())
         .await
         .expect("a user the chat app knows registers");
     let stranger = Uuid::new_v4();
+    let x_phone = TestDevice::new(stranger, "x-phone", 1);
     assert_status(
-        client(&server, stranger)
+        x_phone
+            .client(&server)
             .await
-            .register_device(TestDevice::new(stranger, "x-phone", 1).register_request())
+            .register_device(x_phone.register_request())
             .await,
         Code::FailedPrecondition,
         "the caller's user is not known to the chat database",

@@ -93,7 +93,7 @@ async fn serve_with_no_setup_runs_on_the_embedded_database() {
 
     let user = uuid::Uuid::new_v4().to_string();
     let token = keyserver(&dir)
-        .args(["token", "--user", &user])
+        .args(["token", "--user", &user, "--device", "phone"])
         .output()
         .unwrap();
     assert!(token.status.success());

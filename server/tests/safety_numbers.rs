@@ -40,22 +40,13 @@ fn verify(
     }
 }
 
-async fn register(server: &TestServer, device: &TestDevice) {
-    device
-        .client(server)
-        .await
-        .register_device(device.register_request())
-        .await
-        .unwrap();
-}
-
 async fn verified_numbers_are_cleared_when_an_identity_key_changes(backend: Backend) {
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let alice = TestDevice::new(Uuid::new_v4(), "alice-phone", 0);
     let bob = TestDevice::new(Uuid::new_v4(), "bob-phone", 0);
-    register(&server, &alice).await;
-    register(&server, &bob).await;
+    alice.register(&server).await;
+    bob.register(&server).await;
     let (mut a, mut b) = (
         safety(&server, alice.user).await,
         safety(&server, bob.user).await,
@@ -125,13 +116,13 @@ async fn verified_numbers_are_cleared_when_an_identity_key_changes(backend: Back
     );
 
     // Re-registering with the same identity key changes nothing.
-    register(&server, &bob).await;
+    bob.register(&server).await;
     assert!(get(&mut a, bob.user).await.verified);
 
     // Bob reinstalls with a new identity key.
     let mut reinstalled = TestDevice::new(bob.user, "bob-phone", 0);
     reinstalled.signed_id = 9;
-    register(&server, &reinstalled).await;
+    reinstalled.register(&server).await;
     let changed = get(&mut a, bob.user).await;
     assert_ne!(changed.safety_number, expected);
     assert!(!changed.verified && changed.changed_since_verification);
@@ -159,7 +150,9 @@ async fn verified_numbers_are_cleared_when_an_identity_key_changes(backend: Back
     a.verify_safety_number(verify(bob.user, &changed.safety_number, Manual))
         .await
         .unwrap();
-    register(&server, &TestDevice::new(bob.user, "bob-tablet", 0)).await;
+    TestDevice::new(bob.user, "bob-tablet", 0)
+        .register(&server)
+        .await;
     let with_tablet = get(&mut a, bob.user).await;
     assert_ne!(with_tablet.safety_number, changed.safety_number);
     assert!(with_tablet.changed_since_verification);
@@ -178,7 +171,7 @@ async fn users_without_devices_have_no_safety_number(backend: Backend) {
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
     let alice = TestDevice::new(Uuid::new_v4(), "alice-phone", 0);
-    register(&server, &alice).await;
+    alice.register(&server).await;
     let mut a = safety(&server, alice.user).await;
     assert_status(
         a.get_safety_number(pb::GetSafetyNumberRequest {

@@ -14,17 +14,11 @@ use uuid::Uuid;
 /// A registered device of a new user, a session client for that user, and a peer user.
 async fn setup(server: &TestServer) -> (Sessions, Uuid) {
     let owner = Uuid::new_v4();
-    client(server, owner)
-        .await
-        .register_device(TestDevice::new(owner, "phone", 0).register_request())
-        .await
-        .unwrap();
+    TestDevice::new(owner, "phone", 0).register(server).await;
     let peer = Uuid::new_v4();
-    client(server, peer)
-        .await
-        .register_device(TestDevice::new(peer, "peer-phone", 0).register_request())
-        .await
-        .unwrap();
+    TestDevice::new(peer, "peer-phone", 0)
+        .register(server)
+        .await;
     (session_client(server, owner).await, peer)
 }
 

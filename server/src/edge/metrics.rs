@@ -23,6 +23,8 @@ pub const RPC_REQUESTS: &str = "keyserver_rpc_requests_total";
 pub const RPC_DURATION: &str = "keyserver_rpc_duration_seconds";
 pub const RPC_IN_FLIGHT: &str = "keyserver_rpc_in_flight";
 pub const SECURITY_EVENTS: &str = "keyserver_security_events_total";
+pub const RATE_LIMITED: &str = "keyserver_rate_limited_total";
+pub const RATE_LIMITER_ERRORS: &str = "keyserver_rate_limiter_errors_total";
 pub const DB_UP: &str = "keyserver_db_up";
 pub const DB_POOL_CONNECTIONS: &str = "keyserver_db_pool_connections";
 pub const DB_POOL_IDLE: &str = "keyserver_db_pool_idle_connections";
@@ -61,6 +63,15 @@ fn describe() {
     describe_counter!(
         SECURITY_EVENTS,
         "Refused tokens, denied permissions and failed recovery attempts, by event and reason."
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        "Calls refused by a rate limit or the device quota, by limit (fetch, fetch_budget, \
+         upload, registration, devices)."
+    );
+    describe_counter!(
+        RATE_LIMITER_ERRORS,
+        "Rate-limit checks Redis did not answer (refused, or let through with fail-open)."
     );
     describe_gauge!(
         DB_UP,

@@ -42,7 +42,7 @@ pub fn retention(settings: &CleanupSettings, kind: Expiring) -> Duration {
 pub async fn run(
     store: &Store,
     settings: &CleanupSettings,
-    clock: Clock,
+    clock: &Clock,
     mode: Mode,
     stop: &CancellationToken,
 ) -> Result<(Vec<Step>, Vec<String>, bool), StoreError> {

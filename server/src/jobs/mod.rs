@@ -172,12 +172,12 @@ impl Jobs {
         let id = self.store.start_run(job, trigger).await?;
         let started = Instant::now();
         let done = match job {
-            Job::Rotate => rotation::check(&self.store, &self.rotation, self.clock).await,
+            Job::Rotate => rotation::check(&self.store, &self.rotation, &self.clock).await,
             Job::Cleanup => {
                 cleanup::run(
                     &self.store,
                     &self.cleanup,
-                    self.clock,
+                    &self.clock,
                     cleanup::Mode::Delete,
                     stop,
                 )
@@ -236,7 +236,7 @@ impl Jobs {
         let (steps, notes, completed) = cleanup::run(
             &self.store,
             &self.cleanup,
-            self.clock,
+            &self.clock,
             cleanup::Mode::DryRun,
             &CancellationToken::new(),
         )

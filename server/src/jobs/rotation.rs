@@ -33,7 +33,7 @@ impl RotationPolicy {
 pub async fn check(
     store: &Store,
     policy: &RotationPolicy,
-    clock: Clock,
+    clock: &Clock,
 ) -> Result<(Vec<Step>, Vec<String>, bool), StoreError> {
     let now = clock.now();
     let mut steps = Vec::new();

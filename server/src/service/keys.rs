@@ -9,11 +9,12 @@ use keyserver_proto::pb::key_service_server::KeyService;
 use tonic::{Request, Response, Status};
 
 use super::{status, validate};
-use crate::auth::caller;
+use crate::auth::{Caller, caller};
 use crate::clock::Clock;
 use crate::config::RotationPolicy;
 use crate::edge::metrics as m;
 use crate::jobs::bundle_view::ViewChanges;
+use crate::limits::Limits;
 use crate::store::{DeviceBundle, KeyId, NewDevice, RegisterOutcome, Serve, Store};
 
 /// The key service over a store.
@@ -25,22 +26,31 @@ pub struct KeyApi {
     /// Which devices fetches serve: all, or only PQXDH ones (`--require-pqxdh`, which also
     /// refuses registrations without a last-resort Kyber prekey).
     serve: Serve,
+    /// Rate limits, charged before the store is touched.
+    limits: Limits,
+    /// Most devices one user may have (0: no quota).
+    max_devices: u32,
+}
+
+/// How the key service behaves, beyond its store.
+pub struct KeyPolicy {
+    pub rotation: RotationPolicy,
+    pub clock: Clock,
+    pub serve: Serve,
+    pub limits: Limits,
+    pub max_devices: u32,
 }
 
 impl KeyApi {
-    pub fn new(
-        store: Store,
-        view: ViewChanges,
-        rotation: RotationPolicy,
-        clock: Clock,
-        serve: Serve,
-    ) -> Self {
+    pub fn new(store: Store, view: ViewChanges, policy: KeyPolicy) -> Self {
         Self {
             store,
             view,
-            rotation,
-            clock,
-            serve,
+            rotation: policy.rotation,
+            clock: policy.clock,
+            serve: policy.serve,
+            limits: policy.limits,
+            max_devices: policy.max_devices,
         }
     }
 
@@ -68,10 +78,13 @@ impl KeyApi {
             .collect()
     }
 
+    /// Charges the caller's limits, then takes the bundles: a refused fetch takes no key.
     async fn fetch(
         &self,
+        caller: &Caller,
         targets: &[crate::store::BundleTarget],
     ) -> Result<Vec<Vec<DeviceBundle>>, Status> {
+        self.limits.fetch(caller, targets).await?;
         let results = self.store.fetch_bundles(targets, self.serve).await?;
         served(&results);
         // The read model shows the next one-time EC prekey of each device.
@@ -174,12 +187,16 @@ impl KeyService for KeyApi {
     ) -> Result<Response<pb::RegisterDeviceResponse>, Status> {
         let caller = caller(&request)?;
         let r = request.into_inner();
-        let device_id = validate::device_id("device_id", &r.device_id)?;
-        // A token of another device may not touch this one; a token of the user alone may
-        // create it, and the store refuses it if the device exists.
-        if caller.device_id.is_some() {
-            caller.may_write(&device_id)?;
-        }
+        // A chosen id needs a token bound to it, so nobody can squat another's id; without
+        // one the server issues an id in the user's own space.
+        let (device_id, issued) = match r.device_id.as_str() {
+            "" => (caller.issue_device_id(), true),
+            chosen => {
+                let device_id = validate::device_id("device_id", chosen)?;
+                caller.may_register(&device_id)?;
+                (device_id, false)
+            }
+        };
         let identity_key = validate::public_key("identity_key", &r.identity_key)?;
         let kyber_last_resort = match r.kyber_last_resort_prekey {
             Some(key) => Some(validate::kyber_prekey(
@@ -205,7 +222,8 @@ impl KeyService for KeyApi {
         };
         let device = NewDevice {
             user_id: caller.user_id,
-            may_change: caller.device_id.as_ref() == Some(&device_id),
+            may_change: !issued,
+            max_devices: self.max_devices,
             device_id,
             registration_id: validate::registration_id("registration_id", r.registration_id)?,
             identity_key,
@@ -242,6 +260,7 @@ impl KeyService for KeyApi {
                 usize::from(device.kyber_last_resort.is_some()),
             ),
         ];
+        self.limits.register(caller.user_id).await?;
         let registered = self.store.register_device(device).await?;
         for (kind, n) in uploaded {
             kind.uploaded(n);
@@ -249,6 +268,7 @@ impl KeyService for KeyApi {
         self.view.mark();
         tracing::info!(%device_id, outcome = registered.outcome.as_str(), "device registered");
         Ok(Response::new(pb::RegisterDeviceResponse {
+            device_id: device_id.into_string(),
             outcome: outcome_message(registered.outcome).into(),
             one_time_prekeys_available: registered.available,
             kyber_one_time_prekeys_available: registered.kyber_available,
@@ -264,6 +284,7 @@ impl KeyService for KeyApi {
         let device_id = validate::device_id("device_id", &r.device_id)?;
         caller.may_write(&device_id)?;
         let keys = validate::one_time_prekeys("one_time_prekeys", r.one_time_prekeys, 1)?;
+        self.limits.upload(caller.user_id, &device_id).await?;
         let report = self
             .store
             .upload_one_time_prekeys(caller.user_id, &device_id, keys)
@@ -299,6 +320,7 @@ impl KeyService for KeyApi {
             .device_identity(caller.user_id, &device_id)
             .await?;
         let key = validate::signed_prekey("signed_prekey", r.signed_prekey, &identity)?;
+        self.limits.upload(caller.user_id, &device_id).await?;
         let rotated = self
             .store
             .rotate_signed_prekey(caller.user_id, &device_id, identity, key)
@@ -349,10 +371,10 @@ impl KeyService for KeyApi {
         &self,
         request: Request<pb::FetchPreKeyBundleRequest>,
     ) -> Result<Response<pb::FetchPreKeyBundleResponse>, Status> {
-        caller(&request)?;
+        let caller = caller(&request)?;
         let target = validate::target("target", request.into_inner().target)?;
         let bundles = self
-            .fetch(std::slice::from_ref(&target))
+            .fetch(&caller, std::slice::from_ref(&target))
             .await?
             .pop()
             .unwrap_or_default();
@@ -404,10 +426,10 @@ impl KeyService for KeyApi {
         &self,
         request: Request<pb::FetchPreKeyBundlesRequest>,
     ) -> Result<Response<pb::FetchPreKeyBundlesResponse>, Status> {
-        caller(&request)?;
+        let caller = caller(&request)?;
         let requested = request.into_inner().targets;
         let targets = validate::targets("targets", requested.clone())?;
-        let results = self.fetch(&targets).await?;
+        let results = self.fetch(&caller, &targets).await?;
         Ok(Response::new(pb::FetchPreKeyBundlesResponse {
             results: requested
                 .into_iter()
@@ -445,6 +467,7 @@ impl KeyService for KeyApi {
             &identity,
             None,
         )?;
+        self.limits.upload(caller.user_id, &device_id).await?;
         let report = self
             .store
             .upload_kyber_prekeys(caller.user_id, &device_id, identity, keys)
@@ -481,6 +504,7 @@ impl KeyService for KeyApi {
             .device_identity(caller.user_id, &device_id)
             .await?;
         let key = validate::kyber_prekey(field, upload, &identity)?;
+        self.limits.upload(caller.user_id, &device_id).await?;
         let rotated = self
             .store
             .rotate_kyber_last_resort_prekey(caller.user_id, &device_id, identity, key)

@@ -7,6 +7,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use super::validate::InvalidField;
 use crate::auth::AuthError;
 use crate::edge::metrics as m;
+use crate::limits::LimitError;
 use crate::store::{BundleTarget, StoreError};
 
 /// An invalid field: INVALID_ARGUMENT naming it in the message and, for clients that read
@@ -27,7 +28,10 @@ impl From<InvalidField> for Status {
 impl From<AuthError> for Status {
     fn from(e: AuthError) -> Self {
         match e {
-            AuthError::NoDevice | AuthError::OtherDevice => {
+            AuthError::NoDevice
+            | AuthError::OtherDevice
+            | AuthError::UnboundNewDevice
+            | AuthError::ReservedDevice => {
                 security_event("permission_denied", e.reason());
                 Status::permission_denied(e.to_string())
             }
@@ -40,6 +44,30 @@ impl From<AuthError> for Status {
 fn security_event(event: &'static str, reason: &'static str) {
     metrics::counter!(m::SECURITY_EVENTS, "event" => event, "reason" => reason).increment(1);
     tracing::warn!(security_event = event, reason, "security event");
+}
+
+/// A rate limit is RESOURCE_EXHAUSTED with the wait until the call would pass as a
+/// `google.rpc.RetryInfo` (whole seconds, rounded up, in the message); a limiter that does
+/// not answer is UNAVAILABLE, as a database that does not.
+impl From<LimitError> for Status {
+    fn from(e: LimitError) -> Self {
+        match e {
+            LimitError::Exhausted { limit, retry_after } => {
+                let seconds = retry_after.as_millis().div_ceil(1000);
+                Status::with_error_details(
+                    Code::ResourceExhausted,
+                    format!(
+                        "{} rate limit reached; retry in {seconds} s",
+                        limit.as_str().replace('_', " ")
+                    ),
+                    ErrorDetails::with_retry_info(Some(retry_after)),
+                )
+            }
+            LimitError::Unavailable => {
+                Status::unavailable("the rate limiter is unavailable; retry later")
+            }
+        }
+    }
 }
 
 /// What the edge answers while the database does not answer.
@@ -69,6 +97,14 @@ impl From<StoreError> for Status {
             StoreError::DeviceTokenRequired => Status::from(AuthError::NoDevice),
             StoreError::DeviceTaken => {
                 Status::already_exists("device_id: registered to another user")
+            }
+            StoreError::TooManyDevices { max } => {
+                metrics::counter!(m::RATE_LIMITED, "limit" => "devices").increment(1);
+                tracing::info!(max, "device quota reached");
+                Status::resource_exhausted(format!(
+                    "device_id: the user already has the most devices allowed ({max}); remove \
+                     one first"
+                ))
             }
             StoreError::UnknownUser => {
                 Status::failed_precondition("the caller's user is not known to the chat database")

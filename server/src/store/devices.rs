@@ -33,6 +33,8 @@ pub struct NewDevice {
     /// The caller's token is bound to this device, so it may change the device if it exists
     /// already; a token of the user alone may only create it.
     pub may_change: bool,
+    /// Most devices the user may have, this one included (0: no quota).
+    pub max_devices: u32,
 }
 
 /// What a registration did to the stored device.
@@ -201,6 +203,22 @@ async fn register_keys(tx: &mut Tx, device: &NewDevice) -> Result<RegisterOutcom
         .execute()
         .await?;
     if inserted == 1 {
+        // The user's lock above serializes registrations of one user on PostgreSQL (SQLite
+        // has one writer): two cannot both pass the count.
+        if device.max_devices > 0 {
+            let devices: i64 = tx
+                .query(&sql!(
+                    "SELECT COUNT(*) FROM nchat_identity_keys WHERE user_id = $1"
+                ))
+                .bind(Uid(device.user_id))
+                .scalar()
+                .await?;
+            if devices > i64::from(device.max_devices) {
+                return Err(StoreError::TooManyDevices {
+                    max: device.max_devices,
+                });
+            }
+        }
         insert_keys(tx, device).await?;
         return Ok(RegisterOutcome::Created);
     }

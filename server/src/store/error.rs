@@ -16,6 +16,9 @@ pub enum StoreError {
     /// The device exists, and the caller's token is not bound to it.
     #[error("changing the device needs a token bound to it")]
     DeviceTokenRequired,
+    /// A new device would take the user past the device quota.
+    #[error("the user already has {max} devices, the most allowed")]
+    TooManyDevices { max: u32 },
     #[error("the user is not known to the chat database")]
     UnknownUser,
     /// A one-time key id (of the request field `field`) is stored with other bytes.

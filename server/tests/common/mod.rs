@@ -139,6 +139,16 @@ pub fn fresh_otks(ids: std::ops::RangeInclusive<u32>) -> Vec<pb::OneTimePreKeyUp
 }
 
 impl TestDevice {
+    /// Registers this device on `server` with its own token.
+    pub async fn register(&self, server: &TestServer) -> pb::RegisterDeviceResponse {
+        self.client(server)
+            .await
+            .register_device(self.register_request())
+            .await
+            .expect("registering")
+            .into_inner()
+    }
+
     /// A client of `server` with this device's token: it may change this device.
     pub async fn client(&self, server: &TestServer) -> KeyClient {
         api::connect(
