@@ -497,3 +497,66 @@ async fn keyctl_speaks_tls_and_never_downgrades() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyctl_waits_out_a_short_rate_limit_and_reports_a_long_one() {
+    use keyserver::config::LimitArgs;
+    use keyserver::testing::TestConfig;
+    use std::time::Duration;
+
+    let db = TestDb::migrated(Backend::Sqlite).await;
+    let limited = |refill_every| TestConfig {
+        limits: LimitArgs {
+            fetch_burst: 1,
+            fetch_refill_every: refill_every,
+            ..LimitArgs::off()
+        },
+        ..TestConfig::default()
+    };
+    let short = TestServer::start_with(&db, limited(Duration::from_secs(2))).await;
+    let long = TestServer::start_with(&db, limited(Duration::from_secs(600))).await;
+    let dir = std::env::temp_dir().join(format!("keyctl-limits-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bob = Keyctl {
+        server: &short,
+        user: Uuid::new_v4(),
+        state: dir.join("bob.json"),
+    };
+    bob.run(&["init", "--device-id", "bob-phone", "--iterations", "100000"])
+        .await;
+    bob.run(&["register"]).await;
+    let bob_user = bob.user.to_string();
+
+    for server in [&short, &long] {
+        let alice = Keyctl {
+            server,
+            user: Uuid::new_v4(),
+            state: dir.join("alice.json"),
+        };
+        let fetch = || {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_keyctl"))
+                .args(["fetch", "--user", &bob_user])
+                .env("KEYSERVER_URL", &server.url)
+                .env(
+                    "KEYSERVER_TOKEN",
+                    server.device_token(alice.user, "alice-laptop"),
+                )
+                .output()
+        };
+        assert!(fetch().await.unwrap().status.success());
+        let second = fetch().await.unwrap();
+        let stderr = String::from_utf8_lossy(&second.stderr);
+        if std::ptr::eq(server, &short) {
+            // Refused with a 2 s RetryInfo: keyctl waits it out and the retry is served.
+            assert!(second.status.success(), "{stderr}");
+            assert!(stderr.contains("rate limited; retrying in 2 s"), "{stderr}");
+            assert!(String::from_utf8_lossy(&second.stdout).contains("device bob-phone"));
+        } else {
+            assert!(!second.status.success());
+            assert!(
+                stderr.contains("rate limited: fetch rate limit reached; retry in 600 s"),
+                "{stderr}"
+            );
+        }
+    }
+}
