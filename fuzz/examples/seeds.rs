@@ -1,12 +1,14 @@
 //! Writes the seed corpora (`fuzz/corpus/<target>/seed-*`): the well-formed inputs the tests
-//! send, so the fuzzers start from valid requests, keys, signatures and tokens and mutate from
-//! there. Deterministic: running it again writes the same files.
+//! send (requests, keys, signatures, tokens) and rows as the SQLite schema stores them, so the
+//! fuzzers mutate from valid inputs. Deterministic: running it again writes the same files.
 //!   cargo run --manifest-path fuzz/Cargo.toml --example seeds
 
 use std::path::Path;
 use std::time::Duration;
 
 use keyserver::auth::{TokenAuthority, TokenPolicy};
+use keyserver::store::transfer::TABLES;
+use keyserver::store::transfer::tables::ColumnType;
 use keyserver_fuzz::{IDENTITY_PRIVATE, identity};
 use keyserver_proto::pb;
 use keyserver_proto::wire::{KYBER1024_PUBLIC_KEY_LEN, KyberPublicKey, PublicKey};
@@ -73,6 +75,33 @@ fn request(dir: &Path, name: &str, which: u8, message: impl Message) {
     let mut bytes = vec![which];
     message.encode(&mut bytes).expect("encoding");
     write(dir, name, &bytes);
+}
+
+/// A `rows` seed: the table's index, then each column as the SQLite schema stores it (see
+/// `fuzz_targets/rows.rs` for the encoding).
+fn row(table: u8, columns: &[(&str, ColumnType)]) -> Vec<u8> {
+    let text = |bytes: &mut Vec<u8>, value: &[u8]| {
+        bytes.extend([3, value.len() as u8]);
+        bytes.extend(value);
+    };
+    let mut bytes = vec![table];
+    for (n, (_, ty)) in columns.iter().enumerate() {
+        match ty {
+            ColumnType::Int | ColumnType::Bool => {
+                bytes.push(1);
+                bytes.extend((n as i64 + 1).to_le_bytes());
+            }
+            ColumnType::Text => text(&mut bytes, b"phone"),
+            ColumnType::Bytes => {
+                bytes.extend([4, 33]);
+                bytes.extend(ec_key(n as u8));
+            }
+            ColumnType::Uuid => text(&mut bytes, USER.as_bytes()),
+            ColumnType::Time => text(&mut bytes, b"2026-12-01T10:00:00.123Z"),
+            ColumnType::Json => text(&mut bytes, br#"{"count":1,"kind":"one_time"}"#),
+        }
+    }
+    bytes
 }
 
 fn main() {
@@ -229,5 +258,10 @@ fn main() {
             .mint(uuid::Uuid::from_u128(1), None, Duration::from_secs(60))
             .expect("minting");
         write(&tokens, name, token.as_bytes());
+    }
+
+    let rows = corpus.join("rows");
+    for (n, table) in TABLES.iter().enumerate() {
+        write(&rows, table.name, &row(n as u8, table.columns));
     }
 }

@@ -11,7 +11,8 @@ WITH targets AS (
     SELECT 0 AS ord,
            ('6c6f6164-7465-4000-8000-' || lpad(to_hex(:d::int4), 12, '0'))::uuid AS user_id,
            'load-' || :d::int4 AS device_id,
-           FALSE AS pqxdh_only
+           FALSE AS pqxdh_only,
+           '6c6f6164-7465-4000-8000-ffffffffffff'::uuid AS requester
 ),
 devices AS (
     SELECT DISTINCT ik.device_id, ik.user_id, ik.registration_id, ik.identity_key_public,
@@ -38,7 +39,8 @@ picked AS (
 ),
 taken AS (
     UPDATE nchat_one_time_prekeys o
-    SET is_consumed = TRUE, consumed_at = NOW()
+    SET is_consumed = TRUE, consumed_at = NOW(),
+    consumed_by = (SELECT requester FROM targets LIMIT 1)
     FROM picked
     WHERE o.id = picked.id AND o.is_consumed = FALSE
     RETURNING o.device_id, o.prekey_id, o.prekey_public
@@ -57,7 +59,8 @@ kyber_picked AS (
 ),
 kyber_taken AS (
     UPDATE nchat_kyber_prekeys q
-    SET is_consumed = TRUE, consumed_at = NOW()
+    SET is_consumed = TRUE, consumed_at = NOW(),
+    consumed_by = (SELECT requester FROM targets LIMIT 1)
     FROM kyber_picked
     WHERE q.id = kyber_picked.id AND q.is_consumed = FALSE
     RETURNING q.device_id, q.kyber_prekey_id, q.kyber_prekey_public, q.signature

@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
+use crate::store::drain::DrainRule;
+
 /// File name of the embedded database inside the data directory.
 pub const EMBEDDED_DATABASE: &str = "keyserver.db";
 
@@ -126,6 +128,8 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub cleanup: CleanupSettings,
     #[command(flatten)]
+    pub drain: DrainArgs,
+    #[command(flatten)]
     pub schedule: Schedule,
     /// Serve PQXDH only, as Signal does: refuse registrations without a last-resort Kyber
     /// prekey and leave devices without one out of every bundle answer. Off by default so
@@ -212,6 +216,9 @@ pub struct Schedule {
     /// nchat_prekey_bundles view.
     #[arg(long, env = "KEYSERVER_BUNDLE_VIEW_REFRESH", default_value = "10s", value_parser = humantime::parse_duration)]
     pub bundle_view_refresh: Duration,
+    /// How often to run the drain check.
+    #[arg(long, env = "KEYSERVER_DRAIN_CHECK_EVERY", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub drain_check_every: Duration,
 }
 
 impl Schedule {
@@ -220,6 +227,7 @@ impl Schedule {
         rotation_check_every: Duration::ZERO,
         cleanup_every: Duration::ZERO,
         bundle_view_refresh: Duration::ZERO,
+        drain_check_every: Duration::ZERO,
     };
 }
 
@@ -365,6 +373,53 @@ impl LimitArgs {
             registrations_per_hour: 0,
             max_devices_per_user: 0,
             ..Self::default()
+        }
+    }
+}
+
+/// What drain detection counts as a drain (docs/ABUSE.md).
+#[derive(Args, Debug, Clone, Copy, PartialEq)]
+pub struct DrainArgs {
+    /// How far back one-time prekeys taken are counted ("0s" turns drain detection off).
+    #[arg(long, env = "KEYSERVER_DRAIN_WINDOW", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub drain_window: Duration,
+    /// A device is suspected when this many one-time prekeys of a kind (EC or Kyber) were taken
+    /// within the window (0: never for the count alone).
+    #[arg(long, env = "KEYSERVER_DRAIN_THRESHOLD", default_value_t = 100)]
+    pub drain_threshold: u32,
+    /// ... or when one requesting user took at least this share of them ...
+    #[arg(long, env = "KEYSERVER_DRAIN_REQUESTER_SHARE", default_value_t = 0.5, value_parser = share)]
+    pub drain_requester_share: f64,
+    /// ... and at least this many (0 turns the one-requester test off).
+    #[arg(long, env = "KEYSERVER_DRAIN_REQUESTER_KEYS", default_value_t = 10)]
+    pub drain_requester_keys: u32,
+}
+
+fn share(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(share) if share > 0.0 && share <= 1.0 => Ok(share),
+        _ => Err("expected a share above 0 and at most 1, such as 0.5".to_owned()),
+    }
+}
+
+impl Default for DrainArgs {
+    fn default() -> Self {
+        Self {
+            drain_window: Duration::from_secs(86_400),
+            drain_threshold: 100,
+            drain_requester_share: 0.5,
+            drain_requester_keys: 10,
+        }
+    }
+}
+
+impl DrainArgs {
+    pub fn rule(&self) -> DrainRule {
+        DrainRule {
+            window: self.drain_window,
+            threshold: self.drain_threshold,
+            requester_share: self.drain_requester_share,
+            requester_keys: self.drain_requester_keys,
         }
     }
 }

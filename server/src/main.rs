@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keyserver::clock::Clock;
 use keyserver::config::{
-    CleanupSettings, DataDirArgs, DatabaseArgs, RotationPolicy, SecretArgs, ServeArgs,
+    CleanupSettings, DataDirArgs, DatabaseArgs, DrainArgs, RotationPolicy, SecretArgs, ServeArgs,
 };
 use keyserver::edge;
 use keyserver::jobs::{Job, Jobs, Run, Trigger};
@@ -157,9 +157,15 @@ enum JobAction {
     },
     /// Refresh the nchat_prekey_bundles materialized view.
     RefreshBundles,
+    /// Report devices whose one-time prekeys were taken faster than the drain rule allows, or
+    /// mostly by one requester, on their owners' audit trails.
+    DrainCheck {
+        #[command(flatten)]
+        rule: DrainArgs,
+    },
     /// The latest runs of every job (or one), newest first.
     Status {
-        /// Only this job (rotate, cleanup, refresh-bundles).
+        /// Only this job (rotate, cleanup, refresh-bundles, drain-check).
         #[arg(long, value_parser = parse_job)]
         job: Option<Job>,
         /// How many runs to list.
@@ -169,7 +175,8 @@ enum JobAction {
 }
 
 fn parse_job(name: &str) -> Result<Job, String> {
-    Job::from_name(name).ok_or_else(|| "expected rotate, cleanup or refresh-bundles".to_owned())
+    Job::from_name(name)
+        .ok_or_else(|| "expected rotate, cleanup, refresh-bundles or drain-check".to_owned())
 }
 
 #[derive(Subcommand)]
@@ -256,7 +263,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ServerParts {
             store: db.store(),
             tokens,
-            jobs: Jobs::new(db.store(), args.rotation, args.cleanup, Clock::System),
+            jobs: Jobs::new(
+                db.store(),
+                args.rotation,
+                args.cleanup,
+                args.drain.rule(),
+                Clock::System,
+            ),
             schedule: args.schedule,
             rotation: args.rotation,
             clock: Clock::System,
@@ -285,7 +298,9 @@ async fn jobs(action: JobAction, db: &Database) -> anyhow::Result<()> {
     migrations::up(db)
         .await
         .context("the database schema cannot be used")?;
-    let (job, jobs) = match action {
+    // Each job's own settings from its flags, the others' defaults (they are not used).
+    let (mut rotation, mut cleanup, mut drain) = Default::default();
+    let (job, dry_run) = match action {
         JobAction::Status { job, limit } => {
             let runs = db.store().job_runs(job, limit).await?;
             if runs.is_empty() {
@@ -310,47 +325,25 @@ async fn jobs(action: JobAction, db: &Database) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        JobAction::Cleanup {
-            settings,
-            dry_run: true,
-        } => {
-            let jobs = Jobs::new(
-                db.store(),
-                RotationPolicy::default(),
-                settings,
-                Clock::System,
-            );
-            println!("{}", jobs.cleanup_dry_run().await?);
-            return Ok(());
+        JobAction::Cleanup { settings, dry_run } => {
+            cleanup = settings;
+            (Job::Cleanup, dry_run)
         }
-        JobAction::Cleanup { settings, .. } => (
-            Job::Cleanup,
-            Jobs::new(
-                db.store(),
-                RotationPolicy::default(),
-                settings,
-                Clock::System,
-            ),
-        ),
-        JobAction::Rotate { policy } => (
-            Job::Rotate,
-            Jobs::new(
-                db.store(),
-                policy,
-                CleanupSettings::default(),
-                Clock::System,
-            ),
-        ),
-        JobAction::RefreshBundles => (
-            Job::RefreshBundles,
-            Jobs::new(
-                db.store(),
-                RotationPolicy::default(),
-                CleanupSettings::default(),
-                Clock::System,
-            ),
-        ),
+        JobAction::Rotate { policy } => {
+            rotation = policy;
+            (Job::Rotate, false)
+        }
+        JobAction::RefreshBundles => (Job::RefreshBundles, false),
+        JobAction::DrainCheck { rule } => {
+            drain = rule;
+            (Job::DrainCheck, false)
+        }
     };
+    let jobs = Jobs::new(db.store(), rotation, cleanup, drain.rule(), Clock::System);
+    if dry_run {
+        println!("{}", jobs.cleanup_dry_run().await?);
+        return Ok(());
+    }
     // Ctrl-C or SIGTERM stops a cleanup between two batches, recorded as such.
     let stop = CancellationToken::new();
     shutdown::cancel_on_signal(stop.clone());

@@ -66,6 +66,7 @@ pub async fn run(
     let scheduled: Vec<_> = [
         (Job::Rotate, parts.schedule.rotation_check_every),
         (Job::Cleanup, parts.schedule.cleanup_every),
+        (Job::DrainCheck, parts.schedule.drain_check_every),
     ]
     .into_iter()
     .filter_map(|(job, every)| {
@@ -120,6 +121,7 @@ pub async fn run(
             serve: parts.serve,
             limits: parts.limits,
             max_devices: parts.max_devices_per_user,
+            drain: *parts.jobs.drain_rule(),
         },
     ))
     .max_decoding_message_size(limit);

@@ -20,7 +20,9 @@ use uuid::Uuid;
 
 use crate::auth::{TokenAuthority, TokenPolicy};
 use crate::clock::Clock;
-use crate::config::{CleanupSettings, EdgeSettings, LimitArgs, RotationPolicy, Schedule};
+use crate::config::{
+    CleanupSettings, DrainArgs, EdgeSettings, LimitArgs, RotationPolicy, Schedule,
+};
 use crate::edge::tls::TlsFiles;
 use crate::jobs::Jobs;
 use crate::limits::Limits;
@@ -812,6 +814,8 @@ pub struct TestConfig {
     /// Rate limits and the device quota; off unless a test sets them (other tests fetch one
     /// device far more often than a sender would).
     pub limits: LimitArgs,
+    /// What counts as a drain: `serve`'s default.
+    pub drain: DrainArgs,
 }
 
 impl Default for TestConfig {
@@ -830,6 +834,7 @@ impl Default for TestConfig {
             tls: None,
             edge: EdgeSettings::default(),
             limits: LimitArgs::off(),
+            drain: DrainArgs::default(),
         }
     }
 }
@@ -837,7 +842,13 @@ impl Default for TestConfig {
 impl TestConfig {
     /// The jobs of a server with this configuration on `db`.
     pub fn jobs(&self, db: &Database) -> Jobs {
-        Jobs::new(db.store(), self.rotation, self.cleanup, self.clock.clone())
+        Jobs::new(
+            db.store(),
+            self.rotation,
+            self.cleanup,
+            self.drain.rule(),
+            self.clock.clone(),
+        )
     }
 }
 

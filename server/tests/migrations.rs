@@ -69,7 +69,7 @@ async fn migrations_go_up_down_and_up_again_on_an_empty_database(backend: Backen
 
     migrations::up(&db).await.unwrap();
     assert_eq!(db.schema_objects().await, schema);
-    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(6));
+    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(7));
 }
 conformance!(migrations_go_up_down_and_up_again_on_an_empty_database);
 
@@ -340,7 +340,7 @@ async fn reverting_0006_removes_the_kyber_keys_and_nothing_else(backend: Backend
     );
 
     migrations::up(&db).await.unwrap();
-    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(6));
+    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(7));
     let server = TestServer::start(&test_db).await;
     let mut alice = client(&server, Uuid::new_v4()).await;
     let bundle = fetch(&mut alice, bob.user, None).await.unwrap();

@@ -105,21 +105,22 @@ async fn serve_with_no_setup_runs_on_the_embedded_database() {
     let registered = device.register(&mut client).await.unwrap();
     assert_eq!(registered.one_time_prekeys_available, 100);
 
-    // Its schedule ran the rotation check and cleanup at start: on record and in the metrics.
+    // Its schedule ran the rotation check, cleanup and the drain check at start: on record and
+    // in the metrics.
     let deadline = Instant::now() + Duration::from_secs(30);
     let runs = loop {
         let out = keyserver(&dir).args(["jobs", "status"]).output().unwrap();
         let runs = String::from_utf8(out.stdout).unwrap();
-        if runs.matches("schedule succeeded").count() == 2 || Instant::now() > deadline {
+        if runs.matches("schedule succeeded").count() == 3 || Instant::now() > deadline {
             break runs;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(
-        runs.contains(" cleanup ") && runs.contains(" rotate "),
+        runs.contains(" cleanup ") && runs.contains(" rotate ") && runs.contains(" drain-check "),
         "{runs}"
     );
-    assert_eq!(runs.matches("schedule succeeded").count(), 2, "{runs}");
+    assert_eq!(runs.matches("schedule succeeded").count(), 3, "{runs}");
     let exported = scrape(&metrics);
     assert!(
         exported

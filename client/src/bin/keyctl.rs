@@ -350,6 +350,13 @@ async fn main() -> anyhow::Result<()> {
             }
             println!("rotation due: {}", s.rotation_due);
             println!("replenish recommended: {}", s.replenish_recommended);
+            if s.drain_suspected {
+                println!(
+                    "drain suspected: one-time prekeys went faster than usual, or mostly to one \
+                     requester (`keyctl audit --type prekeys_drain_suspected`); run \
+                     `keyctl replenish` to refill early"
+                );
+            }
         }
         Command::Replenish { below, to } => {
             let mut device = Device::open(&cli.state, &passphrase(&cli)?)?;

@@ -25,6 +25,7 @@ pub const RPC_IN_FLIGHT: &str = "keyserver_rpc_in_flight";
 pub const SECURITY_EVENTS: &str = "keyserver_security_events_total";
 pub const RATE_LIMITED: &str = "keyserver_rate_limited_total";
 pub const RATE_LIMITER_ERRORS: &str = "keyserver_rate_limiter_errors_total";
+pub const DRAINS_SUSPECTED: &str = "keyserver_drains_suspected_total";
 pub const DB_UP: &str = "keyserver_db_up";
 pub const DB_POOL_CONNECTIONS: &str = "keyserver_db_pool_connections";
 pub const DB_POOL_IDLE: &str = "keyserver_db_pool_idle_connections";
@@ -72,6 +73,11 @@ fn describe() {
     describe_counter!(
         RATE_LIMITER_ERRORS,
         "Rate-limit checks Redis did not answer (refused, or let through with fail-open)."
+    );
+    describe_counter!(
+        DRAINS_SUSPECTED,
+        "Devices the drain check reported (audit event prekeys_drain_suspected), by kind of \
+         one-time prekey (one_time, kyber) and reason (rate, one_requester)."
     );
     describe_gauge!(
         DB_UP,

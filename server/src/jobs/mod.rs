@@ -1,5 +1,5 @@
-//! The maintenance jobs: the rotation check, cleanup of expired rows, and the refresh of the
-//! `nchat_prekey_bundles` read model.
+//! The maintenance jobs: the rotation check, cleanup of expired rows, the refresh of the
+//! `nchat_prekey_bundles` read model, and the drain check.
 //!
 //! `keyserver serve` runs them on its schedule ([`schedule`], [`bundle_view`]) and
 //! `keyserver jobs …` runs them for an external cron; both go through [`Jobs::run`], which takes
@@ -8,6 +8,7 @@
 
 pub mod bundle_view;
 pub mod cleanup;
+pub mod drain;
 pub mod metrics;
 pub mod rotation;
 pub mod schedule;
@@ -20,6 +21,7 @@ use serde_json::json;
 use crate::clock::Clock;
 use crate::config::{CleanupSettings, RotationPolicy};
 use crate::shutdown::CancellationToken;
+use crate::store::drain::DrainRule;
 pub use crate::store::jobs::{Job, JobRun, Outcome, Trigger};
 use crate::store::{Store, StoreError};
 
@@ -122,6 +124,7 @@ pub struct Jobs {
     store: Store,
     rotation: RotationPolicy,
     cleanup: CleanupSettings,
+    drain: DrainRule,
     clock: Clock,
 }
 
@@ -130,18 +133,25 @@ impl Jobs {
         store: Store,
         rotation: RotationPolicy,
         cleanup: CleanupSettings,
+        drain: DrainRule,
         clock: Clock,
     ) -> Self {
         Self {
             store,
             rotation,
             cleanup,
+            drain,
             clock,
         }
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// What the drain check and `GetKeyStatus` count as a drain.
+    pub fn drain_rule(&self) -> &DrainRule {
+        &self.drain
     }
 
     /// Runs `job` unless another run holds its lock, recording the run either way. `stop`
@@ -184,6 +194,7 @@ impl Jobs {
                 .await
             }
             Job::RefreshBundles => bundle_view::refresh(&self.store).await,
+            Job::DrainCheck => drain::check(&self.store, &self.drain, &self.clock).await,
         };
         match done {
             Ok((steps, notes, completed)) => {

@@ -15,6 +15,7 @@ use crate::config::RotationPolicy;
 use crate::edge::metrics as m;
 use crate::jobs::bundle_view::ViewChanges;
 use crate::limits::Limits;
+use crate::store::drain::DrainRule;
 use crate::store::{DeviceBundle, KeyId, NewDevice, RegisterOutcome, Serve, Store};
 
 /// The key service over a store.
@@ -30,6 +31,8 @@ pub struct KeyApi {
     limits: Limits,
     /// Most devices one user may have (0: no quota).
     max_devices: u32,
+    /// What `GetKeyStatus` reports as a drain.
+    drain: DrainRule,
 }
 
 /// How the key service behaves, beyond its store.
@@ -39,6 +42,7 @@ pub struct KeyPolicy {
     pub serve: Serve,
     pub limits: Limits,
     pub max_devices: u32,
+    pub drain: DrainRule,
 }
 
 impl KeyApi {
@@ -51,6 +55,7 @@ impl KeyApi {
             serve: policy.serve,
             limits: policy.limits,
             max_devices: policy.max_devices,
+            drain: policy.drain,
         }
     }
 
@@ -85,7 +90,10 @@ impl KeyApi {
         targets: &[crate::store::BundleTarget],
     ) -> Result<Vec<Vec<DeviceBundle>>, Status> {
         self.limits.fetch(caller, targets).await?;
-        let results = self.store.fetch_bundles(targets, self.serve).await?;
+        let results = self
+            .store
+            .fetch_bundles(caller.user_id, targets, self.serve)
+            .await?;
         served(&results);
         // The read model shows the next one-time EC prekey of each device.
         if results
@@ -343,6 +351,11 @@ impl KeyService for KeyApi {
         let caller = caller(&request)?;
         let device_id = validate::device_id("device_id", &request.get_ref().device_id)?;
         let status = self.store.key_status(caller.user_id, &device_id).await?;
+        let since = self.clock.now() - self.drain.window;
+        let drain = self
+            .store
+            .drain_finding(&self.drain, &device_id, since)
+            .await?;
         let signed_at = status.active_signed_prekey.map(|(_, at)| at);
         let (age, rotation_due) = self.age(signed_at);
         let kyber_at = status.kyber_last_resort.map(|(_, at)| at);
@@ -364,6 +377,7 @@ impl KeyService for KeyApi {
             kyber_last_resort_prekey_age_seconds: kyber_age,
             kyber_rotation_due,
             kyber_replenish_recommended: kyber_replenish,
+            drain_suspected: drain.is_some(),
         }))
     }
 

@@ -10,7 +10,8 @@ use super::ids::DeviceId;
 use super::sql::{At, Json, List, Uid, sql};
 use super::{Store, StoreError};
 
-/// An `event_type` the schema's check constraint allows.
+/// An `event_type` the schema's check constraint allows (the design's nine, and one that
+/// migration 0007 adds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuditEvent {
     /// A user stored their master-key record.
@@ -32,11 +33,13 @@ pub enum AuditEvent {
     SafetyNumberChanged,
     /// A recovery code restored a device.
     RecoveryCodeUsed,
+    /// A device's one-time prekeys went faster than the drain rule allows (`store::drain`).
+    PrekeysDrainSuspected,
 }
 
 impl AuditEvent {
     /// Every event type, as the schema lists them.
-    pub const ALL: [AuditEvent; 9] = [
+    pub const ALL: [AuditEvent; 10] = [
         Self::MasterKeyCreated,
         Self::DeviceKeysGenerated,
         Self::SessionEstablished,
@@ -46,6 +49,7 @@ impl AuditEvent {
         Self::SafetyNumberVerified,
         Self::SafetyNumberChanged,
         Self::RecoveryCodeUsed,
+        Self::PrekeysDrainSuspected,
     ];
 
     /// The event type stored as `name`, if it is one.
@@ -65,6 +69,7 @@ impl AuditEvent {
             Self::SafetyNumberVerified => "safety_number_verified",
             Self::SafetyNumberChanged => "safety_number_changed",
             Self::RecoveryCodeUsed => "recovery_code_used",
+            Self::PrekeysDrainSuspected => "prekeys_drain_suspected",
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Handlers validate requests into the types here and call the [`Store`]; SQL lives only in
 //! this module's concepts: [`devices`], [`prekeys`] (by kind), [`bundles`], [`sessions`],
-//! [`safety`] numbers, [`recovery`], [`audit`] and the maintenance [`jobs`]. Each concept
+//! [`safety`] numbers, [`recovery`], [`audit`], [`drain`] detection and the maintenance [`jobs`]. Each concept
 //! writes its rules once, with each statement's PostgreSQL and SQLite text side by side
 //! ([`sql`]); [`database`] opens either backend and hands out transactions. Every write method
 //! is one transaction that includes its audit event, so a failed call writes nothing. Errors
@@ -12,6 +12,7 @@ pub mod audit;
 pub mod bundles;
 pub mod database;
 pub mod devices;
+pub mod drain;
 mod error;
 pub mod ids;
 pub mod jobs;

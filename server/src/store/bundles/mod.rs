@@ -129,16 +129,18 @@ impl Store {
     /// One result per target, in order, each with the bundles of the target's devices that
     /// `serve` covers and that have an active signed prekey, ordered by device id. Takes one
     /// one-time prekey and one one-time Kyber prekey per device, and a device named by several
-    /// targets gets one of each, shared by their results. One round trip on PostgreSQL.
+    /// targets gets one of each, shared by their results. The keys taken record `requester`
+    /// (the fetching user) for drain detection. One round trip on PostgreSQL.
     pub async fn fetch_bundles(
         &self,
+        requester: Uuid,
         targets: &[BundleTarget],
         serve: Serve,
     ) -> Result<Vec<Vec<DeviceBundle>>, StoreError> {
         let pqxdh_only = serve == Serve::PqxdhOnly;
         match &self.db {
-            Database::Postgres(pg) => postgres::fetch(pg, targets, pqxdh_only).await,
-            Database::Sqlite(_) => sqlite::fetch(&self.db, targets, pqxdh_only).await,
+            Database::Postgres(pg) => postgres::fetch(pg, requester, targets, pqxdh_only).await,
+            Database::Sqlite(_) => sqlite::fetch(&self.db, requester, targets, pqxdh_only).await,
         }
     }
 }

@@ -13,13 +13,14 @@ use crate::store::database::PgDb;
 use crate::store::ids::PreKeyId;
 use crate::store::sql::Key;
 
-/// The bundle fetch after its `targets` CTE (ord, user_id, device_id, pqxdh_only, from the
-/// parameters $1 order, $2 user ids, $3 optional device ids, $4 whether only devices with a
-/// last-resort Kyber prekey are served): takes one one-time prekey and one one-time Kyber prekey
+/// The bundle fetch after its `targets` CTE (ord, user_id, device_id, pqxdh_only, requester,
+/// from the parameters $1 order, $2 user ids, $3 optional device ids, $4 whether only devices
+/// with a last-resort Kyber prekey are served, $5 the requesting user): takes one one-time prekey and one one-time Kyber prekey
 /// per device of the targets and returns their bundles. `devices` holds each device once however
 /// many targets name it, so one statement never takes two keys of a kind of a device nor hands
 /// one key to two results. The last-resort key is read only for devices that got no one-time
-/// Kyber key (it is 1.5 KB).
+/// Kyber key (it is 1.5 KB). Taken keys record their requester for drain detection
+/// (`store::drain`).
 macro_rules! fetch_bundles {
     ($targets:literal) => {
         concat!(
@@ -51,7 +52,8 @@ macro_rules! fetch_bundles {
              ),
              taken AS (
                  UPDATE nchat_one_time_prekeys o
-                 SET is_consumed = TRUE, consumed_at = NOW()
+                 SET is_consumed = TRUE, consumed_at = NOW(),
+                     consumed_by = (SELECT requester FROM targets LIMIT 1)
                  FROM picked
                  WHERE o.id = picked.id AND o.is_consumed = FALSE
                  RETURNING o.device_id, o.prekey_id, o.prekey_public
@@ -70,7 +72,8 @@ macro_rules! fetch_bundles {
              ),
              kyber_taken AS (
                  UPDATE nchat_kyber_prekeys q
-                 SET is_consumed = TRUE, consumed_at = NOW()
+                 SET is_consumed = TRUE, consumed_at = NOW(),
+                     consumed_by = (SELECT requester FROM targets LIMIT 1)
                  FROM kyber_picked
                  WHERE q.id = kyber_picked.id AND q.is_consumed = FALSE
                  RETURNING q.device_id, q.kyber_prekey_id, q.kyber_prekey_public, q.signature
@@ -97,7 +100,7 @@ macro_rules! fetch_bundles {
 
 /// Any number of targets.
 const FETCH_BUNDLES: &str = fetch_bundles!(
-    "SELECT u.*, $4::bool AS pqxdh_only
+    "SELECT u.*, $4::bool AS pqxdh_only, $5::uuid AS requester
      FROM unnest($1::int4[], $2::uuid[], $3::text[]) AS u(ord, user_id, device_id)"
 );
 
@@ -109,7 +112,7 @@ const FETCH_BUNDLES: &str = fetch_bundles!(
 /// `loadtest/pgbench/fetch.sql` runs this statement (a test keeps them equal).
 const FETCH_ONE_BUNDLE: &str = fetch_bundles!(
     "SELECT ($1::int4[])[1] AS ord, ($2::uuid[])[1] AS user_id, ($3::text[])[1] AS device_id,
-            $4::bool AS pqxdh_only"
+            $4::bool AS pqxdh_only, $5::uuid AS requester"
 );
 
 #[derive(FromRow)]
@@ -126,6 +129,7 @@ struct Row {
 
 pub(super) async fn fetch(
     db: &PgDb,
+    requester: Uuid,
     targets: &[BundleTarget],
     pqxdh_only: bool,
 ) -> Result<Vec<Vec<DeviceBundle>>, StoreError> {
@@ -144,6 +148,7 @@ pub(super) async fn fetch(
         .bind(&users)
         .bind(&devices)
         .bind(pqxdh_only)
+        .bind(requester)
         .fetch_all(db.pool())
         .await?;
     let mut results = vec![Vec::new(); targets.len()];

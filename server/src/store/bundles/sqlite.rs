@@ -7,12 +7,13 @@ use std::collections::{BTreeSet, HashMap};
 
 use keyserver_proto::wire::PublicKey;
 use sqlx::FromRow;
+use uuid::Uuid;
 
 use super::{BundleTarget, DeviceBundle, DeviceRow, KyberRow, PublishedKyberPreKey};
 use crate::store::StoreError;
 use crate::store::database::Database;
 use crate::store::ids::{DeviceId, PreKeyId};
-use crate::store::sql::{Json, Key, List, sql};
+use crate::store::sql::{Json, Key, List, Uid, sql};
 
 #[derive(FromRow)]
 struct Row {
@@ -40,6 +41,7 @@ struct KyberTaken {
 
 pub(super) async fn fetch(
     db: &Database,
+    requester: Uuid,
     targets: &[BundleTarget],
     pqxdh_only: bool,
 ) -> Result<Vec<Vec<DeviceBundle>>, StoreError> {
@@ -94,7 +96,8 @@ pub(super) async fn fetch(
     let (devices, kyber_devices) = (distinct(false), distinct(true));
     let taken: HashMap<DeviceId, (PreKeyId, PublicKey)> = tx
         .query(&sql!(
-            "UPDATE nchat_one_time_prekeys SET is_consumed = TRUE, consumed_at = " NOW "
+            "UPDATE nchat_one_time_prekeys SET is_consumed = TRUE, consumed_at = " NOW ",
+                 consumed_by = $2
              WHERE id IN (
                  SELECT (SELECT o.id FROM nchat_one_time_prekeys o
                          WHERE o.device_id = d.value AND o.is_consumed = FALSE
@@ -104,6 +107,7 @@ pub(super) async fn fetch(
              RETURNING device_id, prekey_id, prekey_public"
         ))
         .bind(List(devices))
+        .bind(Uid(requester))
         .fetch_all::<Taken>()
         .await?
         .into_iter()
@@ -113,7 +117,8 @@ pub(super) async fn fetch(
         HashMap::new()
     } else {
         tx.query(&sql!(
-            "UPDATE nchat_kyber_prekeys SET is_consumed = TRUE, consumed_at = " NOW "
+            "UPDATE nchat_kyber_prekeys SET is_consumed = TRUE, consumed_at = " NOW ",
+                 consumed_by = $2
              WHERE id IN (
                  SELECT (SELECT q.id FROM nchat_kyber_prekeys q
                          WHERE q.device_id = d.value AND q.is_last_resort = FALSE
@@ -125,6 +130,7 @@ pub(super) async fn fetch(
                        signature AS kyber_signature"
         ))
         .bind(List(kyber_devices))
+        .bind(Uid(requester))
         .fetch_all::<KyberTaken>()
         .await?
         .into_iter()

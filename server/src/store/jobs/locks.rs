@@ -28,6 +28,7 @@ fn lock_key(job: Job) -> i64 {
             Job::RefreshBundles => 1,
             Job::Cleanup => 2,
             Job::Rotate => 3,
+            Job::DrainCheck => 4,
         }
 }
 

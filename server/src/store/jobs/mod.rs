@@ -1,4 +1,4 @@
-//! What the maintenance jobs (rotation check, cleanup, bundle-view refresh) need from storage,
+//! What the maintenance jobs (rotation check, cleanup, bundle-view refresh, drain check) need from storage,
 //! in their own terms: a lock per job shared by every process ([`locks`]), run records,
 //! batched deletion of expired rows, and the rotation scan.
 //!
@@ -28,10 +28,17 @@ pub enum Job {
     Cleanup,
     /// Refreshes the `nchat_prekey_bundles` read model.
     RefreshBundles,
+    /// Reports devices whose one-time prekeys are being drained (`store::drain`).
+    DrainCheck,
 }
 
 impl Job {
-    pub const ALL: [Job; 3] = [Job::Rotate, Job::Cleanup, Job::RefreshBundles];
+    pub const ALL: [Job; 4] = [
+        Job::Rotate,
+        Job::Cleanup,
+        Job::RefreshBundles,
+        Job::DrainCheck,
+    ];
 
     /// The name used on the command line and in run records.
     pub fn as_str(self) -> &'static str {
@@ -39,6 +46,7 @@ impl Job {
             Self::Rotate => "rotate",
             Self::Cleanup => "cleanup",
             Self::RefreshBundles => "refresh-bundles",
+            Self::DrainCheck => "drain-check",
         }
     }
 

@@ -7,8 +7,8 @@
 //! order-independent checksum over every column of every table, and checks the target's
 //! foreign keys.
 
-mod rows;
-mod tables;
+pub mod rows;
+pub mod tables;
 
 use sqlx::{Postgres, Sqlite, Transaction};
 
