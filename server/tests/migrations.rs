@@ -354,3 +354,83 @@ async fn reverting_0006_removes_the_kyber_keys_and_nothing_else(backend: Backend
     );
 }
 conformance!(reverting_0006_removes_the_kyber_keys_and_nothing_else);
+
+async fn reverting_0007_removes_the_drain_records_and_nothing_else(backend: Backend) {
+    let test_db = TestDb::migrated(backend).await;
+    let config = keyserver::testing::TestConfig {
+        drain: keyserver::config::DrainArgs {
+            drain_threshold: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let server = TestServer::start_with(&test_db, config.clone()).await;
+    let bob = TestDevice::new(Uuid::new_v4(), "bob-phone", 3);
+    bob.register(&server).await;
+    let mut alice = client(&server, Uuid::new_v4()).await;
+    fetch(&mut alice, bob.user, None).await.unwrap();
+    let report = finished(
+        config
+            .jobs(&server.db)
+            .run(
+                keyserver::jobs::Job::DrainCheck,
+                keyserver::jobs::Trigger::Cli,
+                &keyserver::shutdown::CancellationToken::new(),
+            )
+            .await
+            .unwrap(),
+    );
+    assert_eq!(report.count("devices_reported"), 1);
+    server.stop().await.unwrap();
+
+    let db = test_db.open().await;
+    let count = |sql: &'static str| {
+        let db = db.clone();
+        async move { db.count(sql).await }
+    };
+    let drains =
+        "SELECT count(*) FROM nchat_e2ee_audit_log WHERE event_type = 'prekeys_drain_suspected'";
+    let events = "SELECT count(*) FROM nchat_e2ee_audit_log";
+    let consumed = "SELECT count(*) FROM nchat_one_time_prekeys WHERE is_consumed";
+    let runs = "SELECT count(*) FROM keyserver_job_runs WHERE job = 'drain-check'";
+    assert_eq!(
+        (
+            count(drains).await,
+            count(events).await,
+            count(consumed).await
+        ),
+        (1, 2, 1)
+    );
+    assert_eq!(count(runs).await, 1);
+
+    migrations::down_to(&db, 6).await.unwrap();
+    assert_eq!(count(events).await, 1, "the registration's event stays");
+    assert_eq!(count(consumed).await, 1, "the key stays taken");
+    assert_eq!(count(runs).await, 0, "the drain-check run went");
+    // The one-time tables' consumed_by columns.
+    let consumed_by = match backend {
+        Backend::Postgres => {
+            "SELECT count(*) FROM information_schema.columns WHERE column_name = 'consumed_by'
+               AND table_name IN ('nchat_one_time_prekeys', 'nchat_kyber_prekeys')"
+        }
+        Backend::Sqlite => {
+            "SELECT (SELECT count(*) FROM pragma_table_info('nchat_one_time_prekeys')
+                     WHERE name = 'consumed_by')
+                  + (SELECT count(*) FROM pragma_table_info('nchat_kyber_prekeys')
+                     WHERE name = 'consumed_by')"
+        }
+    };
+    assert_eq!(count(consumed_by).await, 0, "consumed_by is gone");
+
+    migrations::up(&db).await.unwrap();
+    assert_eq!(count(consumed_by).await, 2);
+    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(7));
+    let server = TestServer::start(&test_db).await;
+    let mut alice = client(&server, Uuid::new_v4()).await;
+    let bundle = fetch(&mut alice, bob.user, None).await.unwrap();
+    assert_eq!(
+        bundle.devices[0].one_time_prekey.as_ref().unwrap().key_id,
+        2
+    );
+}
+conformance!(reverting_0007_removes_the_drain_records_and_nothing_else);

@@ -439,4 +439,38 @@ mod tests {
         other_order.add(&[Value::Int(1)]);
         assert_eq!(two, other_order, "row order does not matter");
     }
+
+    /// Found by the `rows` fuzz target: a JSON number read from a SQLite source was parsed to
+    /// a double only approximately, so the copy wrote a different number and `db verify` saw
+    /// another checksum. serde_json's `float_roundtrip` parses to the nearest double.
+    #[tokio::test]
+    async fn a_json_number_is_copied_as_the_same_number() {
+        use sqlx::Connection;
+        let table = super::super::TABLES
+            .iter()
+            .find(|t| t.name == "nchat_e2ee_audit_log")
+            .unwrap();
+        let columns: Vec<&str> = table.columns.iter().map(|(name, _)| *name).collect();
+        let row = vec![
+            Value::Int(1),
+            Value::Text("master_key_created".into()),
+            Value::Null,
+            Value::Null,
+            Value::Json(
+                serde_json::from_str("55575555555555555000000000000000000001283894279063079")
+                    .unwrap(),
+            ),
+            Value::Null,
+        ];
+        let mut conn = SqliteConnection::connect("sqlite::memory:").await.unwrap();
+        let create = format!("CREATE TABLE {} ({})", table.name, columns.join(", "));
+        sqlx::raw_sql(&create).execute(&mut conn).await.unwrap();
+        let mut db = Conn::Sqlite(&mut conn);
+        db.insert_batch(table, std::slice::from_ref(&row))
+            .await
+            .unwrap();
+        let copied = db.read_batch(table, None, 10).await.unwrap();
+        assert_eq!(copied, std::slice::from_ref(&row));
+        assert_eq!(sum(&copied[0]), sum(&row));
+    }
 }
