@@ -1,6 +1,7 @@
 //! Writes the seed corpora (`fuzz/corpus/<target>/seed-*`): the well-formed inputs the tests
 //! send (requests, keys, signatures, tokens) and rows as the SQLite schema stores them, so the
-//! fuzzers mutate from valid inputs. Deterministic: running it again writes the same files.
+//! fuzzers mutate from valid inputs. Running it again writes the same files, but for the times
+//! inside the tokens.
 //!   cargo run --manifest-path fuzz/Cargo.toml --example seeds
 
 use std::path::Path;
