@@ -375,7 +375,8 @@ impl Checksum {
                 }
                 Value::Time(v) => {
                     hash.update([6u8]);
-                    hash.update((v.unix_timestamp_nanos() / 1_000_000).to_be_bytes());
+                    // Floor, not truncation: before 1970 the two differ, and the text form floors.
+                    hash.update(v.unix_timestamp_nanos().div_euclid(1_000_000).to_be_bytes());
                 }
                 Value::Json(v) => {
                     let text = v.to_string();
@@ -425,6 +426,19 @@ mod tests {
         .unwrap();
         assert_eq!(timestamp_text(micros), "2023-11-14T22:13:20.123Z");
         assert_eq!(sum(&[Value::Time(micros)]), sum(&[Value::Time(millis)]));
+        // Found by the `rows` fuzz target: before 1970 too (a truncating division made the
+        // millisecond of 1013-12-01T10:00:00.1123Z differ from that of its copy, .112).
+        let old = OffsetDateTime::parse(
+            "1013-12-01T10:00:00.1123Z",
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap();
+        let copied = OffsetDateTime::parse(
+            &timestamp_text(old),
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap();
+        assert_eq!(sum(&[Value::Time(old)]), sum(&[Value::Time(copied)]));
 
         // Anything else that differs, differs.
         assert_ne!(sum(&[Value::Bytes(vec![1])]), sum(&[Value::Bytes(vec![2])]));
