@@ -16,18 +16,6 @@ use keyserver::testing::{Backend, TestConfig, TestDb, TestServer};
 use keyserver_proto::pb;
 use uuid::Uuid;
 
-async fn status(server: &TestServer, device: &TestDevice) -> pb::GetKeyStatusResponse {
-    device
-        .client(server)
-        .await
-        .get_key_status(pb::GetKeyStatusRequest {
-            device_id: device.device_id.clone(),
-        })
-        .await
-        .expect("key status")
-        .into_inner()
-}
-
 /// `times` fetches of `device` by `requester`, each served.
 async fn fetch_times(server: &TestServer, requester: Uuid, device: &TestDevice, times: usize) {
     let mut c = client(server, requester).await;
@@ -84,7 +72,7 @@ async fn one_requester_taking_most_keys_is_reported_once_per_window(backend: Bac
     // Nine by one requester is below the rule's ten.
     fetch_times(&server, mallory, &victim, 9).await;
     fetch_times(&server, alice, &victim, 2).await;
-    assert!(!status(&server, &victim).await.drain_suspected);
+    assert!(!key_status(&server, &victim).await.drain_suspected);
     assert_eq!(
         drain_check(&server, &config)
             .await
@@ -98,10 +86,10 @@ async fn one_requester_taking_most_keys_is_reported_once_per_window(backend: Bac
     for _ in 0..12 {
         fetch_times(&server, Uuid::new_v4(), &bystander, 1).await;
     }
-    let seen = status(&server, &victim).await;
+    let seen = key_status(&server, &victim).await;
     assert!(seen.drain_suspected);
     assert_eq!(seen.one_time_prekeys_available, 30 - 12);
-    assert!(!status(&server, &bystander).await.drain_suspected);
+    assert!(!key_status(&server, &bystander).await.drain_suspected);
 
     let report = drain_check(&server, &config).await;
     assert_eq!(report.count("devices_reported"), 1, "{report}");
@@ -136,7 +124,7 @@ async fn one_requester_taking_most_keys_is_reported_once_per_window(backend: Bac
         0
     );
     assert_eq!(drain_events(&server, victim.user).await.len(), 1);
-    assert!(status(&server, &victim).await.drain_suspected);
+    assert!(key_status(&server, &victim).await.drain_suspected);
 }
 conformance!(one_requester_taking_most_keys_is_reported_once_per_window);
 
@@ -163,9 +151,9 @@ async fn many_requesters_trip_the_threshold_and_old_keys_do_not_count(backend: B
     for _ in 0..7 {
         fetch_times(&server, Uuid::new_v4(), &popular, 1).await;
     }
-    assert!(!status(&server, &popular).await.drain_suspected);
+    assert!(!key_status(&server, &popular).await.drain_suspected);
     fetch_times(&server, Uuid::new_v4(), &popular, 1).await;
-    assert!(status(&server, &popular).await.drain_suspected);
+    assert!(key_status(&server, &popular).await.drain_suspected);
 
     // Keys taken before the window leave the count: two days ago is outside 24 hours.
     let long_ago = time::OffsetDateTime::now_utc() - time::Duration::days(2);
@@ -178,7 +166,7 @@ async fn many_requesters_trip_the_threshold_and_old_keys_do_not_count(backend: B
             long_ago,
         )
         .await;
-    assert!(!status(&server, &popular).await.drain_suspected);
+    assert!(!key_status(&server, &popular).await.drain_suspected);
     assert_eq!(
         drain_check(&server, &counts_only)
             .await
@@ -198,7 +186,9 @@ async fn many_requesters_trip_the_threshold_and_old_keys_do_not_count(backend: B
         "many requesters: none is named"
     );
     assert_eq!(
-        status(&server, &popular).await.one_time_prekeys_available,
+        key_status(&server, &popular)
+            .await
+            .one_time_prekeys_available,
         4
     );
 
@@ -238,7 +228,7 @@ async fn each_kind_of_one_time_prekey_is_judged_on_its_own(backend: Backend) {
         .unwrap();
     fetch_times(&server, mallory, &victim, 11).await;
 
-    let seen = status(&server, &victim).await;
+    let seen = key_status(&server, &victim).await;
     assert!(seen.drain_suspected);
     assert_eq!(
         (

@@ -57,16 +57,7 @@ fn refused<T: std::fmt::Debug>(result: Result<T, tonic::Status>, prefix: &str) -
 }
 
 async fn available(server: &TestServer, device: &TestDevice) -> u32 {
-    device
-        .client(server)
-        .await
-        .get_key_status(pb::GetKeyStatusRequest {
-            device_id: device.device_id.clone(),
-        })
-        .await
-        .expect("key status")
-        .into_inner()
-        .one_time_prekeys_available
+    key_status(server, device).await.one_time_prekeys_available
 }
 
 async fn a_drain_stops_at_the_seventh_fetch_which_takes_nothing_until_the_bucket_refills(

@@ -160,6 +160,19 @@ impl TestDevice {
     }
 }
 
+/// The device's key status, as the device reads it.
+pub async fn key_status(server: &TestServer, device: &TestDevice) -> pb::GetKeyStatusResponse {
+    device
+        .client(server)
+        .await
+        .get_key_status(pb::GetKeyStatusRequest {
+            device_id: device.device_id.clone(),
+        })
+        .await
+        .expect("key status")
+        .into_inner()
+}
+
 /// A client of `server` with a token of `user` bound to `device`.
 pub async fn device_client(server: &TestServer, user: Uuid, device: &str) -> KeyClient {
     api::connect(&server.url, &server.device_token(user, device))
