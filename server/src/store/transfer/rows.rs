@@ -469,6 +469,28 @@ mod tests {
         assert_eq!(two, other_order, "row order does not matter");
     }
 
+    /// Found by the `rows` fuzz target: a SQLite source can hold a time in the year -208,
+    /// whose RFC 3339 text (years 0 to 9999) the copy could not read back.
+    #[test]
+    fn a_time_outside_the_years_0_to_9999_is_refused_when_read() {
+        let at = |year| {
+            time::Date::from_calendar_date(year, time::Month::January, 1)
+                .unwrap()
+                .midnight()
+                .assume_utc()
+        };
+        for year in [-9999, -208, -1] {
+            let err = time_value(at(year)).unwrap_err();
+            assert!(
+                err.to_string().contains("outside the years 0 to 9999"),
+                "{err}"
+            );
+        }
+        for year in [0, 1970, 9999] {
+            assert_eq!(time_value(at(year)).unwrap(), Value::Time(at(year)));
+        }
+    }
+
     /// Found by the `rows` fuzz target: a JSON number read from a SQLite source was parsed to
     /// a double only approximately, so the copy wrote a different number and `db verify` saw
     /// another checksum. serde_json's `float_roundtrip` parses to the nearest double.
