@@ -1,5 +1,6 @@
--- One single-device bundle fetch: the statement the server runs (store/bundles/postgres.rs,
--- FETCH_ONE_BUNDLE), for a random device of the seed, its target a one-row CTE as there.
+-- One single-device bundle fetch: the statement the server runs for a batch of one request of
+-- one target (store/bundles/postgres.rs, FETCH_ONE_BUNDLE), for a random device of the seed,
+-- its target a one-row CTE as there.
 -- Devices are named as `loadtest` names them (loadtest/src/population.rs): device n is 'load-n'
 -- of user 6c6f6164-7465-4000-8000-<n in hex>, so pgbench and loadtest can run on the same rows,
 -- seeded by either.
@@ -8,15 +9,16 @@
 --   pgbench -n -M prepared -f loadtest/pgbench/fetch.sql -D devices=1000 -c 16 -j 2 -T 30 "$DATABASE_URL"
 \set d random(0, :devices - 1)
 WITH targets AS (
-    SELECT 0 AS ord,
+    SELECT 0 AS req, 0 AS ord,
            ('6c6f6164-7465-4000-8000-' || lpad(to_hex(:d::int4), 12, '0'))::uuid AS user_id,
            'load-' || :d::int4 AS device_id,
            FALSE AS pqxdh_only,
            '6c6f6164-7465-4000-8000-ffffffffffff'::uuid AS requester
 ),
-devices AS (
-    SELECT DISTINCT ik.device_id, ik.user_id, ik.registration_id, ik.identity_key_public,
-           sp.signed_prekey_id, sp.signed_prekey_public, sp.signature, sp.rotation_date
+matched AS (
+    SELECT t.req, t.ord, t.requester, ik.device_id, ik.registration_id,
+           ik.identity_key_public, sp.signed_prekey_id, sp.signed_prekey_public,
+           sp.signature, sp.rotation_date
     FROM targets t
     JOIN nchat_identity_keys ik
       ON ik.user_id = t.user_id AND (t.device_id IS NULL OR ik.device_id = t.device_id)
@@ -26,58 +28,67 @@ devices AS (
         WHERE lr.device_id = ik.device_id AND lr.is_last_resort = TRUE
           AND lr.is_active = TRUE)
 ),
+wants AS (
+    SELECT w.req, w.requester, w.device_id,
+           row_number() OVER (PARTITION BY w.device_id ORDER BY w.req) AS rank
+    FROM (SELECT DISTINCT req, requester, device_id FROM matched) w
+),
+demand AS (
+    SELECT device_id, count(*) AS n FROM wants GROUP BY device_id
+),
 picked AS (
-    SELECT next.id
-    FROM devices d
+    SELECT d.device_id, next.id,
+           row_number() OVER (PARTITION BY d.device_id ORDER BY next.id) AS rank
+    FROM demand d
     CROSS JOIN LATERAL (
         SELECT o.id FROM nchat_one_time_prekeys o
         WHERE o.device_id = d.device_id AND o.is_consumed = FALSE
         ORDER BY o.id
-        LIMIT 1
+        LIMIT d.n
         FOR UPDATE SKIP LOCKED
     ) next
 ),
 taken AS (
     UPDATE nchat_one_time_prekeys o
-    SET is_consumed = TRUE, consumed_at = NOW(),
-    consumed_by = (SELECT requester FROM targets LIMIT 1)
-    FROM picked
-    WHERE o.id = picked.id AND o.is_consumed = FALSE
-    RETURNING o.device_id, o.prekey_id, o.prekey_public
+    SET is_consumed = TRUE, consumed_at = NOW(), consumed_by = w.requester
+    FROM picked p
+    JOIN wants w ON w.device_id = p.device_id AND w.rank = p.rank
+    WHERE o.id = p.id AND o.is_consumed = FALSE
+    RETURNING w.req, o.device_id, o.prekey_id, o.prekey_public
 ),
 kyber_picked AS (
-    SELECT next.id
-    FROM devices d
+    SELECT d.device_id, next.id,
+           row_number() OVER (PARTITION BY d.device_id ORDER BY next.id) AS rank
+    FROM demand d
     CROSS JOIN LATERAL (
         SELECT q.id FROM nchat_kyber_prekeys q
         WHERE q.device_id = d.device_id AND q.is_last_resort = FALSE
           AND q.is_consumed = FALSE
         ORDER BY q.id
-        LIMIT 1
+        LIMIT d.n
         FOR UPDATE SKIP LOCKED
     ) next
 ),
 kyber_taken AS (
     UPDATE nchat_kyber_prekeys q
-    SET is_consumed = TRUE, consumed_at = NOW(),
-    consumed_by = (SELECT requester FROM targets LIMIT 1)
-    FROM kyber_picked
-    WHERE q.id = kyber_picked.id AND q.is_consumed = FALSE
-    RETURNING q.device_id, q.kyber_prekey_id, q.kyber_prekey_public, q.signature
+    SET is_consumed = TRUE, consumed_at = NOW(), consumed_by = w.requester
+    FROM kyber_picked p
+    JOIN wants w ON w.device_id = p.device_id AND w.rank = p.rank
+    WHERE q.id = p.id AND q.is_consumed = FALSE
+    RETURNING w.req, q.device_id, q.kyber_prekey_id, q.kyber_prekey_public,
+              q.signature
 )
-SELECT t.ord, d.device_id, COALESCE(d.registration_id, 0) AS registration_id,
-       d.identity_key_public, d.signed_prekey_id, d.signed_prekey_public, d.signature,
-       d.rotation_date, k.prekey_id, k.prekey_public,
+SELECT m.req, m.ord, m.device_id, COALESCE(m.registration_id, 0) AS registration_id,
+       m.identity_key_public, m.signed_prekey_id, m.signed_prekey_public, m.signature,
+       m.rotation_date, k.prekey_id, k.prekey_public,
        COALESCE(kt.kyber_prekey_id, lr.kyber_prekey_id) AS kyber_prekey_id,
        COALESCE(kt.kyber_prekey_public, lr.kyber_prekey_public) AS kyber_prekey_public,
        COALESCE(kt.signature, lr.signature) AS kyber_signature,
        kt.device_id IS NOT NULL AS kyber_one_time
-FROM targets t
-JOIN devices d
-  ON d.user_id = t.user_id AND (t.device_id IS NULL OR d.device_id = t.device_id)
-LEFT JOIN taken k ON k.device_id = d.device_id
-LEFT JOIN kyber_taken kt ON kt.device_id = d.device_id
+FROM matched m
+LEFT JOIN taken k ON k.req = m.req AND k.device_id = m.device_id
+LEFT JOIN kyber_taken kt ON kt.req = m.req AND kt.device_id = m.device_id
 LEFT JOIN nchat_kyber_prekeys lr
-  ON kt.device_id IS NULL AND lr.device_id = d.device_id
+  ON kt.device_id IS NULL AND lr.device_id = m.device_id
  AND lr.is_last_resort = TRUE AND lr.is_active = TRUE
-ORDER BY t.ord, d.device_id;
+ORDER BY m.req, m.ord, m.device_id;

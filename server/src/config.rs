@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
+use crate::store::bundles::coalesce::DEFAULT_BATCHES_IN_FLIGHT;
 use crate::store::drain::DrainRule;
 
 /// File name of the embedded database inside the data directory.
@@ -136,6 +137,11 @@ pub struct ServeArgs {
     /// existing X3DH-only devices (the nchat design's clients) stay reachable.
     #[arg(long, env = "KEYSERVER_REQUIRE_PQXDH")]
     pub require_pqxdh: bool,
+    /// Most fetch batches this process has on PostgreSQL at once; concurrent fetches beyond
+    /// them queue and go together as the next batch (one statement, one commit). SQLite always
+    /// runs one.
+    #[arg(long, env = "KEYSERVER_FETCH_BATCHES", default_value_t = DEFAULT_BATCHES_IN_FLIGHT as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub fetch_batches: u16,
     /// Fewest PBKDF2 iterations a master-key record may declare (the schema's default).
     #[arg(
         long,
@@ -212,8 +218,9 @@ pub struct Schedule {
     /// How often to run cleanup.
     #[arg(long, env = "KEYSERVER_CLEANUP_EVERY", default_value = "1day", value_parser = humantime::parse_duration)]
     pub cleanup_every: Duration,
-    /// After a change, how long to gather further changes before refreshing the
-    /// nchat_prekey_bundles view.
+    /// After a write, how long to gather further changes before refreshing the
+    /// nchat_prekey_bundles view; also the least time between refreshes, which grows to 20
+    /// times a refresh's duration when refreshes are slow (at most 5% of the time).
     #[arg(long, env = "KEYSERVER_BUNDLE_VIEW_REFRESH", default_value = "10s", value_parser = humantime::parse_duration)]
     pub bundle_view_refresh: Duration,
     /// How often to run the drain check.

@@ -261,7 +261,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     server::run(
         listener,
         ServerParts {
-            store: db.store(),
+            store: db.store().with_fetch_batches(args.fetch_batches.into()),
             tokens,
             jobs: Jobs::new(
                 db.store(),

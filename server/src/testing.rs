@@ -28,9 +28,10 @@ use crate::jobs::Jobs;
 use crate::limits::Limits;
 use crate::server::{self, ServerParts};
 use crate::shutdown::CancellationToken;
+use crate::store::bundles::coalesce::DEFAULT_BATCHES_IN_FLIGHT;
 use crate::store::database::Database;
 use crate::store::migrations;
-use crate::store::{DeviceId, Serve};
+use crate::store::{DeviceId, Serve, Store};
 
 /// The PostgreSQL server the tests of this process use: its admin URL.
 fn admin_url() -> &'static str {
@@ -791,6 +792,8 @@ pub struct TestServer {
     pub url: String,
     /// The server's database, for checking what the server wrote.
     pub db: Database,
+    /// The store the server serves from (its fetch batches can be counted).
+    pub store: Store,
     tokens: TokenAuthority,
     stop: CancellationToken,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -816,6 +819,8 @@ pub struct TestConfig {
     pub limits: LimitArgs,
     /// What counts as a drain: `serve`'s default.
     pub drain: DrainArgs,
+    /// Fetch batches on the database at once (`--fetch-batches`).
+    pub fetch_batches: usize,
 }
 
 impl Default for TestConfig {
@@ -835,6 +840,7 @@ impl Default for TestConfig {
             edge: EdgeSettings::default(),
             limits: LimitArgs::off(),
             drain: DrainArgs::default(),
+            fetch_batches: DEFAULT_BATCHES_IN_FLIGHT,
         }
     }
 }
@@ -874,8 +880,9 @@ impl TestServer {
         };
         let url = format!("{scheme}://{}", listener.local_addr().expect("address"));
         let stop = CancellationToken::new();
+        let store = db.store().with_fetch_batches(config.fetch_batches);
         let parts = ServerParts {
-            store: db.store(),
+            store: store.clone(),
             tokens: tokens.clone(),
             jobs: config.jobs(&db),
             schedule: config.schedule,
@@ -892,6 +899,7 @@ impl TestServer {
         Self {
             url,
             db,
+            store,
             tokens,
             stop,
             task: Some(task),

@@ -34,6 +34,7 @@ pub const ONE_TIME_PREKEYS_SERVED: &str = "keyserver_one_time_prekeys_served_tot
 pub const BUNDLES_SERVED: &str = "keyserver_bundles_served_total";
 pub const BUNDLES_WITHOUT_ONE_TIME_PREKEY: &str = "keyserver_bundles_without_one_time_prekey_total";
 pub const KEYS_UPLOADED: &str = "keyserver_keys_uploaded_total";
+pub const FETCH_BATCH_REQUESTS: &str = "keyserver_fetch_batch_requests";
 pub const LOG_LINES_DROPPED: &str = "keyserver_log_lines_dropped_total";
 pub const TLS_RELOADS: &str = "keyserver_tls_reloads_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "keyserver_tls_handshake_failures_total";
@@ -46,6 +47,9 @@ pub const JOB_LAST_SUCCESS: &str = "keyserver_job_last_success_timestamp_seconds
 const BUCKETS: &[f64] = &[
     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// Fetch batch sizes, in requests: one (an idle server) up to the batch cap.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 
 /// How often histograms are compacted (the exporter leaves that to its user).
 const UPKEEP: Duration = Duration::from_secs(5);
@@ -108,6 +112,11 @@ fn describe() {
         "Keys stored from uploads and registrations, by kind (one_time_ec, one_time_kyber, \
          signed_ec, kyber_last_resort)."
     );
+    describe_histogram!(
+        FETCH_BATCH_REQUESTS,
+        "Fetch calls the database served together in one batch (one statement and commit on \
+         PostgreSQL, one transaction on SQLite)."
+    );
     describe_counter!(
         LOG_LINES_DROPPED,
         "Log lines that could not be written because stderr's reader had gone away."
@@ -146,6 +155,8 @@ pub async fn serve(
         .with_context(|| format!("serving metrics on {addr}"))?;
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+        .expect("the buckets are not empty")
+        .set_buckets_for_metric(Matcher::Full(FETCH_BATCH_REQUESTS.into()), BATCH_BUCKETS)
         .expect("the buckets are not empty")
         .install_recorder()
         .context("installing the metrics recorder")?;

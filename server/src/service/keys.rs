@@ -94,15 +94,8 @@ impl KeyApi {
             .store
             .fetch_bundles(caller.user_id, targets, self.serve)
             .await?;
+        // No view mark: fetches alone never re-arm the read model's refresh (jobs::bundle_view).
         served(&results);
-        // The read model shows the next one-time EC prekey of each device.
-        if results
-            .iter()
-            .flatten()
-            .any(|b| b.one_time_prekey.is_some())
-        {
-            self.view.mark();
-        }
         Ok(results)
     }
 }

@@ -4,8 +4,8 @@
 
 use time::OffsetDateTime;
 
-/// Why a store call failed.
-#[derive(Debug, thiserror::Error)]
+/// Why a store call failed. Cloned to answer every fetch of a batch that failed.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("no such device")]
     DeviceNotFound,

@@ -37,6 +37,9 @@ pub use safety::{SafetyRecord, VerificationMethod, safety_number};
 pub use sessions::{SessionKey, SessionQuery, StoredSession};
 pub use sql::{Backend, timestamp_text};
 
+use std::sync::Arc;
+
+use bundles::coalesce::{Coalescer, DEFAULT_BATCHES_IN_FLIGHT};
 use database::Database;
 
 /// The key server's storage on one database. It hands out each one-time prekey at most once,
@@ -44,11 +47,30 @@ use database::Database;
 #[derive(Clone)]
 pub struct Store {
     db: Database,
+    /// This store's fetches, gathered into batches.
+    fetches: Arc<Coalescer>,
 }
 
 impl Store {
     pub(crate) fn new(db: Database) -> Self {
-        Self { db }
+        let in_flight = match db.backend() {
+            Backend::Postgres => DEFAULT_BATCHES_IN_FLIGHT,
+            Backend::Sqlite => 1,
+        };
+        Self {
+            db,
+            fetches: Arc::new(Coalescer::new(in_flight)),
+        }
+    }
+
+    /// The same store with at most `batches` fetch batches on the database at once (PostgreSQL;
+    /// SQLite runs one, having one writer). More batches use more of the database's cores,
+    /// fewer gather more fetches into each.
+    pub fn with_fetch_batches(mut self, batches: usize) -> Self {
+        if self.db.backend() == Backend::Postgres {
+            self.fetches = Arc::new(Coalescer::new(batches));
+        }
+        self
     }
 
     /// The database underneath, for migrations and operator tools.

@@ -2,12 +2,14 @@
 //! unused one-time prekey and oldest unused one-time Kyber prekey, each never handed out again
 //! (docs/BUNDLES.md). A device out of one-time Kyber prekeys is served its last-resort one.
 //!
-//! This is the hot path and the one place the backends take different routes: PostgreSQL
-//! serves any number of targets in one statement, one round trip, with `FOR UPDATE SKIP
-//! LOCKED` so fetchers in any number of processes never take the same key ([`postgres`]);
-//! SQLite reads and takes in one write transaction, which its single writer makes atomic
-//! ([`sqlite`]). Both decode the same rows.
+//! This is the hot path. Concurrent fetches of a process are coalesced into batches
+//! ([`coalesce`]), and the backends take different routes for a batch: PostgreSQL serves every
+//! target of every request in one statement, one round trip and one commit, with `FOR UPDATE
+//! SKIP LOCKED` so fetchers in any number of processes never take the same key ([`postgres`]);
+//! SQLite reads and takes in one write transaction, which its single writer makes atomic, with
+//! one fsync for the batch ([`sqlite`]). Both decode the same rows.
 
+pub mod coalesce;
 mod postgres;
 mod sqlite;
 
@@ -15,10 +17,10 @@ use keyserver_proto::wire::{KyberPublicKey, PublicKey};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::database::Database;
 use super::ids::{DeviceId, KyberPreKeyId, PreKeyId, SignedPreKeyId};
 use super::sql::{At, Key, KyberKey, Sig};
 use super::{Store, StoreError};
+use coalesce::FetchRequest;
 
 /// One fetch target: a user, and one device or all of them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -130,17 +132,24 @@ impl Store {
     /// `serve` covers and that have an active signed prekey, ordered by device id. Takes one
     /// one-time prekey and one one-time Kyber prekey per device, and a device named by several
     /// targets gets one of each, shared by their results. The keys taken record `requester`
-    /// (the fetching user) for drain detection. One round trip on PostgreSQL.
+    /// (the fetching user) for drain detection. Goes to the database in a batch with the
+    /// process's concurrent fetches ([`coalesce`]).
     pub async fn fetch_bundles(
         &self,
         requester: Uuid,
         targets: &[BundleTarget],
         serve: Serve,
     ) -> Result<Vec<Vec<DeviceBundle>>, StoreError> {
-        let pqxdh_only = serve == Serve::PqxdhOnly;
-        match &self.db {
-            Database::Postgres(pg) => postgres::fetch(pg, requester, targets, pqxdh_only).await,
-            Database::Sqlite(_) => sqlite::fetch(&self.db, requester, targets, pqxdh_only).await,
-        }
+        let request = FetchRequest {
+            requester,
+            targets: targets.to_vec(),
+            serve,
+        };
+        self.fetches.fetch(&self.db, request).await
+    }
+
+    /// Fetch batches this store has sent to the database, and the requests they carried.
+    pub fn fetch_batches_sent(&self) -> (u64, u64) {
+        self.fetches.sent()
     }
 }

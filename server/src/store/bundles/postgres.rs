@@ -1,35 +1,42 @@
-//! The fetch on PostgreSQL: one statement on the base tables for any number of targets, which
-//! takes each device's oldest unconsumed one-time prekey and one-time Kyber prekey with
-//! `FOR UPDATE SKIP LOCKED` and flags them consumed, so concurrent fetchers in any number of
-//! processes never get the same key, and serves the last-resort Kyber prekey where no one-time
-//! Kyber prekey was taken.
+//! The fetch on PostgreSQL: one statement on the base tables for a whole batch of requests
+//! ([`super::coalesce`]) with any number of targets each. It takes, for each device, as many of
+//! its oldest unconsumed one-time prekeys and one-time Kyber prekeys as requests of the batch
+//! name it, with `FOR UPDATE SKIP LOCKED`, and flags them consumed, so concurrent fetchers in
+//! any number of processes never get the same key; the k-th key of a device goes to the k-th
+//! request naming it. The last-resort Kyber prekey is served where no one-time Kyber prekey was
+//! taken. One round trip and one commit for the batch.
 
 use sqlx::FromRow;
 use uuid::Uuid;
 
-use super::{BundleTarget, DeviceBundle, DeviceRow, KyberRow};
+use super::coalesce::{FetchRequest, FetchResult};
+use super::{DeviceRow, KyberRow, Serve};
 use crate::store::StoreError;
 use crate::store::database::PgDb;
 use crate::store::ids::PreKeyId;
 use crate::store::sql::Key;
 
-/// The bundle fetch after its `targets` CTE (ord, user_id, device_id, pqxdh_only, requester,
-/// from the parameters $1 order, $2 user ids, $3 optional device ids, $4 whether only devices
-/// with a last-resort Kyber prekey are served, $5 the requesting user): takes one one-time prekey and one one-time Kyber prekey
-/// per device of the targets and returns their bundles. `devices` holds each device once however
-/// many targets name it, so one statement never takes two keys of a kind of a device nor hands
-/// one key to two results. The last-resort key is read only for devices that got no one-time
-/// Kyber key (it is 1.5 KB). Taken keys record their requester for drain detection
-/// (`store::drain`).
+/// The batch fetch after its `targets` CTE (req, ord, user_id, device_id, pqxdh_only,
+/// requester: the request's place in the batch, the target's place in the request, the target,
+/// whether only devices with a last-resort Kyber prekey are served, and the requesting user).
+///
+/// `matched` is every target's devices. `wants` holds each (request, device) pair once, so one
+/// request never takes two keys of a kind of a device however many of its targets name it,
+/// ranked per device in request order. `picked` locks as many of each device's oldest
+/// unconsumed keys as requests want it, ranked by age, and the update gives the k-th to the
+/// k-th request, recording that request's user for drain detection (`store::drain`). A device
+/// short of keys (or whose keys other transactions hold) serves the requests that come first.
+/// The last-resort key is read only for bundles that got no one-time Kyber key (it is 1.5 KB).
 macro_rules! fetch_bundles {
     ($targets:literal) => {
         concat!(
             "WITH targets AS (",
             $targets,
             "),
-             devices AS (
-                 SELECT DISTINCT ik.device_id, ik.user_id, ik.registration_id, ik.identity_key_public,
-                        sp.signed_prekey_id, sp.signed_prekey_public, sp.signature, sp.rotation_date
+             matched AS (
+                 SELECT t.req, t.ord, t.requester, ik.device_id, ik.registration_id,
+                        ik.identity_key_public, sp.signed_prekey_id, sp.signed_prekey_public,
+                        sp.signature, sp.rotation_date
                  FROM targets t
                  JOIN nchat_identity_keys ik
                    ON ik.user_id = t.user_id AND (t.device_id IS NULL OR ik.device_id = t.device_id)
@@ -39,84 +46,95 @@ macro_rules! fetch_bundles {
                      WHERE lr.device_id = ik.device_id AND lr.is_last_resort = TRUE
                        AND lr.is_active = TRUE)
              ),
+             wants AS (
+                 SELECT w.req, w.requester, w.device_id,
+                        row_number() OVER (PARTITION BY w.device_id ORDER BY w.req) AS rank
+                 FROM (SELECT DISTINCT req, requester, device_id FROM matched) w
+             ),
+             demand AS (
+                 SELECT device_id, count(*) AS n FROM wants GROUP BY device_id
+             ),
              picked AS (
-                 SELECT next.id
-                 FROM devices d
+                 SELECT d.device_id, next.id,
+                        row_number() OVER (PARTITION BY d.device_id ORDER BY next.id) AS rank
+                 FROM demand d
                  CROSS JOIN LATERAL (
                      SELECT o.id FROM nchat_one_time_prekeys o
                      WHERE o.device_id = d.device_id AND o.is_consumed = FALSE
                      ORDER BY o.id
-                     LIMIT 1
+                     LIMIT d.n
                      FOR UPDATE SKIP LOCKED
                  ) next
              ),
              taken AS (
                  UPDATE nchat_one_time_prekeys o
-                 SET is_consumed = TRUE, consumed_at = NOW(),
-                     consumed_by = (SELECT requester FROM targets LIMIT 1)
-                 FROM picked
-                 WHERE o.id = picked.id AND o.is_consumed = FALSE
-                 RETURNING o.device_id, o.prekey_id, o.prekey_public
+                 SET is_consumed = TRUE, consumed_at = NOW(), consumed_by = w.requester
+                 FROM picked p
+                 JOIN wants w ON w.device_id = p.device_id AND w.rank = p.rank
+                 WHERE o.id = p.id AND o.is_consumed = FALSE
+                 RETURNING w.req, o.device_id, o.prekey_id, o.prekey_public
              ),
              kyber_picked AS (
-                 SELECT next.id
-                 FROM devices d
+                 SELECT d.device_id, next.id,
+                        row_number() OVER (PARTITION BY d.device_id ORDER BY next.id) AS rank
+                 FROM demand d
                  CROSS JOIN LATERAL (
                      SELECT q.id FROM nchat_kyber_prekeys q
                      WHERE q.device_id = d.device_id AND q.is_last_resort = FALSE
                        AND q.is_consumed = FALSE
                      ORDER BY q.id
-                     LIMIT 1
+                     LIMIT d.n
                      FOR UPDATE SKIP LOCKED
                  ) next
              ),
              kyber_taken AS (
                  UPDATE nchat_kyber_prekeys q
-                 SET is_consumed = TRUE, consumed_at = NOW(),
-                     consumed_by = (SELECT requester FROM targets LIMIT 1)
-                 FROM kyber_picked
-                 WHERE q.id = kyber_picked.id AND q.is_consumed = FALSE
-                 RETURNING q.device_id, q.kyber_prekey_id, q.kyber_prekey_public, q.signature
+                 SET is_consumed = TRUE, consumed_at = NOW(), consumed_by = w.requester
+                 FROM kyber_picked p
+                 JOIN wants w ON w.device_id = p.device_id AND w.rank = p.rank
+                 WHERE q.id = p.id AND q.is_consumed = FALSE
+                 RETURNING w.req, q.device_id, q.kyber_prekey_id, q.kyber_prekey_public,
+                           q.signature
              )
-             SELECT t.ord, d.device_id, COALESCE(d.registration_id, 0) AS registration_id,
-                    d.identity_key_public, d.signed_prekey_id, d.signed_prekey_public, d.signature,
-                    d.rotation_date, k.prekey_id, k.prekey_public,
+             SELECT m.req, m.ord, m.device_id, COALESCE(m.registration_id, 0) AS registration_id,
+                    m.identity_key_public, m.signed_prekey_id, m.signed_prekey_public, m.signature,
+                    m.rotation_date, k.prekey_id, k.prekey_public,
                     COALESCE(kt.kyber_prekey_id, lr.kyber_prekey_id) AS kyber_prekey_id,
                     COALESCE(kt.kyber_prekey_public, lr.kyber_prekey_public) AS kyber_prekey_public,
                     COALESCE(kt.signature, lr.signature) AS kyber_signature,
                     kt.device_id IS NOT NULL AS kyber_one_time
-             FROM targets t
-             JOIN devices d
-               ON d.user_id = t.user_id AND (t.device_id IS NULL OR d.device_id = t.device_id)
-             LEFT JOIN taken k ON k.device_id = d.device_id
-             LEFT JOIN kyber_taken kt ON kt.device_id = d.device_id
+             FROM matched m
+             LEFT JOIN taken k ON k.req = m.req AND k.device_id = m.device_id
+             LEFT JOIN kyber_taken kt ON kt.req = m.req AND kt.device_id = m.device_id
              LEFT JOIN nchat_kyber_prekeys lr
-               ON kt.device_id IS NULL AND lr.device_id = d.device_id
+               ON kt.device_id IS NULL AND lr.device_id = m.device_id
               AND lr.is_last_resort = TRUE AND lr.is_active = TRUE
-             ORDER BY t.ord, d.device_id"
+             ORDER BY m.req, m.ord, m.device_id"
         )
     };
 }
 
-/// Any number of targets.
+/// Any number of requests and targets.
 const FETCH_BUNDLES: &str = fetch_bundles!(
-    "SELECT u.*, $4::bool AS pqxdh_only, $5::uuid AS requester
-     FROM unnest($1::int4[], $2::uuid[], $3::text[]) AS u(ord, user_id, device_id)"
+    "SELECT * FROM unnest($1::int4[], $2::int4[], $3::uuid[], $4::text[], $5::bool[], $6::uuid[])
+         AS u(req, ord, user_id, device_id, pqxdh_only, requester)"
 );
 
-/// One target, the common case (`FetchPreKeyBundle`). An array of unknown length is planned as
-/// ten rows, which makes the generic plan of [`FETCH_BUNDLES`] look four times dearer than a
-/// custom one, so PostgreSQL plans that statement anew on every call: the profile of a fetch
-/// run had planning taking more of the database's CPU than running it. One row read from the
-/// arrays plans as one row, and PostgreSQL keeps its generic plan after five calls.
-/// `loadtest/pgbench/fetch.sql` runs this statement (a test keeps them equal).
+/// One request of one target, the common case on a server that is not busy. An array of
+/// unknown length is planned as ten rows, which makes the generic plan of [`FETCH_BUNDLES`]
+/// look four times dearer than a custom one, so PostgreSQL plans that statement anew on every
+/// call: the profile of a fetch run had planning taking more of the database's CPU than running
+/// it. One row read from the arrays plans as one row, and PostgreSQL keeps its generic plan
+/// after five calls. `loadtest/pgbench/fetch.sql` runs this statement (a test keeps them equal).
 const FETCH_ONE_BUNDLE: &str = fetch_bundles!(
-    "SELECT ($1::int4[])[1] AS ord, ($2::uuid[])[1] AS user_id, ($3::text[])[1] AS device_id,
-            $4::bool AS pqxdh_only, $5::uuid AS requester"
+    "SELECT ($1::int4[])[1] AS req, ($2::int4[])[1] AS ord, ($3::uuid[])[1] AS user_id,
+            ($4::text[])[1] AS device_id, ($5::bool[])[1] AS pqxdh_only,
+            ($6::uuid[])[1] AS requester"
 );
 
 #[derive(FromRow)]
 struct Row {
+    req: i32,
     ord: i32,
     #[sqlx(flatten)]
     device: DeviceRow,
@@ -129,37 +147,54 @@ struct Row {
 
 pub(super) async fn fetch(
     db: &PgDb,
-    requester: Uuid,
-    targets: &[BundleTarget],
-    pqxdh_only: bool,
-) -> Result<Vec<Vec<DeviceBundle>>, StoreError> {
-    let ords: Vec<i32> = (0..targets.len() as i32).collect();
-    let users: Vec<Uuid> = targets.iter().map(|t| t.user_id).collect();
-    let devices: Vec<Option<&str>> = targets
-        .iter()
-        .map(|t| t.device_id.as_ref().map(|d| d.as_str()))
-        .collect();
-    let statement = match targets {
-        [_] => FETCH_ONE_BUNDLE,
-        _ => FETCH_BUNDLES,
+    requests: &[FetchRequest],
+) -> Result<Vec<FetchResult>, StoreError> {
+    let n = requests.iter().map(|r| r.targets.len()).sum();
+    let mut reqs: Vec<i32> = Vec::with_capacity(n);
+    let mut ords: Vec<i32> = Vec::with_capacity(n);
+    let mut users: Vec<Uuid> = Vec::with_capacity(n);
+    let mut devices: Vec<Option<&str>> = Vec::with_capacity(n);
+    let mut pqxdh_only: Vec<bool> = Vec::with_capacity(n);
+    let mut requesters: Vec<Uuid> = Vec::with_capacity(n);
+    for (req, request) in requests.iter().enumerate() {
+        for (ord, target) in request.targets.iter().enumerate() {
+            reqs.push(req as i32);
+            ords.push(ord as i32);
+            users.push(target.user_id);
+            devices.push(target.device_id.as_ref().map(|d| d.as_str()));
+            pqxdh_only.push(request.serve == Serve::PqxdhOnly);
+            requesters.push(request.requester);
+        }
+    }
+    let statement = if n == 1 {
+        FETCH_ONE_BUNDLE
+    } else {
+        FETCH_BUNDLES
     };
     let rows = sqlx::query(statement)
+        .bind(&reqs)
         .bind(&ords)
         .bind(&users)
         .bind(&devices)
-        .bind(pqxdh_only)
-        .bind(requester)
+        .bind(&pqxdh_only)
+        .bind(&requesters)
         .fetch_all(db.pool())
         .await?;
-    let mut results = vec![Vec::new(); targets.len()];
+    let mut results: Vec<FetchResult> = requests
+        .iter()
+        .map(|r| vec![Vec::new(); r.targets.len()])
+        .collect();
     for row in &rows {
         let row = Row::from_row(row)?;
         let one_time = row.prekey_id.zip(row.prekey_public.map(|k| k.0));
-        results[row.ord as usize].push(row.device.bundle(
-            one_time,
-            row.kyber.key(),
-            row.kyber_one_time,
-        ));
+        let bundle = row
+            .device
+            .bundle(one_time, row.kyber.key(), row.kyber_one_time);
+        results
+            .get_mut(row.req as usize)
+            .and_then(|r| r.get_mut(row.ord as usize))
+            .ok_or_else(|| StoreError::corrupt("a fetch row for a target not asked for"))?
+            .push(bundle);
     }
     Ok(results)
 }
@@ -173,7 +208,7 @@ mod tests {
         let words = |text: &str| text.split_whitespace().collect::<Vec<_>>().join(" ");
         let from_devices = |text: &str| {
             let text = words(text);
-            text[text.find("devices AS (").expect("a devices CTE")..]
+            text[text.find("matched AS (").expect("a matched CTE")..]
                 .trim_end_matches(';')
                 .to_owned()
         };

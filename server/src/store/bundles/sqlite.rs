@@ -1,17 +1,19 @@
-//! The fetch on SQLite: the targets' devices with their last-resort Kyber prekeys, then the
-//! one-time prekeys taken, then the one-time Kyber prekeys taken, in one write transaction.
-//! SQLite has one writer at a time, so nothing can take a key between the read and the take,
-//! and in-process statements cost no round trips.
+//! The fetch on SQLite: a whole batch of requests ([`super::coalesce`]) in one write
+//! transaction, so one fsync makes all their keys' consumed flags durable. For each request in
+//! turn: the targets' devices with their last-resort Kyber prekeys, then the one-time prekeys
+//! taken, then the one-time Kyber prekeys taken. SQLite has one writer at a time, so nothing can
+//! take a key between the read and the take, each request sees the keys the ones before it
+//! took, and in-process statements cost no round trips.
 
 use std::collections::{BTreeSet, HashMap};
 
 use keyserver_proto::wire::PublicKey;
 use sqlx::FromRow;
-use uuid::Uuid;
 
-use super::{BundleTarget, DeviceBundle, DeviceRow, KyberRow, PublishedKyberPreKey};
+use super::coalesce::{FetchRequest, FetchResult};
+use super::{DeviceRow, KyberRow, PublishedKyberPreKey, Serve};
 use crate::store::StoreError;
-use crate::store::database::Database;
+use crate::store::database::{Database, Tx};
 use crate::store::ids::{DeviceId, PreKeyId};
 use crate::store::sql::{Json, Key, List, Uid, sql};
 
@@ -41,10 +43,24 @@ struct KyberTaken {
 
 pub(super) async fn fetch(
     db: &Database,
-    requester: Uuid,
-    targets: &[BundleTarget],
-    pqxdh_only: bool,
-) -> Result<Vec<Vec<DeviceBundle>>, StoreError> {
+    requests: &[FetchRequest],
+) -> Result<Vec<FetchResult>, StoreError> {
+    let mut tx = db.begin_write().await?;
+    let mut results = Vec::with_capacity(requests.len());
+    for request in requests {
+        results.push(fetch_one(&mut tx, request).await?);
+    }
+    tx.commit().await?;
+    Ok(results)
+}
+
+/// One request's bundles, taking its keys in `tx`.
+async fn fetch_one(tx: &mut Tx, request: &FetchRequest) -> Result<FetchResult, StoreError> {
+    let FetchRequest {
+        requester,
+        targets,
+        serve,
+    } = request;
     let targets_json = serde_json::Value::Array(
         targets
             .iter()
@@ -56,7 +72,6 @@ pub(super) async fn fetch(
             })
             .collect(),
     );
-    let mut tx = db.begin_write().await?;
     let rows: Vec<Row> = tx
         .query(&sql!(
             "WITH targets AS (
@@ -79,7 +94,7 @@ pub(super) async fn fetch(
              ORDER BY t.ord, ik.device_id"
         ))
         .bind(Json(targets_json))
-        .bind(pqxdh_only)
+        .bind(*serve == Serve::PqxdhOnly)
         .fetch_all()
         .await?;
 
@@ -107,7 +122,7 @@ pub(super) async fn fetch(
              RETURNING device_id, prekey_id, prekey_public"
         ))
         .bind(List(devices))
-        .bind(Uid(requester))
+        .bind(Uid(*requester))
         .fetch_all::<Taken>()
         .await?
         .into_iter()
@@ -130,14 +145,13 @@ pub(super) async fn fetch(
                        signature AS kyber_signature"
         ))
         .bind(List(kyber_devices))
-        .bind(Uid(requester))
+        .bind(Uid(*requester))
         .fetch_all::<KyberTaken>()
         .await?
         .into_iter()
         .filter_map(|t| Some((t.device_id, t.key.key()?)))
         .collect()
     };
-    tx.commit().await?;
 
     let mut results = vec![Vec::new(); targets.len()];
     for row in rows {
