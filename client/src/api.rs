@@ -75,6 +75,43 @@ where
     }
 }
 
+/// Waits before each retry of a call whose answer may have been lost.
+const LOST_ANSWER_RETRIES: [std::time::Duration; 2] = [
+    std::time::Duration::from_millis(250),
+    std::time::Duration::from_secs(1),
+];
+
+/// Whether a call that failed with `status` may have run on the server without its answer
+/// arriving (the connection broke, the server went away or was unavailable, the deadline
+/// passed), so that only a retry that is safe to repeat should follow.
+pub fn answer_may_be_lost(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+    )
+}
+
+/// Runs `call`, a call safe to repeat (a fetch with its idempotency key), and runs it again,
+/// up to twice, while its answer may have been lost.
+pub async fn retrying_lost_answers<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    for wait in LOST_ANSWER_RETRIES {
+        match call().await {
+            Err(status) if answer_may_be_lost(&status) => tokio::time::sleep(wait).await,
+            done => return done,
+        }
+    }
+    call().await
+}
+
+/// A fresh idempotency key for one fetch, reused by its retries.
+pub fn idempotency_key() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
 /// An authenticated key-service client.
 pub type KeyClient = KeyServiceClient<InterceptedService<Channel, BearerToken>>;
 

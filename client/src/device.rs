@@ -761,15 +761,20 @@ pub async fn fetch_verified(
     user_id: &str,
     device_id: Option<&str>,
 ) -> anyhow::Result<Vec<VerifiedBundle>> {
+    // One key for every attempt: a retry after a lost answer gets the keys the first took.
     let request = pb::FetchPreKeyBundleRequest {
         target: Some(pb::Target {
             user_id: user_id.to_owned(),
             device_id: device_id.map(str::to_owned),
         }),
+        idempotency_key: api::idempotency_key(),
     };
     let response = api::honouring_retry_info(|| {
-        let (mut client, request) = (client.clone(), request.clone());
-        async move { client.fetch_pre_key_bundle(request).await }
+        let (client, request) = (client.clone(), request.clone());
+        api::retrying_lost_answers(move || {
+            let (mut client, request) = (client.clone(), request.clone());
+            async move { client.fetch_pre_key_bundle(request).await }
+        })
     })
     .await?
     .into_inner();

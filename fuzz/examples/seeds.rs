@@ -167,6 +167,7 @@ fn main() {
         5,
         pb::FetchPreKeyBundleRequest {
             target: Some(target(Some("phone"))),
+            ..Default::default()
         },
     );
     request(
@@ -175,6 +176,7 @@ fn main() {
         6,
         pb::FetchPreKeyBundlesRequest {
             targets: vec![target(Some("phone")), target(None)],
+            ..Default::default()
         },
     );
     request(

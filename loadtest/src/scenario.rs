@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use keyserver::auth::TokenAuthority;
 use keyserver::store::DeviceId;
 use keyserver_client::api::Address;
-use keyserver_client::api::{MAX_RETRY_WAIT, retry_after, verify_bundle};
+use keyserver_client::api::{
+    MAX_RETRY_WAIT, answer_may_be_lost, idempotency_key, retry_after, verify_bundle,
+};
 use keyserver_client::keys::random_bytes;
 use keyserver_proto::pb;
 use keyserver_proto::pb::key_service_client::KeyServiceClient;
@@ -173,13 +175,22 @@ async fn timed<T>(
     rpc: &'static str,
     call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Option<T> {
+    timed_status(shared, rpc, call).await.ok()
+}
+
+/// One call, recorded with its duration and outcome.
+async fn timed_status<T>(
+    shared: &Shared,
+    rpc: &'static str,
+    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, tonic::Status> {
     let started = Instant::now();
     let result = call.await;
     let took = started.elapsed();
     match result {
         Ok(response) => {
             shared.recorder.call(rpc, took, None);
-            Some(response.into_inner())
+            Ok(response.into_inner())
         }
         Err(status) => {
             shared
@@ -190,9 +201,40 @@ async fn timed<T>(
             if let Some(wait) = retry_after(&status) {
                 tokio::time::sleep(wait.min(MAX_RETRY_WAIT)).await;
             }
-            None
+            Err(status)
         }
     }
+}
+
+/// A fetch carrying an idempotency key, sent again with it (each attempt recorded) while its
+/// answer may have been lost, as a client would: the retry gets the keys the lost answer held
+/// instead of taking more, so the ledger shows a key burned only if the server burned it.
+async fn fetch_retried<M: Clone, T, Fut>(
+    shared: &Shared,
+    rpc: &'static str,
+    message: M,
+    requester: u32,
+    mut call: impl FnMut(tonic::Request<M>) -> Fut,
+) -> Option<T>
+where
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    const WAITS: [Duration; 2] = [Duration::from_millis(250), Duration::from_secs(1)];
+    for wait in WAITS {
+        match timed_status(
+            shared,
+            rpc,
+            call(shared.request(message.clone(), requester)),
+        )
+        .await
+        {
+            Err(status) if answer_may_be_lost(&status) => tokio::time::sleep(wait).await,
+            done => return done.ok(),
+        }
+    }
+    timed_status(shared, rpc, call(shared.request(message, requester)))
+        .await
+        .ok()
 }
 
 async fn register(client: &mut KeyServiceClient<Channel>, shared: &Shared, n: u32) {
@@ -231,19 +273,21 @@ fn target(n: u32) -> pb::Target {
 
 async fn fetch(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
     let n = shared.random_device();
-    let request = shared.request(
-        pb::FetchPreKeyBundleRequest {
-            target: Some(target(n)),
-        },
-        shared.random_device(),
-    );
-    if let Some(answer) = timed(
+    let message = pb::FetchPreKeyBundleRequest {
+        target: Some(target(n)),
+        idempotency_key: idempotency_key(),
+    };
+    let answer = fetch_retried(
         shared,
         "FetchPreKeyBundle",
-        client.fetch_pre_key_bundle(request),
-    )
-    .await
-    {
+        message,
+        shared.random_device(),
+        |request| {
+            let mut client = client.clone();
+            async move { client.fetch_pre_key_bundle(request).await }
+        },
+    );
+    if let Some(answer) = answer.await {
         check_bundles(shared, &answer.devices);
     }
 }
@@ -256,19 +300,21 @@ async fn bulk(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
             devices.push(n);
         }
     }
-    let request = shared.request(
-        pb::FetchPreKeyBundlesRequest {
-            targets: devices.iter().map(|&n| target(n)).collect(),
-        },
-        shared.random_device(),
-    );
-    if let Some(answer) = timed(
+    let message = pb::FetchPreKeyBundlesRequest {
+        targets: devices.iter().map(|&n| target(n)).collect(),
+        idempotency_key: idempotency_key(),
+    };
+    let answer = fetch_retried(
         shared,
         "FetchPreKeyBundles",
-        client.fetch_pre_key_bundles(request),
-    )
-    .await
-    {
+        message,
+        shared.random_device(),
+        |request| {
+            let mut client = client.clone();
+            async move { client.fetch_pre_key_bundles(request).await }
+        },
+    );
+    if let Some(answer) = answer.await {
         for result in &answer.results {
             check_bundles(shared, &result.devices);
         }

@@ -142,6 +142,10 @@ pub struct ServeArgs {
     /// runs one.
     #[arg(long, env = "KEYSERVER_FETCH_BATCHES", default_value_t = DEFAULT_BATCHES_IN_FLIGHT as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub fetch_batches: u16,
+    /// How long a fetch retried with the same idempotency key gets the one-time keys the first
+    /// attempt took instead of taking more (at most the consumed-key retention).
+    #[arg(long, env = "KEYSERVER_FETCH_RETRY_WINDOW", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub fetch_retry_window: Duration,
     /// Fewest PBKDF2 iterations a master-key record may declare (the schema's default).
     #[arg(
         long,

@@ -244,6 +244,14 @@ async fn connect(database: &DatabaseArgs, data: &DataDirArgs) -> anyhow::Result<
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Cleanup deletes consumed keys after their retention: a retry after that could not be
+    // answered with the same keys.
+    anyhow::ensure!(
+        args.fetch_retry_window <= args.cleanup.consumed_prekey_retention,
+        "--fetch-retry-window ({}) must not be longer than --consumed-prekey-retention ({})",
+        humantime::format_duration(args.fetch_retry_window),
+        humantime::format_duration(args.cleanup.consumed_prekey_retention),
+    );
     let db = connect(&args.database, &args.data).await?;
     migrations::up(&db)
         .await
@@ -283,6 +291,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             edge: args.edge,
             limits: Limits::new(&args.limits, Clock::System)?,
             max_devices_per_user: args.limits.max_devices_per_user,
+            fetch_retry_window: args.fetch_retry_window,
         },
         stop,
     )

@@ -50,6 +50,8 @@ pub struct ServerParts {
     pub limits: Limits,
     /// Most devices one user may have (0: no quota).
     pub max_devices_per_user: u32,
+    /// How long a fetch retried with its idempotency key gets the same keys.
+    pub fetch_retry_window: std::time::Duration,
 }
 
 /// Serves on `listener` until `shutdown` is cancelled, then finishes requests in flight.
@@ -122,6 +124,7 @@ pub async fn run(
             limits: parts.limits,
             max_devices: parts.max_devices_per_user,
             drain: *parts.jobs.drain_rule(),
+            retry_window: parts.fetch_retry_window,
         },
     ))
     .max_decoding_message_size(limit);

@@ -634,6 +634,9 @@ pub fn secret_looking(value: &serde_json::Value, path: &str) -> Option<String> {
     match value {
         serde_json::Value::Object(map) => map.iter().find_map(|(name, v)| {
             let lower = name.to_ascii_lowercase();
+            // sqlx's slow-statement warnings carry the SQL text, never its bound values; its
+            // `statement` would otherwise read as session state.
+            let lower = lower.replace("statement", "");
             NAMES
                 .iter()
                 .find(|word| lower.contains(*word))
@@ -821,6 +824,8 @@ pub struct TestConfig {
     pub drain: DrainArgs,
     /// Fetch batches on the database at once (`--fetch-batches`).
     pub fetch_batches: usize,
+    /// How long a retried fetch gets the same keys (`--fetch-retry-window`).
+    pub fetch_retry_window: Duration,
 }
 
 impl Default for TestConfig {
@@ -841,6 +846,7 @@ impl Default for TestConfig {
             limits: LimitArgs::off(),
             drain: DrainArgs::default(),
             fetch_batches: DEFAULT_BATCHES_IN_FLIGHT,
+            fetch_retry_window: Duration::from_secs(600),
         }
     }
 }
@@ -889,6 +895,7 @@ impl TestServer {
             rotation: config.rotation,
             limits: Limits::new(&config.limits, config.clock.clone()).expect("rate limits"),
             max_devices_per_user: config.limits.max_devices_per_user,
+            fetch_retry_window: config.fetch_retry_window,
             clock: config.clock,
             min_pbkdf2_iterations: 100_000,
             serve: config.serve,

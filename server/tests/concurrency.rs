@@ -101,7 +101,10 @@ async fn concurrent_bulk_and_single_fetches_never_share_a_prekey(backend: Backen
                 if (i + round) % 2 == 0 {
                     let targets = users.iter().map(|u| target(*u, None)).collect();
                     let results = c
-                        .fetch_pre_key_bundles(pb::FetchPreKeyBundlesRequest { targets })
+                        .fetch_pre_key_bundles(pb::FetchPreKeyBundlesRequest {
+                            targets,
+                            ..Default::default()
+                        })
                         .await
                         .unwrap()
                         .into_inner()
@@ -259,7 +262,10 @@ async fn a_hot_device_in_batches_of_single_and_bulk_fetches_serves_each_key_once
                     target(hot_user, Some("hot-phone")),
                 ];
                 let results = c
-                    .fetch_pre_key_bundles(pb::FetchPreKeyBundlesRequest { targets })
+                    .fetch_pre_key_bundles(pb::FetchPreKeyBundlesRequest {
+                        targets,
+                        ..Default::default()
+                    })
                     .await
                     .unwrap()
                     .into_inner()
@@ -372,7 +378,7 @@ async fn a_batch_that_fails_answers_each_call_with_the_error_and_takes_nothing(b
     let outcomes = futures::future::join_all(
         callers
             .iter()
-            .map(|user| store.fetch_bundles(*user, &target, Serve::Mixed)),
+            .map(|user| store.fetch_bundles(*user, &target, Serve::Mixed, None)),
     )
     .await;
     let first = outcomes[0].as_ref().expect("the first batch is served");
@@ -396,7 +402,7 @@ async fn a_batch_that_fails_answers_each_call_with_the_error_and_takes_nothing(b
         callers[1..]
             .iter()
             .filter(|u| **u != mallory)
-            .map(|user| store.fetch_bundles(*user, &target, Serve::Mixed)),
+            .map(|user| store.fetch_bundles(*user, &target, Serve::Mixed, None)),
     )
     .await;
     let ids: Vec<u32> = again
@@ -464,7 +470,7 @@ async fn a_batch_whose_connection_dies_is_unavailable_and_the_next_is_served() {
     let outcomes = futures::future::join_all(
         callers
             .iter()
-            .map(|user| store.fetch_bundles(*user, &target, Serve::Mixed)),
+            .map(|user| store.fetch_bundles(*user, &target, Serve::Mixed, None)),
     )
     .await;
     killer.await.unwrap();

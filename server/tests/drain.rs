@@ -223,6 +223,7 @@ async fn each_kind_of_one_time_prekey_is_judged_on_its_own(backend: Backend) {
                 target(victim.user, Some("victim-phone")),
                 target(victim.user, None),
             ],
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -1,7 +1,8 @@
 //! The request edge of a real `keyserver serve` process: per-RPC metrics scraped over HTTP,
 //! JSON request logs with no secret in them, readiness while its PostgreSQL is stopped, TLS and
 //! mTLS over real handshakes with a certificate reloaded in place, a refused oversized message,
-//! and a server whose log reader went away still stopping cleanly on SIGTERM.
+//! a server whose log reader went away still stopping cleanly on SIGTERM, and a server killed
+//! mid-load whose lost fetches, retried with their idempotency keys elsewhere, burn no key.
 
 mod common;
 
@@ -916,4 +917,125 @@ async fn tokens_minted_by_a_chat_backend_work_and_keyserver_token_never_invents_
         assert!(!out.status.success(), "--ttl {ttl} was accepted");
     }
     std::fs::remove_dir_all(&elsewhere).unwrap();
+}
+
+/// A server killed mid-load burns no key: every fetch whose answer was lost with it is retried
+/// with its idempotency key against the other server (as `keyctl` and `loadtest` retry), which
+/// answers with the keys the lost answer held. Two processes on one PostgreSQL database, 16
+/// fetchers of 8 PQXDH devices; the ledger of keys received must match the keys the database
+/// marked taken, one for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fetches_retried_with_their_key_after_a_server_is_killed_burn_no_key() {
+    const FETCHERS: usize = 16;
+    const FETCHES_EACH: usize = 40;
+    let db = keyserver::testing::TestDb::migrated(keyserver::testing::Backend::Postgres).await;
+    let args = [
+        "--database-url",
+        db.url(),
+        "--fetch-burst",
+        "0",
+        "--fetch-budget",
+        "0",
+    ];
+    let mut doomed = serve("kill-a", &args, Stdio::null(), &[]);
+    let survivor = serve("kill-b", &args, Stdio::null(), &[]);
+    let (a, b) = (
+        Address::from(doomed.url.as_str()),
+        Address::from(survivor.url.as_str()),
+    );
+    wait_serving(&a).await;
+    wait_serving(&b).await;
+    let devices: Vec<TestDevice> = (0..8)
+        .map(|i| TestDevice::pqxdh(Uuid::new_v4(), &format!("dev-{i}"), 100, 100))
+        .collect();
+    for device in &devices {
+        registered(&a, device).await;
+    }
+    let targets: Vec<pb::Target> = devices
+        .iter()
+        .map(|d| common::target(d.user, Some(&d.device_id)))
+        .collect();
+
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for f in 0..FETCHERS {
+        let token = token(Uuid::new_v4(), None);
+        let mut on_a = api::connect(&a, &token).await.unwrap();
+        let mut on_b = api::connect(&b, &token).await.unwrap();
+        let (targets, done) = (targets.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            // (device, EC key, Kyber key) received, and the fetches retried after a loss.
+            let (mut ledger, mut retried) = (Vec::new(), 0);
+            let mut a_alive = true;
+            for i in 0..FETCHES_EACH {
+                let request = pb::FetchPreKeyBundleRequest {
+                    target: Some(targets[(f + i) % targets.len()].clone()),
+                    idempotency_key: api::idempotency_key(),
+                };
+                let mut answer = if a_alive {
+                    on_a.fetch_pre_key_bundle(request.clone()).await
+                } else {
+                    on_b.fetch_pre_key_bundle(request.clone()).await
+                };
+                let mut attempts = 0;
+                while let Err(status) = &answer {
+                    assert!(api::answer_may_be_lost(status), "{status:?}");
+                    attempts += 1;
+                    assert!(attempts < 20, "the survivor never answered: {status:?}");
+                    a_alive = false;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    answer = on_b.fetch_pre_key_bundle(request.clone()).await;
+                }
+                retried += usize::from(attempts > 0);
+                let bundle = answer.unwrap().into_inner().devices.remove(0);
+                ledger.push((
+                    bundle.device_id,
+                    bundle.one_time_prekey.map(|k| k.key_id),
+                    bundle.kyber_prekey.map(|k| k.key_id),
+                ));
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            (ledger, retried)
+        }));
+    }
+    // Mid-load, with calls in flight: SIGKILL, no goodbye to clients or the database.
+    while done.load(std::sync::atomic::Ordering::Relaxed) < FETCHERS * FETCHES_EACH / 4 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    doomed.child.kill().unwrap();
+    doomed.child.wait().unwrap();
+
+    let (mut ec, mut kyber, mut retried) = (Vec::new(), Vec::new(), 0);
+    for task in tasks {
+        let (ledger, r) = task.await.unwrap();
+        retried += r;
+        for (device, e, k) in ledger {
+            ec.push((device.clone(), e.expect("every fetch finds an EC key left")));
+            kyber.push((device, k.expect("a PQXDH bundle")));
+        }
+    }
+    assert!(retried > 0, "no fetch was in flight at the kill");
+    let check = db.open().await;
+    for (kind, received, table) in [
+        ("EC", ec, "nchat_one_time_prekeys"),
+        ("Kyber", kyber, "nchat_kyber_prekeys"),
+    ] {
+        let n = received.len();
+        let distinct: std::collections::HashSet<_> = received.into_iter().collect();
+        assert_eq!(
+            distinct.len(),
+            n,
+            "a one-time {kind} key was received twice"
+        );
+        let taken = check
+            .count(&format!("SELECT count(*) FROM {table} WHERE is_consumed"))
+            .await;
+        assert_eq!(
+            taken, n as i64,
+            "{kind} keys taken but never received (burned) after {retried} retried fetches"
+        );
+    }
+    eprintln!(
+        "{retried} fetches lost with the killed server were retried on the other; 0 keys burned"
+    );
 }

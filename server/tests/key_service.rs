@@ -691,6 +691,7 @@ async fn bulk_fetch_answers_each_target_in_order_and_never_shares_a_key_twice(ba
     let results = alice
         .fetch_pre_key_bundles(pb::FetchPreKeyBundlesRequest {
             targets: targets.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -736,6 +737,7 @@ async fn bulk_fetch_answers_each_target_in_order_and_never_shares_a_key_twice(ba
         alice
             .fetch_pre_key_bundles(pb::FetchPreKeyBundlesRequest {
                 targets: vec![target(bob, None), target(carol, None), target(bob, None)],
+                ..Default::default()
             })
             .await,
         Code::InvalidArgument,
@@ -745,6 +747,7 @@ async fn bulk_fetch_answers_each_target_in_order_and_never_shares_a_key_twice(ba
         alice
             .fetch_pre_key_bundles(pb::FetchPreKeyBundlesRequest {
                 targets: (0..257).map(|_| target(Uuid::new_v4(), None)).collect(),
+                ..Default::default()
             })
             .await,
         Code::InvalidArgument,
@@ -757,6 +760,7 @@ async fn bulk_fetch_answers_each_target_in_order_and_never_shares_a_key_twice(ba
                     user_id: "not-a-uuid".into(),
                     device_id: None,
                 }],
+                ..Default::default()
             })
             .await,
         Code::InvalidArgument,
@@ -945,6 +949,95 @@ async fn the_bundle_view_is_refreshed_off_the_request_path(backend: Backend) {
     shows(2).await;
 }
 
+/// A fetch retried with its idempotency key gets the keys the first attempt took and takes
+/// no more; the key is the requesting user's alone, and only good for the retry window.
+async fn a_retried_fetch_gets_the_same_keys_and_takes_no_more(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
+    let server = TestServer::start_with(
+        &db,
+        keyserver::testing::TestConfig {
+            fetch_retry_window: Duration::from_secs(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    let bob = TestDevice::pqxdh(Uuid::new_v4(), "bob-phone", 10, 2);
+    bob.register(&server).await;
+    let x3dh = TestDevice::new(bob.user, "bob-laptop", 10);
+    x3dh.register(&server).await;
+    let (mut alice, mut mallory) = (
+        client(&server, Uuid::new_v4()).await,
+        client(&server, Uuid::new_v4()).await,
+    );
+    let phone = || vec![target(bob.user, Some("bob-phone"))];
+    let taken = |kind: &'static str| {
+        let (server, table) = (&server, kind);
+        async move {
+            server
+                .db
+                .count(&format!(
+                    "SELECT count(*) FROM {table} WHERE is_consumed AND fetch_key IS NOT NULL"
+                ))
+                .await
+        }
+    };
+
+    let first = fetch_with_key(&mut alice, phone(), "k-1").await.unwrap();
+    assert_eq!(first, [(Some(1), Some(1))]);
+    assert_eq!(
+        fetch_with_key(&mut alice, phone(), "k-1").await.unwrap(),
+        first
+    );
+    // The same key from another user is that user's own fetch.
+    assert_eq!(
+        fetch_with_key(&mut mallory, phone(), "k-1").await.unwrap(),
+        [(Some(2), Some(2))]
+    );
+    // Every device of a bulk call, the X3DH one too; a retry repeats each.
+    let all = vec![target(bob.user, None)];
+    let bulk = fetch_with_key(&mut alice, all.clone(), "k-2")
+        .await
+        .unwrap();
+    assert_eq!(
+        bulk,
+        [(Some(1), None), (Some(3), Some(LAST_RESORT_ID))],
+        "bob-laptop, then bob-phone, out of one-time Kyber keys"
+    );
+    assert_eq!(fetch_with_key(&mut alice, all, "k-2").await.unwrap(), bulk);
+    assert_eq!(
+        (
+            taken("nchat_one_time_prekeys").await,
+            taken("nchat_kyber_prekeys").await
+        ),
+        (4, 2),
+        "retries took nothing"
+    );
+    // A call without a key takes a new key every time.
+    for want in [4, 5] {
+        let bundle = fetch(&mut alice, bob.user, Some("bob-phone"))
+            .await
+            .unwrap();
+        assert_eq!(
+            bundle.devices[0].one_time_prekey.as_ref().unwrap().key_id,
+            want
+        );
+    }
+    // After the window a retry is a new fetch.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        fetch_with_key(&mut alice, phone(), "k-1").await.unwrap(),
+        [(Some(6), Some(LAST_RESORT_ID))]
+    );
+    for bad in ["has space", "é", &"k".repeat(65)] {
+        assert_status(
+            fetch_with_key(&mut alice, phone(), bad).await,
+            Code::InvalidArgument,
+            "idempotency_key: must be 1 to 64",
+        );
+    }
+    assert_eq!(taken("nchat_one_time_prekeys").await, 5);
+}
+
 conformance!(register_then_fetch_serves_verified_bundles_taking_prekeys_in_upload_order);
 conformance!(fetch_all_devices_leaves_out_devices_without_an_active_signed_prekey);
 conformance!(every_bad_registration_is_refused_precisely_and_writes_nothing);
@@ -958,3 +1051,4 @@ conformance!(bulk_fetch_answers_each_target_in_order_and_never_shares_a_key_twic
 conformance!(calls_without_a_valid_token_are_unauthenticated);
 conformance!(health_and_reflection_are_served);
 conformance!(the_bundle_view_is_refreshed_off_the_request_path);
+conformance!(a_retried_fetch_gets_the_same_keys_and_takes_no_more);

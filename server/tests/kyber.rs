@@ -162,6 +162,7 @@ async fn x3dh_devices_are_served_beside_pqxdh_ones_unless_the_server_requires_pq
                 target(user, Some("old-phone")),
                 target(user, Some("new-phone")),
             ],
+            ..Default::default()
         })
         .await
         .unwrap()

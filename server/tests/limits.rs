@@ -141,7 +141,10 @@ async fn bulk_and_all_device_fetches_cost_one_token_per_target() {
     fetch(&mut c, v, Some("v-a")).await.unwrap();
 
     // Budget spent: 2 + 1. A bulk of two targets costs two: 5.
-    let bulk = |targets: Vec<pb::Target>| pb::FetchPreKeyBundlesRequest { targets };
+    let bulk = |targets: Vec<pb::Target>| pb::FetchPreKeyBundlesRequest {
+        targets,
+        ..Default::default()
+    };
     c.fetch_pre_key_bundles(bulk(vec![
         target(v, Some("v-b")),
         target(w.user, Some("w-a")),

@@ -69,7 +69,7 @@ async fn migrations_go_up_down_and_up_again_on_an_empty_database(backend: Backen
 
     migrations::up(&db).await.unwrap();
     assert_eq!(db.schema_objects().await, schema);
-    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(7));
+    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(8));
 }
 conformance!(migrations_go_up_down_and_up_again_on_an_empty_database);
 
@@ -340,7 +340,7 @@ async fn reverting_0006_removes_the_kyber_keys_and_nothing_else(backend: Backend
     );
 
     migrations::up(&db).await.unwrap();
-    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(7));
+    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(8));
     let server = TestServer::start(&test_db).await;
     let mut alice = client(&server, Uuid::new_v4()).await;
     let bundle = fetch(&mut alice, bob.user, None).await.unwrap();
@@ -424,7 +424,7 @@ async fn reverting_0007_removes_the_drain_records_and_nothing_else(backend: Back
 
     migrations::up(&db).await.unwrap();
     assert_eq!(count(consumed_by).await, 2);
-    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(7));
+    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(8));
     let server = TestServer::start(&test_db).await;
     let mut alice = client(&server, Uuid::new_v4()).await;
     let bundle = fetch(&mut alice, bob.user, None).await.unwrap();
@@ -434,3 +434,48 @@ async fn reverting_0007_removes_the_drain_records_and_nothing_else(backend: Back
     );
 }
 conformance!(reverting_0007_removes_the_drain_records_and_nothing_else);
+/// Reverting 0008 drops the fetches' idempotency keys and nothing else: taken keys stay taken,
+/// and after it a retry is a new fetch.
+async fn reverting_0008_drops_the_fetch_keys_and_nothing_else(backend: Backend) {
+    let test_db = TestDb::migrated(backend).await;
+    let server = TestServer::start(&test_db).await;
+    let bob = TestDevice::new(Uuid::new_v4(), "bob-phone", 3);
+    bob.register(&server).await;
+    let mut alice = client(&server, Uuid::new_v4()).await;
+    let phone = || vec![target(bob.user, Some("bob-phone"))];
+    assert_eq!(
+        fetch_with_key(&mut alice, phone(), "k").await.unwrap(),
+        [(Some(1), None)]
+    );
+    server.stop().await.unwrap();
+
+    let db = test_db.open().await;
+    let keyed = "SELECT count(*) FROM nchat_one_time_prekeys WHERE fetch_key = 'k'";
+    let consumed = "SELECT count(*) FROM nchat_one_time_prekeys WHERE is_consumed";
+    assert_eq!(db.count(keyed).await, 1);
+    migrations::down_to(&db, 7).await.unwrap();
+    assert_eq!(db.count(consumed).await, 1, "the key stays taken");
+    let columns = match backend {
+        Backend::Postgres => {
+            "SELECT count(*) FROM information_schema.columns WHERE column_name = 'fetch_key'"
+        }
+        Backend::Sqlite => {
+            "SELECT (SELECT count(*) FROM pragma_table_info('nchat_one_time_prekeys')
+                     WHERE name = 'fetch_key')
+                  + (SELECT count(*) FROM pragma_table_info('nchat_kyber_prekeys')
+                     WHERE name = 'fetch_key')"
+        }
+    };
+    assert_eq!(db.count(columns).await, 0, "fetch_key is gone");
+
+    migrations::up(&db).await.unwrap();
+    assert_eq!(db.count(columns).await, 2);
+    let server = TestServer::start(&test_db).await;
+    let mut alice = client(&server, Uuid::new_v4()).await;
+    assert_eq!(
+        fetch_with_key(&mut alice, phone(), "k").await.unwrap(),
+        [(Some(2), None)],
+        "the retry after the rollback is a new fetch"
+    );
+}
+conformance!(reverting_0008_drops_the_fetch_keys_and_nothing_else);

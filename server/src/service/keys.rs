@@ -1,6 +1,7 @@
 //! `keyserver.v1.KeyService`: validates each request, calls the store, shapes the answer.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use keyserver_proto::checks;
 use keyserver_proto::limits::REPLENISH_BELOW;
@@ -16,7 +17,7 @@ use crate::edge::metrics as m;
 use crate::jobs::bundle_view::ViewChanges;
 use crate::limits::Limits;
 use crate::store::drain::DrainRule;
-use crate::store::{DeviceBundle, KeyId, NewDevice, RegisterOutcome, Serve, Store};
+use crate::store::{DeviceBundle, FetchKey, KeyId, NewDevice, RegisterOutcome, Serve, Store};
 
 /// The key service over a store.
 pub struct KeyApi {
@@ -33,6 +34,8 @@ pub struct KeyApi {
     max_devices: u32,
     /// What `GetKeyStatus` reports as a drain.
     drain: DrainRule,
+    /// How long a fetch retried with its idempotency key gets the keys it took again.
+    retry_window: Duration,
 }
 
 /// How the key service behaves, beyond its store.
@@ -43,6 +46,7 @@ pub struct KeyPolicy {
     pub limits: Limits,
     pub max_devices: u32,
     pub drain: DrainRule,
+    pub retry_window: Duration,
 }
 
 impl KeyApi {
@@ -56,6 +60,7 @@ impl KeyApi {
             limits: policy.limits,
             max_devices: policy.max_devices,
             drain: policy.drain,
+            retry_window: policy.retry_window,
         }
     }
 
@@ -83,16 +88,23 @@ impl KeyApi {
             .collect()
     }
 
-    /// Charges the caller's limits, then takes the bundles: a refused fetch takes no key.
+    /// Charges the caller's limits, then takes the bundles: a refused fetch takes no key. A
+    /// retry with the same idempotency key is charged again (it is a call like any other) and
+    /// takes no more keys.
     async fn fetch(
         &self,
         caller: &Caller,
         targets: &[crate::store::BundleTarget],
+        idempotency_key: Option<String>,
     ) -> Result<Vec<Vec<DeviceBundle>>, Status> {
         self.limits.fetch(caller, targets).await?;
+        let retry = idempotency_key.map(|key| FetchKey {
+            key,
+            window: self.retry_window,
+        });
         let results = self
             .store
-            .fetch_bundles(caller.user_id, targets, self.serve)
+            .fetch_bundles(caller.user_id, targets, self.serve, retry)
             .await?;
         // No view mark: fetches alone never re-arm the read model's refresh (jobs::bundle_view).
         served(&results);
@@ -379,9 +391,11 @@ impl KeyService for KeyApi {
         request: Request<pb::FetchPreKeyBundleRequest>,
     ) -> Result<Response<pb::FetchPreKeyBundleResponse>, Status> {
         let caller = caller(&request)?;
-        let target = validate::target("target", request.into_inner().target)?;
+        let r = request.into_inner();
+        let target = validate::target("target", r.target)?;
+        let key = validate::idempotency_key("idempotency_key", &r.idempotency_key)?;
         let bundles = self
-            .fetch(&caller, std::slice::from_ref(&target))
+            .fetch(&caller, std::slice::from_ref(&target), key)
             .await?
             .pop()
             .unwrap_or_default();
@@ -434,9 +448,11 @@ impl KeyService for KeyApi {
         request: Request<pb::FetchPreKeyBundlesRequest>,
     ) -> Result<Response<pb::FetchPreKeyBundlesResponse>, Status> {
         let caller = caller(&request)?;
-        let requested = request.into_inner().targets;
+        let r = request.into_inner();
+        let requested = r.targets;
         let targets = validate::targets("targets", requested.clone())?;
-        let results = self.fetch(&caller, &targets).await?;
+        let key = validate::idempotency_key("idempotency_key", &r.idempotency_key)?;
+        let results = self.fetch(&caller, &targets, key).await?;
         Ok(Response::new(pb::FetchPreKeyBundlesResponse {
             results: requested
                 .into_iter()

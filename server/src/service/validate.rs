@@ -55,6 +55,25 @@ pub fn user_id(field: &str, value: &str) -> Result<Uuid> {
     Uuid::parse_str(value).map_err(|_| invalid(field, "must be a UUID"))
 }
 
+/// Longest idempotency key a fetch may carry (a UUID is 36).
+pub const MAX_IDEMPOTENCY_KEY: usize = 64;
+
+/// A fetch's optional idempotency key: empty for none, else 1 to [`MAX_IDEMPOTENCY_KEY`] of
+/// `A-Z a-z 0-9 - _ . :`, so it is never more than an opaque token in a row or a log.
+pub fn idempotency_key(field: &str, value: &str) -> Result<Option<String>> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':');
+    if value.len() > MAX_IDEMPOTENCY_KEY || !value.chars().all(allowed) {
+        return Err(invalid(
+            field,
+            format!("must be 1 to {MAX_IDEMPOTENCY_KEY} of A-Z a-z 0-9 - _ . :"),
+        ));
+    }
+    Ok(Some(value.to_owned()))
+}
+
 pub fn registration_id(field: &str, value: u32) -> Result<u16> {
     if !(1..=MAX_REGISTRATION_ID).contains(&value) {
         return Err(invalid(

@@ -25,7 +25,9 @@ pub(crate) mod sql;
 pub mod transfer;
 
 pub use audit::{AuditEvent, AuditQuery, AuditRecord};
-pub use bundles::{BundleTarget, DeviceBundle, PublishedKyberPreKey, PublishedSignedPreKey, Serve};
+pub use bundles::{
+    BundleTarget, DeviceBundle, FetchKey, PublishedKyberPreKey, PublishedSignedPreKey, Serve,
+};
 pub use devices::{NewDevice, RegisterOutcome, Registered};
 pub use error::StoreError;
 pub use ids::{DeviceId, KeyId, KyberPreKeyId, PreKeyId, SignedPreKeyId};

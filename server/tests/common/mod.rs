@@ -202,9 +202,37 @@ pub async fn fetch(
     client
         .fetch_pre_key_bundle(pb::FetchPreKeyBundleRequest {
             target: Some(target(user, device)),
+            ..Default::default()
         })
         .await
         .map(tonic::Response::into_inner)
+}
+
+/// A fetch carrying `key` as its idempotency key: the (EC, Kyber) one-time key ids of each
+/// bundle, Kyber as served (the last-resort id when no one-time key was left).
+pub async fn fetch_with_key(
+    client: &mut KeyClient,
+    targets: Vec<pb::Target>,
+    key: &str,
+) -> Result<Vec<(Option<u32>, Option<u32>)>, tonic::Status> {
+    let results = client
+        .fetch_pre_key_bundles(pb::FetchPreKeyBundlesRequest {
+            targets,
+            idempotency_key: key.to_owned(),
+        })
+        .await?
+        .into_inner()
+        .results;
+    Ok(results
+        .iter()
+        .flat_map(|r| &r.devices)
+        .map(|d| {
+            (
+                d.one_time_prekey.as_ref().map(|k| k.key_id),
+                d.kyber_prekey.as_ref().map(|k| k.key_id),
+            )
+        })
+        .collect())
 }
 
 /// Asserts a call failed with `code` and a message that starts with `prefix`.

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::{BundleTarget, DeviceBundle, Serve};
+use super::{BundleTarget, DeviceBundle, FetchKey, Serve};
 use crate::store::StoreError;
 use crate::store::database::Database;
 
@@ -40,6 +40,8 @@ pub(crate) struct FetchRequest {
     pub requester: Uuid,
     pub targets: Vec<BundleTarget>,
     pub serve: Serve,
+    /// The client's key for this fetch, so a retry takes nothing more.
+    pub retry: Option<FetchKey>,
 }
 
 /// Per target of a request, the bundles of its devices.
@@ -185,6 +187,7 @@ mod tests {
                 requester: Uuid::nil(),
                 targets: vec![target; targets],
                 serve: Serve::Mixed,
+                retry: None,
             },
             answer: oneshot::channel().0,
         }

@@ -29,6 +29,15 @@ pub struct BundleTarget {
     pub device_id: Option<DeviceId>,
 }
 
+/// The key a client chose for one fetch: a retry with it, by the same user within `window`,
+/// gets the one-time keys the first attempt took instead of taking more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchKey {
+    /// 1 to 64 of `A-Z a-z 0-9 - _ . :` (checked at the edge).
+    pub key: String,
+    pub window: std::time::Duration,
+}
+
 /// A signed prekey as peers receive it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishedSignedPreKey {
@@ -132,18 +141,23 @@ impl Store {
     /// `serve` covers and that have an active signed prekey, ordered by device id. Takes one
     /// one-time prekey and one one-time Kyber prekey per device, and a device named by several
     /// targets gets one of each, shared by their results. The keys taken record `requester`
-    /// (the fetching user) for drain detection. Goes to the database in a batch with the
-    /// process's concurrent fetches ([`coalesce`]).
+    /// (the fetching user) for drain detection, and `retry`'s key: a fetch by the same user with
+    /// the same key within its window gets, for each device the first took keys of, the same
+    /// keys again (its one-time Kyber key, or the last-resort key if it took none), taking
+    /// nothing more. Goes to the database in a batch with the process's concurrent fetches
+    /// ([`coalesce`]).
     pub async fn fetch_bundles(
         &self,
         requester: Uuid,
         targets: &[BundleTarget],
         serve: Serve,
+        retry: Option<FetchKey>,
     ) -> Result<Vec<Vec<DeviceBundle>>, StoreError> {
         let request = FetchRequest {
             requester,
             targets: targets.to_vec(),
             serve,
+            retry,
         };
         self.fetches.fetch(&self.db, request).await
     }

@@ -17,16 +17,20 @@ use crate::store::ids::PreKeyId;
 use crate::store::sql::Key;
 
 /// The batch fetch after its `targets` CTE (req, ord, user_id, device_id, pqxdh_only,
-/// requester: the request's place in the batch, the target's place in the request, the target,
-/// whether only devices with a last-resort Kyber prekey are served, and the requesting user).
+/// requester, fetch_key: the request's place in the batch, the target's place in the request,
+/// the target, whether only devices with a last-resort Kyber prekey are served, the requesting
+/// user and the request's idempotency key), with `$8` the retry window in seconds.
 ///
-/// `matched` is every target's devices. `wants` holds each (request, device) pair once, so one
-/// request never takes two keys of a kind of a device however many of its targets name it,
-/// ranked per device in request order. `picked` locks as many of each device's oldest
-/// unconsumed keys as requests want it, ranked by age, and the update gives the k-th to the
-/// k-th request, recording that request's user for drain detection (`store::drain`). A device
-/// short of keys (or whose keys other transactions hold) serves the requests that come first.
-/// The last-resort key is read only for bundles that got no one-time Kyber key (it is 1.5 KB).
+/// `matched` is every target's devices; `asks` each (request, device) pair once, so one request
+/// never takes two keys of a kind of a device however many of its targets name it. `again` and
+/// `kyber_again` find, for a request with a key, the keys its user took with the same key within
+/// the window: such a pair is a retry, served those keys, and takes nothing. The other pairs
+/// are ranked per device in request order (`wants`); `picked` locks as many of each device's
+/// oldest unconsumed keys as requests want it, ranked by age, and the update gives the k-th to
+/// the k-th request, recording that request's user (for drain detection, `store::drain`) and
+/// key. A device short of keys (or whose keys other transactions hold) serves the requests that
+/// come first. The last-resort key is read only for bundles that got no one-time Kyber key (it
+/// is 1.5 KB).
 macro_rules! fetch_bundles {
     ($targets:literal) => {
         concat!(
@@ -34,7 +38,7 @@ macro_rules! fetch_bundles {
             $targets,
             "),
              matched AS (
-                 SELECT t.req, t.ord, t.requester, ik.device_id, ik.registration_id,
+                 SELECT t.req, t.ord, t.requester, t.fetch_key, ik.device_id, ik.registration_id,
                         ik.identity_key_public, sp.signed_prekey_id, sp.signed_prekey_public,
                         sp.signature, sp.rotation_date
                  FROM targets t
@@ -46,10 +50,38 @@ macro_rules! fetch_bundles {
                      WHERE lr.device_id = ik.device_id AND lr.is_last_resort = TRUE
                        AND lr.is_active = TRUE)
              ),
+             asks AS (
+                 SELECT DISTINCT req, requester, fetch_key, device_id FROM matched
+             ),
+             again AS (
+                 SELECT DISTINCT ON (a.req, a.device_id) a.req, o.device_id, o.prekey_id,
+                        o.prekey_public
+                 FROM asks a
+                 JOIN nchat_one_time_prekeys o
+                   ON o.device_id = a.device_id AND o.fetch_key = a.fetch_key
+                  AND o.consumed_by = a.requester AND o.is_consumed = TRUE
+                  AND o.consumed_at > NOW() - make_interval(secs => $8)
+                 ORDER BY a.req, a.device_id, o.id
+             ),
+             kyber_again AS (
+                 SELECT DISTINCT ON (a.req, a.device_id) a.req, q.device_id, q.kyber_prekey_id,
+                        q.kyber_prekey_public, q.signature
+                 FROM asks a
+                 JOIN nchat_kyber_prekeys q
+                   ON q.device_id = a.device_id AND q.fetch_key = a.fetch_key
+                  AND q.consumed_by = a.requester AND q.is_consumed = TRUE
+                  AND q.consumed_at > NOW() - make_interval(secs => $8)
+                 ORDER BY a.req, a.device_id, q.id
+             ),
              wants AS (
-                 SELECT w.req, w.requester, w.device_id,
-                        row_number() OVER (PARTITION BY w.device_id ORDER BY w.req) AS rank
-                 FROM (SELECT DISTINCT req, requester, device_id FROM matched) w
+                 SELECT a.req, a.requester, a.fetch_key, a.device_id,
+                        row_number() OVER (PARTITION BY a.device_id ORDER BY a.req) AS rank
+                 FROM asks a
+                 WHERE NOT EXISTS (
+                           SELECT 1 FROM again g WHERE g.req = a.req AND g.device_id = a.device_id)
+                   AND NOT EXISTS (
+                           SELECT 1 FROM kyber_again g
+                           WHERE g.req = a.req AND g.device_id = a.device_id)
              ),
              demand AS (
                  SELECT device_id, count(*) AS n FROM wants GROUP BY device_id
@@ -68,7 +100,8 @@ macro_rules! fetch_bundles {
              ),
              taken AS (
                  UPDATE nchat_one_time_prekeys o
-                 SET is_consumed = TRUE, consumed_at = NOW(), consumed_by = w.requester
+                 SET is_consumed = TRUE, consumed_at = NOW(), consumed_by = w.requester,
+                     fetch_key = w.fetch_key
                  FROM picked p
                  JOIN wants w ON w.device_id = p.device_id AND w.rank = p.rank
                  WHERE o.id = p.id AND o.is_consumed = FALSE
@@ -89,12 +122,19 @@ macro_rules! fetch_bundles {
              ),
              kyber_taken AS (
                  UPDATE nchat_kyber_prekeys q
-                 SET is_consumed = TRUE, consumed_at = NOW(), consumed_by = w.requester
+                 SET is_consumed = TRUE, consumed_at = NOW(), consumed_by = w.requester,
+                     fetch_key = w.fetch_key
                  FROM kyber_picked p
                  JOIN wants w ON w.device_id = p.device_id AND w.rank = p.rank
                  WHERE q.id = p.id AND q.is_consumed = FALSE
                  RETURNING w.req, q.device_id, q.kyber_prekey_id, q.kyber_prekey_public,
                            q.signature
+             ),
+             served AS (
+                 SELECT * FROM taken UNION ALL SELECT * FROM again
+             ),
+             kyber_served AS (
+                 SELECT * FROM kyber_taken UNION ALL SELECT * FROM kyber_again
              )
              SELECT m.req, m.ord, m.device_id, COALESCE(m.registration_id, 0) AS registration_id,
                     m.identity_key_public, m.signed_prekey_id, m.signed_prekey_public, m.signature,
@@ -104,8 +144,8 @@ macro_rules! fetch_bundles {
                     COALESCE(kt.signature, lr.signature) AS kyber_signature,
                     kt.device_id IS NOT NULL AS kyber_one_time
              FROM matched m
-             LEFT JOIN taken k ON k.req = m.req AND k.device_id = m.device_id
-             LEFT JOIN kyber_taken kt ON kt.req = m.req AND kt.device_id = m.device_id
+             LEFT JOIN served k ON k.req = m.req AND k.device_id = m.device_id
+             LEFT JOIN kyber_served kt ON kt.req = m.req AND kt.device_id = m.device_id
              LEFT JOIN nchat_kyber_prekeys lr
                ON kt.device_id IS NULL AND lr.device_id = m.device_id
               AND lr.is_last_resort = TRUE AND lr.is_active = TRUE
@@ -116,8 +156,9 @@ macro_rules! fetch_bundles {
 
 /// Any number of requests and targets.
 const FETCH_BUNDLES: &str = fetch_bundles!(
-    "SELECT * FROM unnest($1::int4[], $2::int4[], $3::uuid[], $4::text[], $5::bool[], $6::uuid[])
-         AS u(req, ord, user_id, device_id, pqxdh_only, requester)"
+    "SELECT * FROM unnest($1::int4[], $2::int4[], $3::uuid[], $4::text[], $5::bool[], $6::uuid[],
+                          $7::text[])
+         AS u(req, ord, user_id, device_id, pqxdh_only, requester, fetch_key)"
 );
 
 /// One request of one target, the common case on a server that is not busy. An array of
@@ -129,7 +170,7 @@ const FETCH_BUNDLES: &str = fetch_bundles!(
 const FETCH_ONE_BUNDLE: &str = fetch_bundles!(
     "SELECT ($1::int4[])[1] AS req, ($2::int4[])[1] AS ord, ($3::uuid[])[1] AS user_id,
             ($4::text[])[1] AS device_id, ($5::bool[])[1] AS pqxdh_only,
-            ($6::uuid[])[1] AS requester"
+            ($6::uuid[])[1] AS requester, ($7::text[])[1] AS fetch_key"
 );
 
 #[derive(FromRow)]
@@ -156,6 +197,13 @@ pub(super) async fn fetch(
     let mut devices: Vec<Option<&str>> = Vec::with_capacity(n);
     let mut pqxdh_only: Vec<bool> = Vec::with_capacity(n);
     let mut requesters: Vec<Uuid> = Vec::with_capacity(n);
+    let mut fetch_keys: Vec<Option<&str>> = Vec::with_capacity(n);
+    // One window for the batch: every request of a process has the server's.
+    let window = requests
+        .iter()
+        .filter_map(|r| r.retry.as_ref())
+        .map(|k| k.window.as_secs_f64())
+        .fold(0.0, f64::max);
     for (req, request) in requests.iter().enumerate() {
         for (ord, target) in request.targets.iter().enumerate() {
             reqs.push(req as i32);
@@ -164,6 +212,7 @@ pub(super) async fn fetch(
             devices.push(target.device_id.as_ref().map(|d| d.as_str()));
             pqxdh_only.push(request.serve == Serve::PqxdhOnly);
             requesters.push(request.requester);
+            fetch_keys.push(request.retry.as_ref().map(|k| k.key.as_str()));
         }
     }
     let statement = if n == 1 {
@@ -178,6 +227,8 @@ pub(super) async fn fetch(
         .bind(&devices)
         .bind(&pqxdh_only)
         .bind(&requesters)
+        .bind(&fetch_keys)
+        .bind(window)
         .fetch_all(db.pool())
         .await?;
     let mut results: Vec<FetchResult> = requests

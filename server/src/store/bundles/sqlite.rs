@@ -9,9 +9,10 @@ use std::collections::{BTreeSet, HashMap};
 
 use keyserver_proto::wire::PublicKey;
 use sqlx::FromRow;
+use uuid::Uuid;
 
 use super::coalesce::{FetchRequest, FetchResult};
-use super::{DeviceRow, KyberRow, PublishedKyberPreKey, Serve};
+use super::{DeviceRow, FetchKey, KyberRow, PublishedKyberPreKey, Serve};
 use crate::store::StoreError;
 use crate::store::database::{Database, Tx};
 use crate::store::ids::{DeviceId, PreKeyId};
@@ -60,6 +61,7 @@ async fn fetch_one(tx: &mut Tx, request: &FetchRequest) -> Result<FetchResult, S
         requester,
         targets,
         serve,
+        retry,
     } = request;
     let targets_json = serde_json::Value::Array(
         targets
@@ -108,11 +110,25 @@ async fn fetch_one(tx: &mut Tx, request: &FetchRequest) -> Result<FetchResult, S
             .map(|r| r.device.device_id.to_string());
         ids.collect::<BTreeSet<_>>().into_iter().collect()
     };
-    let (devices, kyber_devices) = (distinct(false), distinct(true));
-    let taken: HashMap<DeviceId, (PreKeyId, PublicKey)> = tx
+    let (mut devices, mut kyber_devices) = (distinct(false), distinct(true));
+    // A retry: the devices its user took keys of with the same key get them again, and no more.
+    let (again, kyber_again) = match retry {
+        Some(retry) => taken_before(tx, *requester, retry, &devices).await?,
+        None => Default::default(),
+    };
+    let replayed = |d: &String| {
+        again
+            .keys()
+            .chain(kyber_again.keys())
+            .any(|r| r.as_str() == d)
+    };
+    devices.retain(|d| !replayed(d));
+    kyber_devices.retain(|d| !replayed(d));
+    let fetch_key = retry.as_ref().map(|r| r.key.as_str());
+    let mut taken: HashMap<DeviceId, (PreKeyId, PublicKey)> = tx
         .query(&sql!(
             "UPDATE nchat_one_time_prekeys SET is_consumed = TRUE, consumed_at = " NOW ",
-                 consumed_by = $2
+                 consumed_by = $2, fetch_key = $3
              WHERE id IN (
                  SELECT (SELECT o.id FROM nchat_one_time_prekeys o
                          WHERE o.device_id = d.value AND o.is_consumed = FALSE
@@ -123,17 +139,18 @@ async fn fetch_one(tx: &mut Tx, request: &FetchRequest) -> Result<FetchResult, S
         ))
         .bind(List(devices))
         .bind(Uid(*requester))
+        .bind(fetch_key)
         .fetch_all::<Taken>()
         .await?
         .into_iter()
         .map(|t| (t.device_id, (t.prekey_id, t.prekey_public.0)))
         .collect();
-    let kyber_taken: HashMap<DeviceId, PublishedKyberPreKey> = if kyber_devices.is_empty() {
+    let mut kyber_taken: HashMap<DeviceId, PublishedKyberPreKey> = if kyber_devices.is_empty() {
         HashMap::new()
     } else {
         tx.query(&sql!(
             "UPDATE nchat_kyber_prekeys SET is_consumed = TRUE, consumed_at = " NOW ",
-                 consumed_by = $2
+                 consumed_by = $2, fetch_key = $3
              WHERE id IN (
                  SELECT (SELECT q.id FROM nchat_kyber_prekeys q
                          WHERE q.device_id = d.value AND q.is_last_resort = FALSE
@@ -146,12 +163,15 @@ async fn fetch_one(tx: &mut Tx, request: &FetchRequest) -> Result<FetchResult, S
         ))
         .bind(List(kyber_devices))
         .bind(Uid(*requester))
+        .bind(fetch_key)
         .fetch_all::<KyberTaken>()
         .await?
         .into_iter()
         .filter_map(|t| Some((t.device_id, t.key.key()?)))
         .collect()
     };
+    taken.extend(again);
+    kyber_taken.extend(kyber_again);
 
     let mut results = vec![Vec::new(); targets.len()];
     for row in rows {
@@ -164,4 +184,64 @@ async fn fetch_one(tx: &mut Tx, request: &FetchRequest) -> Result<FetchResult, S
         results[row.ord as usize].push(row.device.bundle(one_time, kyber, kyber_one_time));
     }
     Ok(results)
+}
+
+/// The keys of `devices` that `requester` took with `retry`'s key within its window, the first
+/// of each device (one fetch takes one of each kind).
+async fn taken_before(
+    tx: &mut Tx,
+    requester: Uuid,
+    retry: &FetchKey,
+    devices: &[String],
+) -> Result<
+    (
+        HashMap<DeviceId, (PreKeyId, PublicKey)>,
+        HashMap<DeviceId, PublishedKyberPreKey>,
+    ),
+    StoreError,
+> {
+    // SQLite's time modifier, so the cutoff is computed as NOW writes times.
+    let since = format!("-{:.3} seconds", retry.window.as_secs_f64());
+    let mut again = HashMap::new();
+    let rows: Vec<Taken> = tx
+        .query(&sql!(
+            "SELECT device_id, prekey_id, prekey_public FROM nchat_one_time_prekeys
+             WHERE fetch_key = $1 AND consumed_by = $2 AND is_consumed = TRUE
+               AND consumed_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', $3)
+               AND device_id" IN_LIST("$4") "
+             ORDER BY id"
+        ))
+        .bind(retry.key.as_str())
+        .bind(Uid(requester))
+        .bind(since.as_str())
+        .bind(List(devices.to_vec()))
+        .fetch_all()
+        .await?;
+    for t in rows {
+        again
+            .entry(t.device_id)
+            .or_insert((t.prekey_id, t.prekey_public.0));
+    }
+    let mut kyber_again = HashMap::new();
+    let rows: Vec<KyberTaken> = tx
+        .query(&sql!(
+            "SELECT device_id, kyber_prekey_id, kyber_prekey_public, signature AS kyber_signature
+             FROM nchat_kyber_prekeys
+             WHERE fetch_key = $1 AND consumed_by = $2 AND is_consumed = TRUE
+               AND consumed_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', $3)
+               AND device_id" IN_LIST("$4") "
+             ORDER BY id"
+        ))
+        .bind(retry.key.as_str())
+        .bind(Uid(requester))
+        .bind(since.as_str())
+        .bind(List(devices.to_vec()))
+        .fetch_all()
+        .await?;
+    for t in rows {
+        if let Some(key) = t.key.key() {
+            kyber_again.entry(t.device_id).or_insert(key);
+        }
+    }
+    Ok((again, kyber_again))
 }
