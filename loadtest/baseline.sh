@@ -3,14 +3,16 @@
 #   for each backend and each size, seed N devices × 100 one-time prekeys through the API
 #   (`loadtest --scenario register`), then, each run from an identical copy of that seed and on
 #   a freshly started server:
-#     - `loadtest --scenario fetch` at each concurrency, with the server's CPU and peak RSS, the
-#       load generator's CPU, the database's (PostgreSQL) and the whole machine's;
+#     - `loadtest --scenario fetch` (and `bulk`, 10 targets a call, with SCENARIOS="fetch bulk")
+#       at each concurrency, with the server's CPU and peak RSS, the load generator's CPU, the
+#       database's (PostgreSQL) and the whole machine's;
 #     - PostgreSQL: the same statement under pgbench (loadtest/pgbench/fetch.sql), same clients,
 #       with the database's CPU, so both can be compared per database core;
 #     - PostgreSQL: `keyserver jobs refresh-bundles` alone, then under fetches at the first
 #       concurrency, with the latency of the fetches that completed while it ran.
-#   Every fetch run makes the same number of fetches, min(40 per device, $FETCHES): at 1,000
-#   devices a run of fixed length would use up the keys and measure empty bundles instead.
+#   Every fetch run takes the same number of one-time keys, min(40 per device, $FETCHES) (a bulk
+#   run makes a tenth as many calls): at 1,000 devices a run of fixed length would use up the
+#   keys and measure empty bundles instead.
 # Several builds or seeds can be measured side by side in one run (VARIANTS): each gets its own
 #   seed, and their runs alternate at every size and concurrency (REPEAT times each), so they
 #   share the machine's state; the tables give each run's ratio to the first variant's. A
@@ -37,6 +39,7 @@ cd "$(dirname "$0")/.."
 ADMIN_URL=${ADMIN_URL:-postgres://postgres@127.0.0.1:5432}
 SIZES=${SIZES:-1000 10000 100000}
 CONCURRENCY=${CONCURRENCY:-16 64}
+SCENARIOS=${SCENARIOS:-fetch}    # fetch (one device a call) and/or bulk (10 devices a call)
 BACKENDS=${BACKENDS:-postgres sqlite}
 FETCHES=${FETCHES:-90000}       # most fetches per run
 VARIANTS=${VARIANTS:-now}
@@ -56,7 +59,7 @@ mkdir -p "$OUT"
 rm -rf "$SCRATCH"
 mkdir -p "$SCRATCH"
 results=$OUT/results.tsv
-printf 'variant\trepeat\tbackend\tdevices\tconcurrency\tfetches_per_s\tp50\tp95\tp99\tp999\tmax\tserved_twice\twithout_key_while_left\tserver_cores\tserver_rss_mb\tloadtest_cores\tmachine_busy\tdatabase_cores\tbytes_per_fetch\tpgbench_per_s\tpgbench_p50\tpgbench_p99\tpgbench_database_cores\n' >"$results"
+printf 'variant\trepeat\tbackend\tscenario\tdevices\tconcurrency\tfetches_per_s\tp50\tp95\tp99\tp999\tmax\tserved_twice\twithout_key_while_left\tserver_cores\tserver_rss_mb\tloadtest_cores\tmachine_busy\tdatabase_cores\tbytes_per_fetch\tpgbench_per_s\tpgbench_p50\tpgbench_p99\tpgbench_database_cores\n' >"$results"
 seeds=$OUT/seeds.tsv
 printf 'variant\tbackend\tdevices\tseconds\tregistrations_per_s\tdatabase_mb\n' >"$seeds"
 refreshes=$OUT/refresh.tsv
@@ -144,9 +147,9 @@ since() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { print b - a }'; }
 # Cores used between two readings of a tick counter over `seconds`.
 cores() { awk -v a="$1" -v b="$2" -v s="$3" -v hz="$hz" 'BEGIN { printf "%.2f", (b - a) / hz / s }'; }
 
-# One loadtest run of $fetches fetches against the running server; its JSON in $OUT/$name.json,
-# and the CPU it, the server, the whole machine and the database used (cores), and the loopback
-# bytes per fetch, in $OUT/$name.cpu.
+# One loadtest run of $calls calls of $scenario against the running server; its JSON in
+# $OUT/$name.json, and the CPU it, the server, the whole machine and the database used (cores),
+# and the loopback bytes per call, in $OUT/$name.cpu.
 load() { # name devices concurrency [loadtest args…]
     local name=$1 devices=$2 concurrency=$3
     shift 3
@@ -154,8 +157,8 @@ load() { # name devices concurrency [loadtest args…]
     s0=$(cpu_ticks "$server_pid") b0=$(busy_ticks) i0=$(idle_ticks) d0=$(database_ticks)
     n0=$(loopback_bytes) t0=$(date +%s.%N)
     TIMEFORMAT='%U %S'
-    { time "$bin/loadtest" --url "http://127.0.0.1:$PORT" --scenario fetch \
-        --devices "$devices" --concurrency "$concurrency" --requests "$fetches" --duration 30m \
+    { time "$bin/loadtest" --url "http://127.0.0.1:$PORT" --scenario "$scenario" \
+        --devices "$devices" --concurrency "$concurrency" --requests "$calls" --duration 30m \
         --json "$OUT/$name.json" --svg "$OUT/$name.svg" "${args[@]}" "$@" >"$OUT/$name.txt" 2>&1; } \
         2>"$OUT/$name.time"
     took=$(since "$t0")
@@ -163,12 +166,13 @@ load() { # name devices concurrency [loadtest args…]
     read -r user sys <"$OUT/$name.time"
     { cores "$s0" "$(cpu_ticks "$server_pid")" "$took"
       echo " $(busy_ticks) $b0 $(idle_ticks) $i0 $took $user $sys $(loopback_bytes) $n0" |
-          awk -v db="$database" -v n="$fetches" '{ printf "\t%.2f\t%.0f%%\t%.0f\t%s\n",
+          awk -v db="$database" -v n="$calls" '{ printf "\t%.2f\t%.0f%%\t%.0f\t%s\n",
               ($6 + $7) / $5, 100 * ($1 - $2) / (($1 - $2) + ($3 - $4)), ($8 - $9) / n, db }'; } \
         >"$OUT/$name.cpu"
 }
-fetch_figures() { # json: fetches/s p50 p95 p99 p99.9 max served_twice without_while_left
-    jq -r '[.rpcs.FetchPreKeyBundle | .per_second, .p50_ms, .p95_ms, .p99_ms, .p999_ms, .max_ms]
+rpc_of() { if [ "$1" = bulk ]; then echo FetchPreKeyBundles; else echo FetchPreKeyBundle; fi; }
+fetch_figures() { # json rpc: calls/s p50 p95 p99 p99.9 max served_twice without_while_left
+    jq -r --arg rpc "$2" '[.rpcs[$rpc] | .per_second, .p50_ms, .p95_ms, .p99_ms, .p999_ms, .max_ms]
            + [.correctness.served_twice, .correctness.without_one_time_prekey_while_keys_were_left]
            | @tsv' "$1"
 }
@@ -197,12 +201,15 @@ for backend in $BACKENDS; do
         done
         fetches=$((devices * 40 < FETCHES ? devices * 40 : FETCHES))
 
+        for scenario in $SCENARIOS; do
+        calls=$fetches
+        if [ "$scenario" = bulk ]; then calls=$((fetches / 10)); fi
         for c in $CONCURRENCY; do
             for rep in $(seq "$REPEAT"); do
                 for variant in $VARIANTS; do
                     use_variant "$variant"
                     seed=ks_base_seed_${variant}_$devices
-                    name=$variant-$backend-$devices-c$c-$rep
+                    name=$variant-$backend-$scenario-$devices-c$c-$rep
                     copy_seed "$backend" "$seed" "$run"
                     start_server "$backend" "$run"
                     load "$name" "$devices" "$c"
@@ -212,7 +219,7 @@ for backend in $BACKENDS; do
                     IFS=$'\t' read -r server_cores loadtest_cores busy bytes database_cores \
                         <"$OUT/$name.cpu"
                     bench=$'\t\t\t'
-                    if [ "$backend" = postgres ] && [ "$PGBENCH" = 1 ]; then
+                    if [ "$backend" = postgres ] && [ "$PGBENCH" = 1 ] && [ "$scenario" = fetch ]; then
                         copy_seed "$backend" "$seed" "$run"
                         rm -f "$OUT/$name-pgbench".*
                         d0=$(database_ticks) t0=$(date +%s.%N)
@@ -226,19 +233,21 @@ for backend in $BACKENDS; do
                         bench="$tps"$'\t'"$p50"$'\t'"$p99"$'\t'"$bench_database"
                         rm -f "$OUT/$name-pgbench".[0-9]*
                     fi
-                    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$variant" \
-                        "$rep" "$backend" "$devices" "$c" "$(fetch_figures "$OUT/$name.json")" \
+                    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
+                        "$variant" "$rep" "$backend" "$scenario" "$devices" "$c" \
+                        "$(fetch_figures "$OUT/$name.json" "$(rpc_of "$scenario")")" \
                         "$server_cores" "$rss" "$loadtest_cores" "$busy" "$database_cores" \
                         "$bytes" "$bench" >>"$results"
                     tail -1 "$results"
                 done
             done
         done
+        done
 
         if [ "$backend" = postgres ] && [ "$REFRESH" = 1 ]; then
             # The first refresh fills the view; the measured ones are concurrent refreshes of a
             # populated view, as the server's refresher runs them.
-            c=${CONCURRENCY%% *}
+            c=${CONCURRENCY%% *} scenario=fetch calls=$fetches
             for variant in $VARIANTS; do
                 use_variant "$variant"
                 seed=ks_base_seed_${variant}_$devices
@@ -289,16 +298,17 @@ if several:
     for s in seeds:
         print(f"| {s['variant']} | {s['backend']} | {int(s['devices']):,} | {f(s['seconds'], 0)} s "
               f"| {f(s['registrations_per_s'], 0)} | {int(s['database_mb']):,} MB |")
-for backend in dict.fromkeys(r["backend"] for r in rows):
-    mine = [r for r in rows if r["backend"] == backend]
+for backend, scenario in dict.fromkeys((r["backend"], r["scenario"]) for r in rows):
+    mine = [r for r in rows if r["backend"] == backend and r["scenario"] == scenario]
     pg = backend == "postgres" and any(r["pgbench_per_s"] for r in mine)
-    print(f"\n### {backend}\n")
+    bulk = scenario == "bulk"
+    print(f"\n### {backend}, {'bulk fetches of 10 devices' if bulk else 'single fetches'}\n")
     head = (["variant", "run"] if several else []) + [
-        "devices", "concurrency", "fetches/s", "p50", "p95", "p99", "p99.9", "max",
-        "served twice", "server CPU", "server peak RSS", "loadtest CPU", "machine busy"]
+        "devices", "concurrency", "calls/s" if bulk else "fetches/s", "p50", "p95", "p99", "p99.9", "max",
+        "served twice", "server CPU", "server CPU per call", "server peak RSS", "loadtest CPU", "machine busy"]
     if backend == "postgres":
         head += ["database CPU"]
-    head += ["loopback bytes per fetch"]
+    head += ["loopback bytes per call"]
     if pg:
         head += ["pgbench/s", "pgbench p50", "pgbench p99",
                  "pgbench database CPU", "ratio to pgbench", "per database core, ratio to pgbench"]
@@ -315,7 +325,9 @@ for backend in dict.fromkeys(r["backend"] for r in rows):
         cells = ([r["variant"], r["repeat"]] if several else []) + [
                  f"{int(r['devices']):,}", r["concurrency"], f(r["fetches_per_s"], 0),
                  *(f(r[k]) + " ms" for k in ("p50", "p95", "p99", "p999", "max")),
-                 r["served_twice"], r["server_cores"] + " cores", r["server_rss_mb"] + " MB",
+                 r["served_twice"], r["server_cores"] + " cores",
+                 f(1000 * float(r["server_cores"]) / float(r["fetches_per_s"]), 3) + " ms",
+                 r["server_rss_mb"] + " MB",
                  r["loadtest_cores"] + " cores", r["machine_busy"]]
         if backend == "postgres":
             cells += [r["database_cores"] + " cores"]

@@ -5,6 +5,7 @@
 -- of user 6c6f6164-7465-4000-8000-<n in hex>, so pgbench and loadtest can run on the same rows,
 -- seeded by either.
 -- Devices are served whether or not they have Kyber keys (the server without --require-pqxdh).
+-- The fetch carries no idempotency key; the retry window is the server's default (600 s).
 -- Run it prepared, as the server does (a named statement that PostgreSQL plans once):
 --   pgbench -n -M prepared -f loadtest/pgbench/fetch.sql -D devices=1000 -c 16 -j 2 -T 30 "$DATABASE_URL"
 \set d random(0, :devices - 1)
@@ -13,10 +14,11 @@ WITH targets AS (
            ('6c6f6164-7465-4000-8000-' || lpad(to_hex(:d::int4), 12, '0'))::uuid AS user_id,
            'load-' || :d::int4 AS device_id,
            FALSE AS pqxdh_only,
-           '6c6f6164-7465-4000-8000-ffffffffffff'::uuid AS requester
+           '6c6f6164-7465-4000-8000-ffffffffffff'::uuid AS requester,
+           NULL::text AS fetch_key
 ),
 matched AS (
-    SELECT t.req, t.ord, t.requester, ik.device_id, ik.registration_id,
+    SELECT t.req, t.ord, t.requester, t.fetch_key, ik.device_id, ik.registration_id,
            ik.identity_key_public, sp.signed_prekey_id, sp.signed_prekey_public,
            sp.signature, sp.rotation_date
     FROM targets t
@@ -28,10 +30,38 @@ matched AS (
         WHERE lr.device_id = ik.device_id AND lr.is_last_resort = TRUE
           AND lr.is_active = TRUE)
 ),
+asks AS (
+    SELECT DISTINCT req, requester, fetch_key, device_id FROM matched
+),
+again AS (
+    SELECT DISTINCT ON (a.req, a.device_id) a.req, o.device_id, o.prekey_id,
+           o.prekey_public
+    FROM asks a
+    JOIN nchat_one_time_prekeys o
+      ON o.device_id = a.device_id AND o.fetch_key = a.fetch_key
+     AND o.consumed_by = a.requester AND o.is_consumed = TRUE
+     AND o.consumed_at > NOW() - make_interval(secs => 600)
+    ORDER BY a.req, a.device_id, o.id
+),
+kyber_again AS (
+    SELECT DISTINCT ON (a.req, a.device_id) a.req, q.device_id, q.kyber_prekey_id,
+           q.kyber_prekey_public, q.signature
+    FROM asks a
+    JOIN nchat_kyber_prekeys q
+      ON q.device_id = a.device_id AND q.fetch_key = a.fetch_key
+     AND q.consumed_by = a.requester AND q.is_consumed = TRUE
+     AND q.consumed_at > NOW() - make_interval(secs => 600)
+    ORDER BY a.req, a.device_id, q.id
+),
 wants AS (
-    SELECT w.req, w.requester, w.device_id,
-           row_number() OVER (PARTITION BY w.device_id ORDER BY w.req) AS rank
-    FROM (SELECT DISTINCT req, requester, device_id FROM matched) w
+    SELECT a.req, a.requester, a.fetch_key, a.device_id,
+           row_number() OVER (PARTITION BY a.device_id ORDER BY a.req) AS rank
+    FROM asks a
+    WHERE NOT EXISTS (
+              SELECT 1 FROM again g WHERE g.req = a.req AND g.device_id = a.device_id)
+      AND NOT EXISTS (
+              SELECT 1 FROM kyber_again g
+              WHERE g.req = a.req AND g.device_id = a.device_id)
 ),
 demand AS (
     SELECT device_id, count(*) AS n FROM wants GROUP BY device_id
@@ -50,7 +80,8 @@ picked AS (
 ),
 taken AS (
     UPDATE nchat_one_time_prekeys o
-    SET is_consumed = TRUE, consumed_at = NOW(), consumed_by = w.requester
+    SET is_consumed = TRUE, consumed_at = NOW(), consumed_by = w.requester,
+        fetch_key = w.fetch_key
     FROM picked p
     JOIN wants w ON w.device_id = p.device_id AND w.rank = p.rank
     WHERE o.id = p.id AND o.is_consumed = FALSE
@@ -71,12 +102,19 @@ kyber_picked AS (
 ),
 kyber_taken AS (
     UPDATE nchat_kyber_prekeys q
-    SET is_consumed = TRUE, consumed_at = NOW(), consumed_by = w.requester
+    SET is_consumed = TRUE, consumed_at = NOW(), consumed_by = w.requester,
+        fetch_key = w.fetch_key
     FROM kyber_picked p
     JOIN wants w ON w.device_id = p.device_id AND w.rank = p.rank
     WHERE q.id = p.id AND q.is_consumed = FALSE
     RETURNING w.req, q.device_id, q.kyber_prekey_id, q.kyber_prekey_public,
               q.signature
+),
+served AS (
+    SELECT * FROM taken UNION ALL SELECT * FROM again
+),
+kyber_served AS (
+    SELECT * FROM kyber_taken UNION ALL SELECT * FROM kyber_again
 )
 SELECT m.req, m.ord, m.device_id, COALESCE(m.registration_id, 0) AS registration_id,
        m.identity_key_public, m.signed_prekey_id, m.signed_prekey_public, m.signature,
@@ -86,8 +124,8 @@ SELECT m.req, m.ord, m.device_id, COALESCE(m.registration_id, 0) AS registration
        COALESCE(kt.signature, lr.signature) AS kyber_signature,
        kt.device_id IS NOT NULL AS kyber_one_time
 FROM matched m
-LEFT JOIN taken k ON k.req = m.req AND k.device_id = m.device_id
-LEFT JOIN kyber_taken kt ON kt.req = m.req AND kt.device_id = m.device_id
+LEFT JOIN served k ON k.req = m.req AND k.device_id = m.device_id
+LEFT JOIN kyber_served kt ON kt.req = m.req AND kt.device_id = m.device_id
 LEFT JOIN nchat_kyber_prekeys lr
   ON kt.device_id IS NULL AND lr.device_id = m.device_id
  AND lr.is_last_resort = TRUE AND lr.is_active = TRUE
