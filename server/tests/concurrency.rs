@@ -206,17 +206,27 @@ conformance!(multi_thread; thirty_two_fetchers_on_two_servers_get_each_of_fifty_
 conformance!(multi_thread; thirty_two_fetchers_get_each_of_fifty_kyber_prekeys_once_then_the_last_resort_key);
 conformance!(multi_thread; concurrent_bulk_and_single_fetches_never_share_a_prekey);
 
-/// Two servers that each run one fetch batch at a time, so concurrent fetches queue and go to
-/// the database together.
-async fn batching_servers(db: &TestDb) -> [TestServer; 2] {
-    let config = || TestConfig {
+/// A server that runs one fetch batch at a time, so concurrent fetches queue and go to the
+/// database together.
+async fn batching_server(db: &TestDb) -> TestServer {
+    let config = TestConfig {
         fetch_batches: 1,
         ..TestConfig::default()
     };
-    [
-        TestServer::start_with(db, config()).await,
-        TestServer::start_with(db, config()).await,
-    ]
+    TestServer::start_with(db, config).await
+}
+
+/// A registered device "bob-phone" with 20 one-time prekeys on a batching server, and the
+/// target naming it.
+async fn bob_on_a_batching_server(db: &TestDb) -> (TestServer, [BundleTarget; 1]) {
+    let server = batching_server(db).await;
+    let bob = TestDevice::new(Uuid::new_v4(), "bob-phone", 20);
+    bob.register(&server).await;
+    let target = [BundleTarget {
+        user_id: bob.user,
+        device_id: Some(DeviceId::parse("bob-phone").unwrap()),
+    }];
+    (server, target)
 }
 
 /// 96 callers fetch one PQXDH device with 100 one-time keys of each kind, three times each,
@@ -229,7 +239,7 @@ async fn a_hot_device_in_batches_of_single_and_bulk_fetches_serves_each_key_once
     const CALLERS: usize = 96;
     const CALLS_EACH: usize = 3;
     let db = TestDb::migrated(backend).await;
-    let servers = batching_servers(&db).await;
+    let servers = [batching_server(&db).await, batching_server(&db).await];
     let hot = TestDevice::pqxdh(Uuid::new_v4(), "hot-phone", KEYS, KEYS);
     hot.register(&servers[0]).await;
     let other = TestDevice::new(Uuid::new_v4(), "other-phone", KEYS);
@@ -343,22 +353,14 @@ async fn poison_fetches_by(server: &TestServer, user: Uuid) {
 /// the batches before and after it are served, in queue order, and no key is lost.
 async fn a_batch_that_fails_answers_each_call_with_the_error_and_takes_nothing(backend: Backend) {
     let db = TestDb::migrated(backend).await;
-    let server = TestServer::start_with(
-        &db,
-        TestConfig {
-            fetch_batches: 1,
-            ..TestConfig::default()
-        },
-    )
-    .await;
-    let bob = TestDevice::new(Uuid::new_v4(), "bob-phone", 20);
-    bob.register(&server).await;
+    let (server, target) = bob_on_a_batching_server(&db).await;
+    let bob_user = target[0].user_id;
     let mallory = Uuid::new_v4();
     poison_fetches_by(&server, mallory).await;
     // Through the API: the refused fetch is INTERNAL (not worth retrying) and takes nothing.
     let mut m = client(&server, mallory).await;
     assert_eq!(
-        fetch(&mut m, bob.user, Some("bob-phone"))
+        fetch(&mut m, bob_user, Some("bob-phone"))
             .await
             .unwrap_err()
             .code(),
@@ -368,10 +370,6 @@ async fn a_batch_that_fails_answers_each_call_with_the_error_and_takes_nothing(b
     // On this test's runtime thread the batch task cannot start before every call is queued:
     // the first call goes alone, the other seven together, mallory's among them.
     let store = server.store.clone();
-    let target = [BundleTarget {
-        user_id: bob.user,
-        device_id: Some(DeviceId::parse("bob-phone").unwrap()),
-    }];
     let callers: Vec<Uuid> = (0..8)
         .map(|i| if i == 5 { mallory } else { Uuid::new_v4() })
         .collect();
@@ -419,16 +417,7 @@ async fn a_batch_that_fails_answers_each_call_with_the_error_and_takes_nothing(b
 #[tokio::test]
 async fn a_batch_whose_connection_dies_is_unavailable_and_the_next_is_served() {
     let db = TestDb::migrated(Backend::Postgres).await;
-    let server = TestServer::start_with(
-        &db,
-        TestConfig {
-            fetch_batches: 1,
-            ..TestConfig::default()
-        },
-    )
-    .await;
-    let bob = TestDevice::new(Uuid::new_v4(), "bob-phone", 20);
-    bob.register(&server).await;
+    let (server, target) = bob_on_a_batching_server(&db).await;
     // A slow first key: the statement that takes it sleeps in the database.
     let slow = Uuid::new_v4();
     server
@@ -441,10 +430,6 @@ async fn a_batch_whose_connection_dies_is_unavailable_and_the_next_is_served() {
         ))
         .await;
     let store = server.store.clone();
-    let target = [BundleTarget {
-        user_id: bob.user,
-        device_id: Some(DeviceId::parse("bob-phone").unwrap()),
-    }];
     let callers: Vec<Uuid> = std::iter::once(slow)
         .chain((0..5).map(|_| Uuid::new_v4()))
         .collect();
