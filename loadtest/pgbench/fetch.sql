@@ -34,24 +34,32 @@ asks AS (
     SELECT DISTINCT req, requester, fetch_key, device_id FROM matched
 ),
 again AS (
-    SELECT DISTINCT ON (a.req, a.device_id) a.req, o.device_id, o.prekey_id,
-           o.prekey_public
+    SELECT a.req, g.device_id, g.prekey_id, g.prekey_public
     FROM asks a
-    JOIN nchat_one_time_prekeys o
-      ON o.device_id = a.device_id AND o.fetch_key = a.fetch_key
-     AND o.consumed_by = a.requester AND o.is_consumed = TRUE
-     AND o.consumed_at > NOW() - make_interval(secs => 600)
-    ORDER BY a.req, a.device_id, o.id
+    CROSS JOIN LATERAL (
+        SELECT o.device_id, o.prekey_id, o.prekey_public
+        FROM nchat_one_time_prekeys o
+        WHERE o.device_id = a.device_id AND o.fetch_key = a.fetch_key
+          AND o.consumed_by = a.requester AND o.is_consumed = TRUE
+          AND o.consumed_at > NOW() - make_interval(secs => 600)
+        ORDER BY o.id
+        LIMIT 1
+    ) g
+    WHERE a.fetch_key IS NOT NULL
 ),
 kyber_again AS (
-    SELECT DISTINCT ON (a.req, a.device_id) a.req, q.device_id, q.kyber_prekey_id,
-           q.kyber_prekey_public, q.signature
+    SELECT a.req, g.device_id, g.kyber_prekey_id, g.kyber_prekey_public, g.signature
     FROM asks a
-    JOIN nchat_kyber_prekeys q
-      ON q.device_id = a.device_id AND q.fetch_key = a.fetch_key
-     AND q.consumed_by = a.requester AND q.is_consumed = TRUE
-     AND q.consumed_at > NOW() - make_interval(secs => 600)
-    ORDER BY a.req, a.device_id, q.id
+    CROSS JOIN LATERAL (
+        SELECT q.device_id, q.kyber_prekey_id, q.kyber_prekey_public, q.signature
+        FROM nchat_kyber_prekeys q
+        WHERE q.device_id = a.device_id AND q.fetch_key = a.fetch_key
+          AND q.consumed_by = a.requester AND q.is_consumed = TRUE
+          AND q.consumed_at > NOW() - make_interval(secs => 600)
+        ORDER BY q.id
+        LIMIT 1
+    ) g
+    WHERE a.fetch_key IS NOT NULL
 ),
 wants AS (
     SELECT a.req, a.requester, a.fetch_key, a.device_id,
