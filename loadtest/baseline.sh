@@ -337,8 +337,11 @@ for backend, scenario in dict.fromkeys((r["backend"], r["scenario"]) for r in ro
             cells += [f(bench, 0), f(r["pgbench_p50"]) + " ms",
                       f(r["pgbench_p99"]) + " ms", r["pgbench_database_cores"] + " cores",
                       f(ours / bench),
+                      # A run too short for the database's CPU to register has no ratio.
                       f(ours / float(r["database_cores"])
-                        / (bench / float(r["pgbench_database_cores"])))]
+                        / (bench / float(r["pgbench_database_cores"])))
+                      if float(r["database_cores"]) and float(r["pgbench_database_cores"])
+                      else ""]
         cells += [f(float(r["fetches_per_s"]) / float(base["fetches_per_s"])) if base else ""]
         print("| " + " | ".join(cells) + " |")
 if refresh:
