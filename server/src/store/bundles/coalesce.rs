@@ -118,7 +118,12 @@ impl Coalescer {
             let [batches, requests] = &self.sent;
             batches.fetch_add(1, Ordering::Relaxed);
             requests.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            run(&db, batch).await;
+            // In a task of its own, so that even a panic in it (its callers then hear
+            // UNAVAILABLE) leaves this loop to serve the queue: a dead driver would hold its
+            // place in `running` and, with every place held, no fetch would run again.
+            if let Err(e) = tokio::spawn(run(db.clone(), batch)).await {
+                tracing::error!(error = %e, "a fetch batch failed unexpectedly");
+            }
             let mut queue = self.lock();
             if queue.waiting.is_empty() {
                 queue.running -= 1;
@@ -150,13 +155,13 @@ fn take_batch(waiting: &mut VecDeque<Queued>) -> Vec<Queued> {
 }
 
 /// One batch on the database; every request of it gets its answer.
-async fn run(db: &Database, batch: Vec<Queued>) {
+async fn run(db: Database, batch: Vec<Queued>) {
     let (requests, answers): (Vec<_>, Vec<_>) =
         batch.into_iter().map(|q| (q.request, q.answer)).unzip();
     metrics::histogram!(crate::edge::metrics::FETCH_BATCH_REQUESTS).record(requests.len() as f64);
-    let results = match db {
+    let results = match &db {
         Database::Postgres(pg) => super::postgres::fetch(pg, &requests).await,
-        Database::Sqlite(_) => super::sqlite::fetch(db, &requests).await,
+        Database::Sqlite(_) => super::sqlite::fetch(&db, &requests).await,
     };
     match results {
         Ok(results) => {
