@@ -100,15 +100,7 @@ async fn concurrent_bulk_and_single_fetches_never_share_a_prekey(backend: Backen
             for round in 0..5 {
                 if (i + round) % 2 == 0 {
                     let targets = users.iter().map(|u| target(*u, None)).collect();
-                    let results = c
-                        .fetch_pre_key_bundles(pb::FetchPreKeyBundlesRequest {
-                            targets,
-                            ..Default::default()
-                        })
-                        .await
-                        .unwrap()
-                        .into_inner()
-                        .results;
+                    let results = fetch_bulk(&mut c, targets, "").await.unwrap();
                     for d in results.into_iter().flat_map(|r| r.devices) {
                         got.push(d.one_time_prekey.map(|k| (d.device_id.clone(), k.key_id)));
                     }
@@ -271,15 +263,7 @@ async fn a_hot_device_in_batches_of_single_and_bulk_fetches_serves_each_key_once
                     target(other_user, None),
                     target(hot_user, Some("hot-phone")),
                 ];
-                let results = c
-                    .fetch_pre_key_bundles(pb::FetchPreKeyBundlesRequest {
-                        targets,
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .results;
+                let results = fetch_bulk(&mut c, targets, "").await.unwrap();
                 let (by_user, by_id) = (key(&results[0].devices[0]), key(&results[2].devices[0]));
                 assert_eq!(by_user, by_id, "one call got two keys of one device");
                 other.push(

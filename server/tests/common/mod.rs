@@ -208,6 +208,22 @@ pub async fn fetch(
         .map(tonic::Response::into_inner)
 }
 
+/// A bulk fetch of `targets` with the idempotency key `key` ("" for none): one result per target.
+pub async fn fetch_bulk(
+    client: &mut KeyClient,
+    targets: Vec<pb::Target>,
+    key: &str,
+) -> Result<Vec<pb::TargetResult>, tonic::Status> {
+    Ok(client
+        .fetch_pre_key_bundles(pb::FetchPreKeyBundlesRequest {
+            targets,
+            idempotency_key: key.to_owned(),
+        })
+        .await?
+        .into_inner()
+        .results)
+}
+
 /// A fetch carrying `key` as its idempotency key: the (EC, Kyber) one-time key ids of each
 /// bundle, Kyber as served (the last-resort id when no one-time key was left).
 pub async fn fetch_with_key(
@@ -215,14 +231,7 @@ pub async fn fetch_with_key(
     targets: Vec<pb::Target>,
     key: &str,
 ) -> Result<Vec<(Option<u32>, Option<u32>)>, tonic::Status> {
-    let results = client
-        .fetch_pre_key_bundles(pb::FetchPreKeyBundlesRequest {
-            targets,
-            idempotency_key: key.to_owned(),
-        })
-        .await?
-        .into_inner()
-        .results;
+    let results = fetch_bulk(client, targets, key).await?;
     Ok(results
         .iter()
         .flat_map(|r| &r.devices)
