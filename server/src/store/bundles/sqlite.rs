@@ -6,9 +6,10 @@
 //!
 //! The statements, as on PostgreSQL ([`super::postgres`]) but read and written apart, which
 //! SQLite's single writer makes atomic: every target's devices with their last-resort Kyber
-//! prekeys; for requests with an idempotency key, the keys their user took with it before;
-//! each wanted device's oldest unconsumed keys, as many as requests want it; and the updates
-//! that take them, the k-th key of a device going to the k-th request naming it.
+//! prekeys; for requests with an idempotency key, the keys their user took with it before; and
+//! per kind of key, one update taking the oldest unconsumed key of every device wanted (one
+//! more for each further request of the batch naming a device already served: the k-th key of
+//! a device goes to the k-th request naming it).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -34,10 +35,9 @@ struct Row {
     last_resort: KyberRow,
 }
 
-/// A one-time prekey taken, by its row id (updates) or its request (retries).
+/// A one-time prekey taken.
 #[derive(FromRow)]
 struct Taken {
-    at: i64,
     device_id: DeviceId,
     prekey_id: PreKeyId,
     prekey_public: Key,
@@ -45,82 +45,59 @@ struct Taken {
 
 #[derive(FromRow)]
 struct KyberTaken {
-    at: i64,
     device_id: DeviceId,
     #[sqlx(flatten)]
     key: KyberRow,
 }
 
+/// A key a request of the batch took before, with the same idempotency key.
 #[derive(FromRow)]
-struct Picked {
-    device_id: DeviceId,
-    id: i64,
+struct Again {
+    req: i64,
+    #[sqlx(flatten)]
+    key: Taken,
+}
+
+#[derive(FromRow)]
+struct KyberAgain {
+    req: i64,
+    #[sqlx(flatten)]
+    key: KyberTaken,
 }
 
 /// A (request, device) pair's keys.
 type Served<T> = HashMap<(usize, DeviceId), T>;
 
-/// Each wanted device's oldest unconsumed one-time keys, `$1` a JSON object of device id to how
-/// many: one index probe per key, each after the one before.
-const PICK: Sql = sql!(
-    "WITH RECURSIVE pick(device_id, wanted, id) AS (
-         SELECT d.key, d.value - 1,
-                (SELECT o.id FROM nchat_one_time_prekeys o
-                 WHERE o.device_id = d.key AND o.is_consumed = FALSE ORDER BY o.id LIMIT 1)
-         FROM json_each($1) d
-         UNION ALL
-         SELECT p.device_id, p.wanted - 1,
-                (SELECT o.id FROM nchat_one_time_prekeys o
-                 WHERE o.device_id = p.device_id AND o.is_consumed = FALSE AND o.id > p.id
-                 ORDER BY o.id LIMIT 1)
-         FROM pick p WHERE p.wanted > 0 AND p.id IS NOT NULL
-     )
-     SELECT device_id, id FROM pick WHERE id IS NOT NULL"
-);
-
-const KYBER_PICK: Sql = sql!(
-    "WITH RECURSIVE pick(device_id, wanted, id) AS (
-         SELECT d.key, d.value - 1,
-                (SELECT q.id FROM nchat_kyber_prekeys q
-                 WHERE q.device_id = d.key AND q.is_last_resort = FALSE AND q.is_consumed = FALSE
-                 ORDER BY q.id LIMIT 1)
-         FROM json_each($1) d
-         UNION ALL
-         SELECT p.device_id, p.wanted - 1,
-                (SELECT q.id FROM nchat_kyber_prekeys q
-                 WHERE q.device_id = p.device_id AND q.is_last_resort = FALSE
-                   AND q.is_consumed = FALSE AND q.id > p.id
-                 ORDER BY q.id LIMIT 1)
-         FROM pick p WHERE p.wanted > 0 AND p.id IS NOT NULL
-     )
-     SELECT device_id, id FROM pick WHERE id IS NOT NULL"
-);
-
-/// Takes the picked keys, `$1` a JSON array of [row id, requester, idempotency key or null].
+/// Takes each device's oldest unconsumed one-time prekey, `$1` a JSON array of [device id,
+/// requester, idempotency key or null], recording the requester and key on it.
 const TAKE: Sql = sql!(
     "UPDATE nchat_one_time_prekeys SET is_consumed = TRUE, consumed_at = " NOW ",
          consumed_by = json_extract(g.value, '$[1]'), fetch_key = json_extract(g.value, '$[2]')
      FROM json_each($1) g
-     WHERE nchat_one_time_prekeys.id = json_extract(g.value, '$[0]')
-       AND nchat_one_time_prekeys.is_consumed = FALSE
-     RETURNING id AS at, device_id, prekey_id, prekey_public"
+     WHERE nchat_one_time_prekeys.id = (
+         SELECT o.id FROM nchat_one_time_prekeys o
+         WHERE o.device_id = json_extract(g.value, '$[0]') AND o.is_consumed = FALSE
+         ORDER BY o.id LIMIT 1)
+     RETURNING device_id, prekey_id, prekey_public"
 );
 
 const KYBER_TAKE: Sql = sql!(
     "UPDATE nchat_kyber_prekeys SET is_consumed = TRUE, consumed_at = " NOW ",
          consumed_by = json_extract(g.value, '$[1]'), fetch_key = json_extract(g.value, '$[2]')
      FROM json_each($1) g
-     WHERE nchat_kyber_prekeys.id = json_extract(g.value, '$[0]')
-       AND nchat_kyber_prekeys.is_consumed = FALSE
-     RETURNING id AS at, device_id, kyber_prekey_id, kyber_prekey_public,
-               signature AS kyber_signature"
+     WHERE nchat_kyber_prekeys.id = (
+         SELECT q.id FROM nchat_kyber_prekeys q
+         WHERE q.device_id = json_extract(g.value, '$[0]') AND q.is_last_resort = FALSE
+           AND q.is_consumed = FALSE
+         ORDER BY q.id LIMIT 1)
+     RETURNING device_id, kyber_prekey_id, kyber_prekey_public, signature AS kyber_signature"
 );
 
 /// The keys each (request, device) of `$1` (a JSON array of [request, device id, idempotency
 /// key, requester]) took with the same key by the same user since `$2` (SQLite's time modifier,
 /// so the cutoff is computed as NOW writes times), oldest first.
 const AGAIN: Sql = sql!(
-    "SELECT CAST(json_extract(a.value, '$[0]') AS INTEGER) AS at, o.device_id, o.prekey_id,
+    "SELECT CAST(json_extract(a.value, '$[0]') AS INTEGER) AS req, o.device_id, o.prekey_id,
             o.prekey_public
      FROM json_each($1) a
      JOIN nchat_one_time_prekeys o
@@ -132,7 +109,7 @@ const AGAIN: Sql = sql!(
 );
 
 const KYBER_AGAIN: Sql = sql!(
-    "SELECT CAST(json_extract(a.value, '$[0]') AS INTEGER) AS at, q.device_id,
+    "SELECT CAST(json_extract(a.value, '$[0]') AS INTEGER) AS req, q.device_id,
             q.kyber_prekey_id, q.kyber_prekey_public, q.signature AS kyber_signature
      FROM json_each($1) a
      JOIN nchat_kyber_prekeys q
@@ -224,15 +201,16 @@ pub(super) async fn fetch(
         .collect();
 
     let mut taken: Served<(PreKeyId, PublicKey)> = again;
-    let plan = take_plan(&mut tx, &PICK, &ec_wants).await?;
-    for t in take::<Taken>(&mut tx, &TAKE, requests, &plan).await? {
-        let req = *plan.get(&t.at).ok_or_else(not_picked)?;
+    for (req, t) in take(&mut tx, &TAKE, requests, &ec_wants, |t: &Taken| {
+        &t.device_id
+    })
+    .await?
+    {
         taken.insert((req, t.device_id), (t.prekey_id, t.prekey_public.0));
     }
     let mut kyber_taken: Served<PublishedKyberPreKey> = kyber_again;
-    let plan = take_plan(&mut tx, &KYBER_PICK, &kyber_wants).await?;
-    for t in take::<KyberTaken>(&mut tx, &KYBER_TAKE, requests, &plan).await? {
-        let req = *plan.get(&t.at).ok_or_else(not_picked)?;
+    let device: fn(&KyberTaken) -> &DeviceId = |t| &t.device_id;
+    for (req, t) in take(&mut tx, &KYBER_TAKE, requests, &kyber_wants, device).await? {
         if let Some(key) = t.key.key() {
             kyber_taken.insert((req, t.device_id), key);
         }
@@ -261,72 +239,57 @@ pub(super) async fn fetch(
     Ok(results)
 }
 
-/// Which request gets which key, by row id: each device's oldest unconsumed keys (`pick`), as
-/// many as requests want it, the k-th to the k-th request in `wants` naming the device. A
-/// device short of keys serves the requests that come first.
-async fn take_plan(
-    tx: &mut Tx,
-    pick: &Sql,
-    wants: &[(usize, &DeviceId)],
-) -> Result<HashMap<i64, usize>, StoreError> {
-    let mut demand: HashMap<&str, VecDeque<usize>> = HashMap::new();
-    for &(req, device) in wants {
-        demand.entry(device.as_str()).or_default().push_back(req);
-    }
-    if demand.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let counts = demand
-        .iter()
-        .map(|(device, reqs)| ((*device).to_owned(), json!(reqs.len())))
-        .collect();
-    let mut picked: Vec<Picked> = tx
-        .query(pick)
-        .bind(Json(Value::Object(counts)))
-        .fetch_all()
-        .await?;
-    picked.sort_unstable_by_key(|p| p.id);
-    let mut plan = HashMap::with_capacity(picked.len());
-    for p in picked {
-        let req = demand
-            .get_mut(p.device_id.as_str())
-            .and_then(VecDeque::pop_front)
-            .ok_or_else(|| StoreError::corrupt("a key picked for a device not wanted"))?;
-        plan.insert(p.id, req);
-    }
-    Ok(plan)
-}
-
-/// Takes the keys of `plan`, recording each one's request's user and idempotency key.
+/// Takes keys for `wants` in rounds, each round one key of every device still wanted, by one
+/// statement: the k-th round serves each device's k-th request in `wants`, so a device's k-th
+/// oldest key goes to the k-th request naming it, and a device short of keys serves the
+/// requests that come first. One round in all unless a device is wanted by several requests of
+/// the batch.
 async fn take<T: Decoded>(
     tx: &mut Tx,
     take: &Sql,
     requests: &[FetchRequest],
-    plan: &HashMap<i64, usize>,
-) -> Result<Vec<T>, StoreError> {
-    if plan.is_empty() {
-        return Ok(Vec::new());
+    wants: &[(usize, &DeviceId)],
+    device_of: fn(&T) -> &DeviceId,
+) -> Result<Vec<(usize, T)>, StoreError> {
+    let mut queues: HashMap<&DeviceId, VecDeque<usize>> = HashMap::new();
+    for &(req, device) in wants {
+        queues.entry(device).or_default().push_back(req);
     }
-    let grants = plan
-        .iter()
-        .map(|(&id, &req)| {
-            let r = &requests[req];
-            json!([
-                id,
-                r.requester.hyphenated().to_string(),
-                r.retry.as_ref().map(|k| k.key.as_str())
-            ])
-        })
-        .collect();
-    Ok(tx
-        .query(take)
-        .bind(Json(Value::Array(grants)))
-        .fetch_all()
-        .await?)
-}
-
-fn not_picked() -> StoreError {
-    StoreError::corrupt("a key taken that was not picked")
+    let mut taken = Vec::new();
+    while !queues.is_empty() {
+        let round: HashMap<&DeviceId, usize> = queues
+            .iter_mut()
+            .filter_map(|(&device, reqs)| Some((device, reqs.pop_front()?)))
+            .collect();
+        let grants = round
+            .iter()
+            .map(|(device, &req)| {
+                let r = &requests[req];
+                json!([
+                    device.as_str(),
+                    r.requester.hyphenated().to_string(),
+                    r.retry.as_ref().map(|k| k.key.as_str())
+                ])
+            })
+            .collect();
+        let rows: Vec<T> = tx
+            .query(take)
+            .bind(Json(Value::Array(grants)))
+            .fetch_all()
+            .await?;
+        // A device with no key left this round has none for its later requests either.
+        let mut served = HashSet::new();
+        for row in rows {
+            let device = device_of(&row);
+            let req = *round
+                .get(device)
+                .ok_or_else(|| StoreError::corrupt("a key taken for a device not asked for"))?;
+            served.insert(device.clone());
+            taken.push((req, row));
+        }
+        queues.retain(|device, reqs| !reqs.is_empty() && served.contains(*device));
+    }
+    Ok(taken)
 }
 
 /// For the pairs of `asks` whose request carries an idempotency key: the keys the request's
@@ -362,28 +325,28 @@ async fn taken_before(
     let since = format!("-{window:.3} seconds");
     let keyed = Json(Value::Array(keyed));
     let mut again = HashMap::new();
-    let rows: Vec<Taken> = tx
+    let rows: Vec<Again> = tx
         .query(&AGAIN)
         .bind(keyed.clone())
         .bind(since.as_str())
         .fetch_all()
         .await?;
-    for t in rows {
+    for Again { req, key: t } in rows {
         again
-            .entry((t.at as usize, t.device_id))
+            .entry((req as usize, t.device_id))
             .or_insert((t.prekey_id, t.prekey_public.0));
     }
     let mut kyber_again = HashMap::new();
-    let rows: Vec<KyberTaken> = tx
+    let rows: Vec<KyberAgain> = tx
         .query(&KYBER_AGAIN)
         .bind(keyed)
         .bind(since.as_str())
         .fetch_all()
         .await?;
-    for t in rows {
+    for KyberAgain { req, key: t } in rows {
         if let Some(key) = t.key.key() {
             kyber_again
-                .entry((t.at as usize, t.device_id))
+                .entry((req as usize, t.device_id))
                 .or_insert(key);
         }
     }
