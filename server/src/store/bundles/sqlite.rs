@@ -10,6 +10,10 @@
 //! per kind of key, one update taking the oldest unconsumed key of every device wanted (one
 //! more for each further request of the batch naming a device already served: the k-th key of
 //! a device goes to the k-th request naming it).
+//!
+//! Flags are compared with 0 and 1, not FALSE and TRUE: SQLite uses a partial index only for a
+//! query term written as the index's own condition is (`is_consumed = 0`), and with `= FALSE`
+//! it read every key row of a device, consumed ones included, to find the next unconsumed one.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -76,7 +80,7 @@ const TAKE: Sql = sql!(
      FROM json_each($1) g
      WHERE nchat_one_time_prekeys.id = (
          SELECT o.id FROM nchat_one_time_prekeys o
-         WHERE o.device_id = json_extract(g.value, '$[0]') AND o.is_consumed = FALSE
+         WHERE o.device_id = json_extract(g.value, '$[0]') AND o.is_consumed = 0
          ORDER BY o.id LIMIT 1)
      RETURNING device_id, prekey_id, prekey_public"
 );
@@ -87,8 +91,8 @@ const KYBER_TAKE: Sql = sql!(
      FROM json_each($1) g
      WHERE nchat_kyber_prekeys.id = (
          SELECT q.id FROM nchat_kyber_prekeys q
-         WHERE q.device_id = json_extract(g.value, '$[0]') AND q.is_last_resort = FALSE
-           AND q.is_consumed = FALSE
+         WHERE q.device_id = json_extract(g.value, '$[0]') AND q.is_last_resort = 0
+           AND q.is_consumed = 0
          ORDER BY q.id LIMIT 1)
      RETURNING device_id, kyber_prekey_id, kyber_prekey_public, signature AS kyber_signature"
 );
@@ -103,7 +107,7 @@ const AGAIN: Sql = sql!(
      JOIN nchat_one_time_prekeys o
        ON o.device_id = json_extract(a.value, '$[1]') AND o.fetch_key IS NOT NULL
       AND o.fetch_key = json_extract(a.value, '$[2]')
-      AND o.consumed_by = json_extract(a.value, '$[3]') AND o.is_consumed = TRUE
+      AND o.consumed_by = json_extract(a.value, '$[3]') AND o.is_consumed = 1
       AND o.consumed_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', $2)
      ORDER BY o.id"
 );
@@ -115,7 +119,7 @@ const KYBER_AGAIN: Sql = sql!(
      JOIN nchat_kyber_prekeys q
        ON q.device_id = json_extract(a.value, '$[1]') AND q.fetch_key IS NOT NULL
       AND q.fetch_key = json_extract(a.value, '$[2]')
-      AND q.consumed_by = json_extract(a.value, '$[3]') AND q.is_consumed = TRUE
+      AND q.consumed_by = json_extract(a.value, '$[3]') AND q.is_consumed = 1
       AND q.consumed_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', $2)
      ORDER BY q.id"
 );
@@ -156,9 +160,9 @@ pub(super) async fn fetch(
              FROM targets t
              JOIN nchat_identity_keys ik
                ON ik.user_id = t.user_id AND (t.device_id IS NULL OR ik.device_id = t.device_id)
-             JOIN nchat_signed_prekeys sp ON sp.device_id = ik.device_id AND sp.is_active = TRUE
+             JOIN nchat_signed_prekeys sp ON sp.device_id = ik.device_id AND sp.is_active = 1
              LEFT JOIN nchat_kyber_prekeys lr
-               ON lr.device_id = ik.device_id AND lr.is_last_resort = TRUE AND lr.is_active = TRUE
+               ON lr.device_id = ik.device_id AND lr.is_last_resort = 1 AND lr.is_active = 1
              WHERE NOT t.pqxdh_only OR lr.id IS NOT NULL
              ORDER BY t.req, t.ord, ik.device_id"
         ))
