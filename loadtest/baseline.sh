@@ -247,7 +247,11 @@ for backend in $BACKENDS; do
         if [ "$backend" = postgres ] && [ "$REFRESH" = 1 ]; then
             # The first refresh fills the view; the measured ones are concurrent refreshes of a
             # populated view, as the server's refresher runs them.
-            c=${CONCURRENCY%% *} scenario=fetch calls=$fetches
+            # The load must outlast the refresh under it (some 10 s at 100,000 devices): at least
+            # 100,000 calls, within the 40 keys a device the fetch runs keep to.
+            c=${CONCURRENCY%% *} scenario=fetch
+            calls=$((FETCHES > 100000 ? FETCHES : 100000))
+            calls=$((devices * 40 < calls ? devices * 40 : calls))
             for variant in $VARIANTS; do
                 use_variant "$variant"
                 seed=ks_base_seed_${variant}_$devices

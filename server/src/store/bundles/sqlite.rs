@@ -205,11 +205,8 @@ pub(super) async fn fetch(
         .collect();
 
     let mut taken: Served<(PreKeyId, PublicKey)> = again;
-    for (req, t) in take(&mut tx, &TAKE, requests, &ec_wants, |t: &Taken| {
-        &t.device_id
-    })
-    .await?
-    {
+    let device: fn(&Taken) -> &DeviceId = |t| &t.device_id;
+    for (req, t) in take(&mut tx, &TAKE, requests, &ec_wants, device).await? {
         taken.insert((req, t.device_id), (t.prekey_id, t.prekey_public.0));
     }
     let mut kyber_taken: Served<PublishedKyberPreKey> = kyber_again;
