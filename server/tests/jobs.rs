@@ -1,7 +1,7 @@
 //! The maintenance jobs on both backends: exact retention and rotation boundaries under a test
 //! clock, retired ids that stay refused, cleanup of a backlog under concurrent fetches, one run
-//! at a time (a released lock free at once for the next taker), a killed cleanup, and the
-//! server's own schedule.
+//! at a time (a released lock free at once for the next taker, a lost one stopping the run), a
+//! killed cleanup, and the server's own schedule.
 
 #[macro_use]
 mod common;
@@ -15,6 +15,7 @@ use keyserver::clock::Clock;
 use keyserver::config::{CleanupSettings, Schedule};
 use keyserver::jobs::{Job, Outcome, Run, Trigger};
 use keyserver::shutdown::CancellationToken;
+use keyserver::store::StoreError;
 use keyserver::store::database::Database;
 use keyserver::testing::{Backend, TestConfig, TestDb, TestServer};
 use keyserver_client::keys::KeyPair;
@@ -513,6 +514,82 @@ async fn one_cleanup_runs_at_a_time_and_the_other_says_why(backend: Backend) {
     server.stop().await.unwrap();
 }
 conformance!(one_cleanup_runs_at_a_time_and_the_other_says_why);
+
+/// The session holding a cleanup's lock ends mid-run, as it does when the PostgreSQL primary
+/// fails over (here the test terminates that backend): the run stops before its next batch and
+/// fails saying it lost its lock, deletes nothing more, and the next run takes the lock and
+/// finishes the backlog.
+#[tokio::test]
+async fn a_cleanup_that_loses_its_lock_stops_before_its_next_batch() {
+    let db = TestDb::migrated(Backend::Postgres).await;
+    let config = TestConfig {
+        cleanup: CleanupSettings {
+            cleanup_batch_size: 100,
+            cleanup_batch_pause: Duration::from_millis(100),
+            ..CleanupSettings::default()
+        },
+        ..TestConfig::default()
+    };
+    let server = TestServer::start_with(&db, config.clone()).await;
+    TestDevice::new(Uuid::new_v4(), "phone", 1)
+        .register(&server)
+        .await;
+    consumed_backlog(&server.db, "phone", 1_000..=5_999, now_ms() - 45 * DAY).await;
+    let expired = "SELECT count(*) FROM nchat_one_time_prekeys WHERE is_consumed";
+
+    let a = db.open().await;
+    let jobs = config.jobs(&a);
+    let run = tokio::spawn(async move {
+        jobs.run(Job::Cleanup, Trigger::Cli, &CancellationToken::new())
+            .await
+    });
+    while server.db.count(expired).await > 4_700 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The cleanup lock's key is 0x6b65_7973_7276_0002: PostgreSQL shows its low half as objid.
+    let ended = server
+        .db
+        .count(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_locks
+             WHERE locktype = 'advisory' AND objid = 1920335874 AND objsubid = 1
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .await;
+    assert_eq!(ended, 1, "one session held the cleanup lock");
+    let outcome = run.await.unwrap();
+    assert!(
+        matches!(&outcome, Err(StoreError::Unavailable(why)) if why.contains("lost its lock")),
+        "{outcome:?}"
+    );
+    let left = server.db.count(expired).await;
+    assert!((1..=4_700).contains(&left), "{left} expired keys left");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        server.db.count(expired).await,
+        left,
+        "no batch after the lock was lost"
+    );
+    assert_eq!(
+        store_runs(&a).await,
+        [(Job::Cleanup, Outcome::Failed)],
+        "the run is recorded as failed"
+    );
+
+    let next = config.jobs(&a);
+    match next
+        .run(Job::Cleanup, Trigger::Cli, &CancellationToken::new())
+        .await
+        .unwrap()
+    {
+        Run::Finished(report) => {
+            assert_eq!(report.count("consumed_one_time_prekeys"), left as u64)
+        }
+        other => panic!("expected the next run to finish, got {other:?}"),
+    }
+    assert_eq!(server.db.count(expired).await, 0);
+    a.close().await;
+    server.stop().await.unwrap();
+}
 
 async fn a_released_lock_is_free_at_once_for_another_process(backend: Backend) {
     let db = TestDb::migrated(backend).await;

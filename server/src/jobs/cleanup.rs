@@ -5,6 +5,8 @@
 //! Each batch is one short transaction, so fetches and uploads interleave with a large backlog
 //! instead of waiting behind it, and a killed run leaves only whole batches done; the next run
 //! continues where it stopped. Retired key ids stay refused (see [`crate::store::jobs`]).
+//! Before each batch the run checks it still holds the job's lock: a PostgreSQL failover ends the
+//! session holding it, another process may then start a cleanup, and this one must stop.
 
 use std::time::{Duration, Instant};
 
@@ -14,12 +16,11 @@ use crate::config::CleanupSettings;
 use crate::shutdown::CancellationToken;
 use crate::store::Store;
 use crate::store::StoreError;
-use crate::store::jobs::Expiring;
+use crate::store::jobs::{Expiring, JobLock};
 
-/// Whether to delete or only count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Delete,
+/// Whether to delete, holding the job's lock, or only count.
+pub enum Mode<'a> {
+    Delete(&'a mut JobLock),
     DryRun,
 }
 
@@ -43,7 +44,7 @@ pub async fn run(
     store: &Store,
     settings: &CleanupSettings,
     clock: &Clock,
-    mode: Mode,
+    mut mode: Mode<'_>,
     stop: &CancellationToken,
 ) -> Result<(Vec<Step>, Vec<String>, bool), StoreError> {
     // One "now" for the whole run: every kind is cut at the same instant.
@@ -54,9 +55,7 @@ pub async fn run(
         let before = now - retention(settings, kind);
         let started = Instant::now();
         let mut count = 0;
-        if mode == Mode::DryRun {
-            count = store.count_expired(kind, before).await?;
-        } else {
+        if let Mode::Delete(lock) = &mut mode {
             loop {
                 if stop.is_cancelled() {
                     steps.push(Step {
@@ -66,6 +65,7 @@ pub async fn run(
                     });
                     return Ok((steps, notes, false));
                 }
+                lock.ensure_held().await?;
                 let deleted = store
                     .delete_expired(kind, before, settings.cleanup_batch_size)
                     .await?;
@@ -80,6 +80,8 @@ pub async fn run(
                     }
                 }
             }
+        } else {
+            count = store.count_expired(kind, before).await?;
         }
         steps.push(Step {
             name: kind.as_str(),
@@ -93,7 +95,7 @@ pub async fn run(
             super::when(before)
         ));
     }
-    if mode == Mode::DryRun {
+    if matches!(mode, Mode::DryRun) {
         notes.push("dry run: nothing was deleted".to_owned());
     }
     Ok((steps, notes, true))

@@ -22,6 +22,7 @@ use crate::clock::Clock;
 use crate::config::{CleanupSettings, RotationPolicy};
 use crate::shutdown::CancellationToken;
 use crate::store::drain::DrainRule;
+use crate::store::jobs::JobLock;
 pub use crate::store::jobs::{Job, JobRun, Outcome, Trigger};
 use crate::store::{Store, StoreError};
 
@@ -162,13 +163,13 @@ impl Jobs {
         trigger: Trigger,
         stop: &CancellationToken,
     ) -> Result<Run, StoreError> {
-        let Some(lock) = self.store.try_lock(job).await? else {
+        let Some(mut lock) = self.store.try_lock(job).await? else {
             let reason = self.holder(job).await?;
             self.store.record_skipped(job, trigger, &reason).await?;
             metrics::observe(job, trigger, Outcome::Skipped, None);
             return Ok(Run::Skipped(reason));
         };
-        let result = self.run_locked(job, trigger, stop).await;
+        let result = self.run_locked(job, trigger, stop, &mut lock).await;
         lock.release().await;
         result
     }
@@ -178,6 +179,7 @@ impl Jobs {
         job: Job,
         trigger: Trigger,
         stop: &CancellationToken,
+        lock: &mut JobLock,
     ) -> Result<Run, StoreError> {
         let id = self.store.start_run(job, trigger).await?;
         let started = Instant::now();
@@ -188,7 +190,7 @@ impl Jobs {
                     &self.store,
                     &self.cleanup,
                     &self.clock,
-                    cleanup::Mode::Delete,
+                    cleanup::Mode::Delete(lock),
                     stop,
                 )
                 .await

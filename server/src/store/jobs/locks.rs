@@ -12,7 +12,10 @@ use crate::store::StoreError;
 use crate::store::database::Database;
 
 /// A held job lock; dropping it (or the process dying) releases it.
-pub struct JobLock(Held);
+pub struct JobLock {
+    held: Held,
+    job: Job,
+}
 
 enum Held {
     /// A session-level advisory lock, held by keeping its connection open.
@@ -43,7 +46,10 @@ impl JobLock {
                     .fetch_one(&mut *conn)
                     .await?;
                 // The lock lives as long as this session: keep the connection out of the pool.
-                Ok(locked.then(|| Self(Held::Postgres(conn.detach()))))
+                Ok(locked.then(|| Self {
+                    held: Held::Postgres(conn.detach()),
+                    job,
+                }))
             }
             Database::Sqlite(lite) => Self::try_file(lite.path(), job),
         }
@@ -62,15 +68,45 @@ impl JobLock {
             .open(&name)
             .map_err(unavailable)?;
         match file.try_lock() {
-            Ok(()) => Ok(Some(Self(Held::File(file)))),
+            Ok(()) => Ok(Some(Self {
+                held: Held::File(file),
+                job,
+            })),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => Err(unavailable(e)),
         }
     }
 
+    /// Fails unless the lock is still this process's. A PostgreSQL session lock ends with its
+    /// connection: a failover, or a terminated backend, drops it without telling the holder, and
+    /// another process may then take it. Jobs that work in batches ask before each batch, so
+    /// two runs never go on side by side. A lock file is held until the process ends.
+    pub async fn ensure_held(&mut self) -> Result<(), StoreError> {
+        let Held::Postgres(conn) = &mut self.held else {
+            return Ok(());
+        };
+        let held = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks
+                            WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()
+                              AND (classid::int8 << 32 | objid::int8) = $1 AND objsubid = 1)",
+        )
+        .bind(lock_key(self.job))
+        .fetch_one(&mut *conn)
+        .await;
+        let why = match held {
+            Ok(true) => return Ok(()),
+            Ok(false) => "its database session no longer holds it".to_owned(),
+            Err(e) => format!("its database session ended: {e}"),
+        };
+        Err(StoreError::Unavailable(format!(
+            "the {} run lost its lock ({why}); it stops before its next batch",
+            self.job.as_str()
+        )))
+    }
+
     /// Releases the lock now.
     pub async fn release(self) {
-        match self.0 {
+        match self.held {
             Held::Postgres(mut conn) => {
                 // Unlock before closing: the server ends a closed session (and frees its locks)
                 // only after the client has gone, so a run started right after this one could
