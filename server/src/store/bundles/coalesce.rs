@@ -139,6 +139,16 @@ impl Coalescer {
     }
 }
 
+/// The retry window of a batch, in seconds: the longest of its requests' (every request of a
+/// process has the server's), 0 when none carries an idempotency key.
+pub(super) fn retry_window(requests: &[FetchRequest]) -> f64 {
+    requests
+        .iter()
+        .filter_map(|r| r.retry.as_ref())
+        .map(|k| k.window.as_secs_f64())
+        .fold(0.0, f64::max)
+}
+
 /// The oldest queued requests, up to [`MAX_BATCH_TARGETS`] targets and at least one request.
 fn take_batch(waiting: &mut VecDeque<Queued>) -> Vec<Queued> {
     let mut targets = 0;

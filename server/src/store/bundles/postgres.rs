@@ -9,7 +9,7 @@
 use sqlx::FromRow;
 use uuid::Uuid;
 
-use super::coalesce::{FetchRequest, FetchResult};
+use super::coalesce::{FetchRequest, FetchResult, retry_window};
 use super::{DeviceRow, KyberRow, Serve};
 use crate::store::StoreError;
 use crate::store::database::PgDb;
@@ -206,12 +206,7 @@ pub(super) async fn fetch(
     let mut pqxdh_only: Vec<bool> = Vec::with_capacity(n);
     let mut requesters: Vec<Uuid> = Vec::with_capacity(n);
     let mut fetch_keys: Vec<Option<&str>> = Vec::with_capacity(n);
-    // One window for the batch: every request of a process has the server's.
-    let window = requests
-        .iter()
-        .filter_map(|r| r.retry.as_ref())
-        .map(|k| k.window.as_secs_f64())
-        .fold(0.0, f64::max);
+    let window = retry_window(requests);
     for (req, request) in requests.iter().enumerate() {
         for (ord, target) in request.targets.iter().enumerate() {
             reqs.push(req as i32);

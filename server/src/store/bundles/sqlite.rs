@@ -21,7 +21,7 @@ use keyserver_proto::wire::PublicKey;
 use serde_json::{Value, json};
 use sqlx::FromRow;
 
-use super::coalesce::{FetchRequest, FetchResult};
+use super::coalesce::{FetchRequest, FetchResult, retry_window};
 use super::{DeviceRow, KyberRow, PublishedKyberPreKey, Serve};
 use crate::store::StoreError;
 use crate::store::database::{Database, Tx};
@@ -317,12 +317,7 @@ async fn taken_before(
     if keyed.is_empty() {
         return Ok(Default::default());
     }
-    // One window for the batch: every request of a process has the server's.
-    let window = requests
-        .iter()
-        .filter_map(|r| r.retry.as_ref())
-        .map(|k| k.window.as_secs_f64())
-        .fold(0.0, f64::max);
+    let window = retry_window(requests);
     let since = format!("-{window:.3} seconds");
     let keyed = Json(Value::Array(keyed));
     let mut again = HashMap::new();
