@@ -88,7 +88,29 @@ pub fn answer_may_be_lost(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
-    )
+    ) || disconnected(status)
+}
+
+/// Whether `status` is tonic's report of a connection that closed under a call: a CANCELLED
+/// from the transport (hyper's "connection closed"), though the caller cancelled nothing.
+fn disconnected(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Cancelled
+        && std::error::Error::source(status)
+            .is_some_and(|source| source.is::<tonic::transport::Error>())
+}
+
+/// `status`, with a connection that closed under the call reported as UNAVAILABLE, the code
+/// gRPC gives connection failures (a server going away sends its last calls' clients a
+/// transport CANCELLED otherwise), so that callers and reports tell it from a cancelled call.
+pub fn unavailable_if_disconnected(status: tonic::Status) -> tonic::Status {
+    if disconnected(&status) {
+        tonic::Status::unavailable(format!(
+            "the connection closed before the call was answered ({})",
+            status.message()
+        ))
+    } else {
+        status
+    }
 }
 
 /// Runs `call`, a call safe to repeat (a fetch with its idempotency key), and runs it again,
@@ -99,12 +121,12 @@ where
     Fut: Future<Output = Result<T, tonic::Status>>,
 {
     for wait in LOST_ANSWER_RETRIES {
-        match call().await {
+        match call().await.map_err(unavailable_if_disconnected) {
             Err(status) if answer_may_be_lost(&status) => tokio::time::sleep(wait).await,
             done => return done,
         }
     }
-    call().await
+    call().await.map_err(unavailable_if_disconnected)
 }
 
 /// A fresh idempotency key for one fetch, reused by its retries.
@@ -362,4 +384,33 @@ pub fn verify_bundle(bundle: &pb::DevicePreKeyBundle) -> Result<VerifiedBundle, 
         },
         stale: signed.stale,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CANCELLED that the transport made (a connection that closed) becomes UNAVAILABLE and
+    /// may have lost its answer; one the server or the caller gave stays as it is.
+    #[tokio::test]
+    async fn a_connection_closed_under_a_call_is_unavailable_not_cancelled() {
+        let refused = Endpoint::from_static("http://127.0.0.1:1")
+            .connect()
+            .await
+            .expect_err("nothing listens on port 1");
+        let mut dropped = tonic::Status::cancelled("operation was canceled");
+        dropped.set_source(std::sync::Arc::new(refused));
+        assert!(answer_may_be_lost(&dropped));
+        let status = unavailable_if_disconnected(dropped);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status.message().contains("operation was canceled"),
+            "{status:?}"
+        );
+
+        let cancelled = tonic::Status::cancelled("the caller gave up");
+        assert!(!answer_may_be_lost(&cancelled));
+        let status = unavailable_if_disconnected(cancelled);
+        assert_eq!(status.code(), tonic::Code::Cancelled);
+    }
 }

@@ -9,6 +9,9 @@
 //!     --svg fetch.svg
 //! loadtest --scenario fetch --devices 10000 --duration 60s \
 //!     --during 'keyserver jobs refresh-bundles' --during-after 20s
+//! # Through a failover: two servers, UNAVAILABLE expected, every key and upload in a ledger.
+//! loadtest --scenario mixed --url http://127.0.0.1:50061,http://127.0.0.1:50062 \
+//!     --tolerate UNAVAILABLE --ledger ledger.csv --json failover.json
 //! ```
 
 mod chart;
@@ -36,9 +39,16 @@ use stats::Recorder;
     args_override_self = true
 )]
 struct Cli {
-    /// The server to drive: http://host:port, or https://host:port for TLS.
-    #[arg(long, env = "KEYSERVER_URL", default_value = "http://127.0.0.1:50051")]
-    url: String,
+    /// The server to drive: http://host:port, or https://host:port for TLS. Several, comma
+    /// separated or repeated, spread the workers over them; a worker moves to the next one
+    /// when a call answers UNAVAILABLE.
+    #[arg(
+        long,
+        env = "KEYSERVER_URL",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:50051"
+    )]
+    url: Vec<String>,
     /// PEM CA certificate(s) to trust for an https:// server instead of the system's roots.
     #[arg(long, env = "KEYSERVER_CA_CERT")]
     ca_cert: Option<PathBuf>,
@@ -76,6 +86,16 @@ struct Cli {
     /// Write the full results (percentiles, failures, correctness, per-second timeline) here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Calls failing with this status code (say UNAVAILABLE, through a failover) do not fail
+    /// the run; they are still counted. Repeat for several codes.
+    #[arg(long, value_name = "CODE")]
+    tolerate: Vec<String>,
+    /// Keep every one-time prekey upload and write a CSV ledger here (`served|uploaded,
+    /// ec|kyber,device id,key id`) of every key handed out and every upload acknowledged, to
+    /// check against the database after the run. Also counts keys served that were never
+    /// uploaded, which assumes the devices hold only a fresh seed and this run's uploads.
+    #[arg(long)]
+    ledger: Option<PathBuf>,
     /// Draw throughput and latency over time into this SVG file.
     #[arg(long)]
     svg: Option<PathBuf>,
@@ -123,7 +143,9 @@ fn check_loopback(url: &str, allow_remote: bool) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    check_loopback(&cli.url, cli.allow_remote)?;
+    for url in &cli.url {
+        check_loopback(url, cli.allow_remote)?;
+    }
     anyhow::ensure!(cli.devices > 0, "--devices must be at least 1");
     anyhow::ensure!(cli.concurrency > 0, "--concurrency must be at least 1");
     anyhow::ensure!(
@@ -141,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
         x3dh: cli.x3dh,
         kyber_prekeys: cli.kyber_prekeys,
     };
-    let recorder = Arc::new(Recorder::new(!cli.x3dh));
+    let recorder = Arc::new(Recorder::new(!cli.x3dh, cli.ledger.is_some()));
     let during = cli
         .during
         .clone()
@@ -161,13 +183,19 @@ async fn main() -> anyhow::Result<()> {
             }
         })
     };
-    let server = keyserver_client::api::Address::new(
-        &cli.url,
-        cli.ca_cert.as_deref(),
-        cli.client_cert.as_deref(),
-        cli.client_key.as_deref(),
-    )?;
-    scenario::run(&server, tokens, &plan, recorder.clone()).await?;
+    let servers = cli
+        .url
+        .iter()
+        .map(|url| {
+            keyserver_client::api::Address::new(
+                url,
+                cli.ca_cert.as_deref(),
+                cli.client_cert.as_deref(),
+                cli.client_key.as_deref(),
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    scenario::run(&servers, tokens, &plan, recorder.clone()).await?;
     progress.abort();
     bar.finish_and_clear();
     let wall = recorder.elapsed();
@@ -191,11 +219,14 @@ async fn main() -> anyhow::Result<()> {
     summary["scenario"] = serde_json::json!(format!("{:?}", cli.scenario).to_lowercase());
     summary["devices"] = cli.devices.into();
     summary["concurrency"] = cli.concurrency.into();
-    summary["url"] = cli.url.clone().into();
+    summary["url"] = cli.url.join(",").into();
     println!("{}", stats::render(&summary));
     if let Some(path) = &cli.json {
         std::fs::write(path, serde_json::to_string_pretty(&summary)?)
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &cli.ledger {
+        write_ledger(path, &recorder)?;
     }
     if let Some(path) = &cli.svg {
         let title = format!(
@@ -211,7 +242,7 @@ async fn main() -> anyhow::Result<()> {
         print!("{output}");
         anyhow::ensure!(succeeded, "the --during command failed");
     }
-    let problems = recorder.problems();
+    let problems = recorder.problems(&cli.tolerate);
     anyhow::ensure!(
         problems.served_twice == 0,
         "{} one-time prekeys were served twice",
@@ -228,11 +259,35 @@ async fn main() -> anyhow::Result<()> {
         problems.without_kyber
     );
     anyhow::ensure!(
+        problems.never_uploaded == 0,
+        "{} one-time prekeys were served that were neither seeded nor uploaded",
+        problems.never_uploaded
+    );
+    anyhow::ensure!(
         problems.failed_calls == 0,
         "{} calls failed",
         problems.failed_calls
     );
     Ok(())
+}
+
+/// Writes the `--ledger` CSV: one line per key handed out and per key whose upload was
+/// acknowledged.
+fn write_ledger(path: &std::path::Path, recorder: &Recorder) -> anyhow::Result<()> {
+    use std::io::Write;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("writing {}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    for entry in recorder.ledger() {
+        let (event, kind, device, id) = match entry {
+            stats::Entry::Served(kind, device, id) => ("served", kind, device, id),
+            stats::Entry::Uploaded(kind, device, id) => ("uploaded", kind, device, id),
+        };
+        let device = population::device_id(device);
+        writeln!(out, "{event},{},{device},{id}", kind.name())?;
+    }
+    out.flush()
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]

@@ -7,6 +7,10 @@
 //! - `replenish`: random devices upload 10 fresh one-time prekeys (and 10 Kyber ones).
 //! - `mixed`: 90 % fetches, 5 % key status, 4 % replenish, 1 % rotation of the signed prekey
 //!   (and of the last-resort Kyber prekey).
+//!
+//! With several server addresses, worker `i` starts on address `i mod n` and moves to the next
+//! whenever a call answers UNAVAILABLE, as a client holding a list of addresses does; the
+//! stretch from its first UNAVAILABLE to its next success is recorded as an outage.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -16,7 +20,8 @@ use keyserver::auth::TokenAuthority;
 use keyserver::store::DeviceId;
 use keyserver_client::api::Address;
 use keyserver_client::api::{
-    MAX_RETRY_WAIT, answer_may_be_lost, idempotency_key, retry_after, verify_bundle,
+    MAX_RETRY_WAIT, answer_may_be_lost, idempotency_key, retry_after, unavailable_if_disconnected,
+    verify_bundle,
 };
 use keyserver_client::keys::random_bytes;
 use keyserver_proto::pb;
@@ -24,7 +29,7 @@ use keyserver_proto::pb::key_service_client::KeyServiceClient;
 use tonic::transport::Channel;
 
 use crate::population::{self, LAST_RESORT_ID, ONE_TIME_PREKEYS};
-use crate::stats::{KyberKey, Recorder};
+use crate::stats::{KeyKind, KyberKey, Recorder};
 
 /// Targets of one bulk fetch.
 const BULK_TARGETS: usize = 10;
@@ -64,9 +69,12 @@ struct Shared {
     max_calls: Option<u64>,
     /// The next device to register.
     next_device: AtomicU32,
-    /// The next key id for uploads and rotations: above the seeded ids, random per run so
-    /// repeated runs do not collide, below 2^24.
+    /// The next key id for uploads and signed prekey rotations: above the seeded ids, random
+    /// per run so repeated runs do not collide, below the last-resort Kyber prekeys' ids.
     next_key_id: AtomicU32,
+    /// The next last-resort Kyber prekey id: from [`LAST_RESORT_ID`] up, below 2^24, so a
+    /// bundle's Kyber prekey tells by its id which kind it is.
+    next_last_resort_id: AtomicU32,
     x3dh: bool,
     kyber_prekeys: u32,
 }
@@ -110,9 +118,47 @@ impl Shared {
     }
 }
 
-/// Runs `plan` with `concurrency` workers, each on its own connection to `server`.
+/// The servers one worker calls: a connection to each, the one it is on, and since when it
+/// has seen only UNAVAILABLE.
+struct Servers {
+    clients: Vec<KeyServiceClient<Channel>>,
+    current: usize,
+    unavailable_since: Option<Duration>,
+}
+
+impl Servers {
+    /// Makes one call on the current server, timed and recorded under `rpc`; moves to the next
+    /// server when it answers UNAVAILABLE.
+    async fn call<T, Fut>(
+        &mut self,
+        shared: &Shared,
+        rpc: &'static str,
+        call: impl FnOnce(KeyServiceClient<Channel>) -> Fut,
+    ) -> Result<T, tonic::Status>
+    where
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let result = timed_status(shared, rpc, call(self.clients[self.current].clone())).await;
+        let now = shared.recorder.elapsed();
+        match &result {
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                self.unavailable_since.get_or_insert(now);
+                self.current = (self.current + 1) % self.clients.len();
+            }
+            Ok(_) => {
+                if let Some(since) = self.unavailable_since.take() {
+                    shared.recorder.outage(since, now - since);
+                }
+            }
+            Err(_) => {}
+        }
+        result
+    }
+}
+
+/// Runs `plan` with `concurrency` workers, each with its own connection to every server.
 pub async fn run(
-    server: &Address,
+    servers: &[Address],
     tokens: TokenAuthority,
     plan: &Plan,
     recorder: Arc<Recorder>,
@@ -128,16 +174,26 @@ pub async fn run(
         max_calls: plan.max_calls,
         next_device: AtomicU32::new(0),
         next_key_id: AtomicU32::new(start_id),
+        next_last_resort_id: AtomicU32::new(
+            LAST_RESORT_ID + 1 + u32::from_le_bytes(random_bytes::<4>()) % 0x40_0000,
+        ),
         x3dh: plan.x3dh,
         kyber_prekeys: plan.kyber_prekeys,
     });
     let mut workers = Vec::with_capacity(plan.concurrency);
-    for _ in 0..plan.concurrency {
-        let channel = server.connect().await?;
-        let client = KeyServiceClient::new(channel);
+    for i in 0..plan.concurrency {
+        let mut clients = Vec::with_capacity(servers.len());
+        for server in servers {
+            clients.push(KeyServiceClient::new(server.connect().await?));
+        }
+        let servers = Servers {
+            clients,
+            current: i % servers.len(),
+            unavailable_since: None,
+        };
         let shared = shared.clone();
         let scenario = plan.scenario;
-        workers.push(tokio::spawn(worker(scenario, client, shared)));
+        workers.push(tokio::spawn(worker(scenario, servers, shared)));
     }
     for w in workers {
         w.await?;
@@ -145,7 +201,7 @@ pub async fn run(
     Ok(())
 }
 
-async fn worker(scenario: Scenario, mut client: KeyServiceClient<Channel>, shared: Arc<Shared>) {
+async fn worker(scenario: Scenario, mut servers: Servers, shared: Arc<Shared>) {
     loop {
         match scenario {
             Scenario::Register => {
@@ -153,29 +209,20 @@ async fn worker(scenario: Scenario, mut client: KeyServiceClient<Channel>, share
                 if n >= shared.devices || !shared.go() {
                     return;
                 }
-                register(&mut client, &shared, n).await
+                register(&mut servers, &shared, n).await
             }
             _ if !shared.go() => return,
-            Scenario::Fetch => fetch(&mut client, &shared).await,
-            Scenario::Bulk => bulk(&mut client, &shared).await,
-            Scenario::Replenish => replenish(&mut client, &shared).await,
+            Scenario::Fetch => fetch(&mut servers, &shared).await,
+            Scenario::Bulk => bulk(&mut servers, &shared).await,
+            Scenario::Replenish => replenish(&mut servers, &shared).await,
             Scenario::Mixed => match random_bytes::<1>()[0] % 100 {
-                0..90 => fetch(&mut client, &shared).await,
-                90..95 => status(&mut client, &shared).await,
-                95..99 => replenish(&mut client, &shared).await,
-                _ => rotate(&mut client, &shared).await,
+                0..90 => fetch(&mut servers, &shared).await,
+                90..95 => status(&mut servers, &shared).await,
+                95..99 => replenish(&mut servers, &shared).await,
+                _ => rotate(&mut servers, &shared).await,
             },
         }
     }
-}
-
-/// Times `call` and records it under `rpc`; the answer when it succeeded.
-async fn timed<T>(
-    shared: &Shared,
-    rpc: &'static str,
-    call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> Option<T> {
-    timed_status(shared, rpc, call).await.ok()
 }
 
 /// One call, recorded with its duration and outcome.
@@ -185,7 +232,7 @@ async fn timed_status<T>(
     call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 ) -> Result<T, tonic::Status> {
     let started = Instant::now();
-    let result = call.await;
+    let result = call.await.map_err(unavailable_if_disconnected);
     let took = started.elapsed();
     match result {
         Ok(response) => {
@@ -210,37 +257,36 @@ async fn timed_status<T>(
 /// answer may have been lost, as a client would: the retry gets the keys the lost answer held
 /// instead of taking more, so the ledger shows a key burned only if the server burned it.
 async fn fetch_retried<M: Clone, T, Fut>(
+    servers: &mut Servers,
     shared: &Shared,
     rpc: &'static str,
     message: M,
     requester: u32,
-    mut call: impl FnMut(tonic::Request<M>) -> Fut,
+    call: impl Fn(KeyServiceClient<Channel>, tonic::Request<M>) -> Fut,
 ) -> Option<T>
 where
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     const WAITS: [Duration; 2] = [Duration::from_millis(250), Duration::from_secs(1)];
     for wait in WAITS {
-        match timed_status(
-            shared,
-            rpc,
-            call(shared.request(message.clone(), requester)),
-        )
-        .await
-        {
+        let request = shared.request(message.clone(), requester);
+        match servers.call(shared, rpc, |c| call(c, request)).await {
             Err(status) if answer_may_be_lost(&status) => tokio::time::sleep(wait).await,
             done => return done.ok(),
         }
     }
-    timed_status(shared, rpc, call(shared.request(message, requester)))
-        .await
-        .ok()
+    let request = shared.request(message, requester);
+    servers.call(shared, rpc, |c| call(c, request)).await.ok()
 }
 
-async fn register(client: &mut KeyServiceClient<Channel>, shared: &Shared, n: u32) {
+async fn register(servers: &mut Servers, shared: &Shared, n: u32) {
     let registration = population::registration(n, shared.x3dh, shared.kyber_prekeys);
     let request = shared.request(registration, n);
-    timed(shared, "RegisterDevice", client.register_device(request)).await;
+    let _ = servers
+        .call(shared, "RegisterDevice", |mut c| async move {
+            c.register_device(request).await
+        })
+        .await;
 }
 
 /// Verifies each bundle (both signatures) and records the one-time prekey and the Kyber
@@ -256,7 +302,7 @@ fn check_bundles(shared: &Shared, bundles: &[pb::DevicePreKeyBundle]) {
         let key = bundle.one_time_prekey.as_ref().map(|k| k.key_id);
         let kyber = match &bundle.kyber_prekey {
             None => KyberKey::Missing,
-            Some(k) if k.key_id == LAST_RESORT_ID => KyberKey::LastResort,
+            Some(k) if k.key_id >= LAST_RESORT_ID => KyberKey::LastResort,
             Some(k) => KyberKey::OneTime(k.key_id),
         };
         let seeded = (ONE_TIME_PREKEYS, shared.kyber_prekeys);
@@ -271,28 +317,26 @@ fn target(n: u32) -> pb::Target {
     }
 }
 
-async fn fetch(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
+async fn fetch(servers: &mut Servers, shared: &Shared) {
     let n = shared.random_device();
     let message = pb::FetchPreKeyBundleRequest {
         target: Some(target(n)),
         idempotency_key: idempotency_key(),
     };
     let answer = fetch_retried(
+        servers,
         shared,
         "FetchPreKeyBundle",
         message,
         shared.random_device(),
-        |request| {
-            let mut client = client.clone();
-            async move { client.fetch_pre_key_bundle(request).await }
-        },
+        |mut c, request| async move { c.fetch_pre_key_bundle(request).await },
     );
     if let Some(answer) = answer.await {
         check_bundles(shared, &answer.devices);
     }
 }
 
-async fn bulk(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
+async fn bulk(servers: &mut Servers, shared: &Shared) {
     let mut devices: Vec<u32> = Vec::with_capacity(BULK_TARGETS);
     while devices.len() < BULK_TARGETS.min(shared.devices as usize) {
         let n = shared.random_device();
@@ -305,14 +349,12 @@ async fn bulk(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
         idempotency_key: idempotency_key(),
     };
     let answer = fetch_retried(
+        servers,
         shared,
         "FetchPreKeyBundles",
         message,
         shared.random_device(),
-        |request| {
-            let mut client = client.clone();
-            async move { client.fetch_pre_key_bundles(request).await }
-        },
+        |mut c, request| async move { c.fetch_pre_key_bundles(request).await },
     );
     if let Some(answer) = answer.await {
         for result in &answer.results {
@@ -321,46 +363,55 @@ async fn bulk(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
     }
 }
 
-async fn replenish(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
+/// Uploads 10 one-time prekeys (and 10 Kyber ones) for a random device, each batch recorded
+/// as sent before it goes and as acknowledged when the server says so.
+async fn replenish(servers: &mut Servers, shared: &Shared) {
     let n = shared.random_device();
     let first = shared.key_ids(REPLENISH_KEYS);
+    let ids = first..first + REPLENISH_KEYS;
     let request = shared.request(
         pb::UploadOneTimePreKeysRequest {
             device_id: population::device_id(n),
-            one_time_prekeys: (first..first + REPLENISH_KEYS)
-                .map(population::one_time_prekey)
-                .collect(),
+            one_time_prekeys: ids.clone().map(population::one_time_prekey).collect(),
         },
         n,
     );
-    timed(
-        shared,
-        "UploadOneTimePreKeys",
-        client.upload_one_time_pre_keys(request),
-    )
-    .await;
+    shared.recorder.uploading(KeyKind::Ec, n, ids.clone());
+    let sent = servers
+        .call(shared, "UploadOneTimePreKeys", |mut c| async move {
+            c.upload_one_time_pre_keys(request).await
+        })
+        .await;
+    if sent.is_ok() {
+        shared.recorder.uploaded(KeyKind::Ec, n, ids);
+    }
     if shared.x3dh {
         return;
     }
     let first = shared.key_ids(REPLENISH_KEYS);
+    let ids = first..first + REPLENISH_KEYS;
     let request = shared.request(
         pb::UploadKyberPreKeysRequest {
             device_id: population::device_id(n),
-            kyber_one_time_prekeys: (first..first + REPLENISH_KEYS)
+            kyber_one_time_prekeys: ids
+                .clone()
                 .map(|id| population::kyber_prekey(n, id))
                 .collect(),
         },
         n,
     );
-    timed(
-        shared,
-        "UploadKyberPreKeys",
-        client.upload_kyber_pre_keys(request),
-    )
-    .await;
+    shared.recorder.uploading(KeyKind::Kyber, n, ids.clone());
+    let sent = servers
+        .call(shared, "UploadKyberPreKeys", |mut c| async move {
+            c.upload_kyber_pre_keys(request).await
+        })
+        .await;
+    if sent.is_ok() {
+        shared.recorder.uploaded(KeyKind::Kyber, n, ids);
+    }
 }
 
-async fn status(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
+async fn status(servers: &mut Servers, shared: &Shared) {
     let n = shared.random_device();
     let request = shared.request(
         pb::GetKeyStatusRequest {
@@ -368,10 +419,14 @@ async fn status(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
         },
         n,
     );
-    timed(shared, "GetKeyStatus", client.get_key_status(request)).await;
+    let _ = servers
+        .call(shared, "GetKeyStatus", |mut c| async move {
+            c.get_key_status(request).await
+        })
+        .await;
 }
 
-async fn rotate(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
+async fn rotate(servers: &mut Servers, shared: &Shared) {
     let n = shared.random_device();
     let request = shared.request(
         pb::RotateSignedPreKeyRequest {
@@ -380,26 +435,25 @@ async fn rotate(client: &mut KeyServiceClient<Channel>, shared: &Shared) {
         },
         n,
     );
-    timed(
-        shared,
-        "RotateSignedPreKey",
-        client.rotate_signed_pre_key(request),
-    )
-    .await;
+    let _ = servers
+        .call(shared, "RotateSignedPreKey", |mut c| async move {
+            c.rotate_signed_pre_key(request).await
+        })
+        .await;
     if shared.x3dh {
         return;
     }
+    let id = shared.next_last_resort_id.fetch_add(1, Ordering::Relaxed);
     let request = shared.request(
         pb::RotateKyberLastResortPreKeyRequest {
             device_id: population::device_id(n),
-            kyber_last_resort_prekey: Some(population::kyber_prekey(n, shared.key_ids(1))),
+            kyber_last_resort_prekey: Some(population::kyber_prekey(n, id)),
         },
         n,
     );
-    timed(
-        shared,
-        "RotateKyberLastResortPreKey",
-        client.rotate_kyber_last_resort_pre_key(request),
-    )
-    .await;
+    let _ = servers
+        .call(shared, "RotateKyberLastResortPreKey", |mut c| async move {
+            c.rotate_kyber_last_resort_pre_key(request).await
+        })
+        .await;
 }

@@ -1,9 +1,13 @@
 //! What a run measured: a latency histogram per RPC (HDR, microseconds), failures by status
-//! code, a per-second timeline, and the correctness ledgers of one-time prekeys handed out (EC
-//! and Kyber). When a command runs alongside the load (`--during`), latencies are also kept
-//! apart by whether the call completed while it ran, so its effect is measured within one run.
+//! code, a per-second timeline, the outages workers saw (first UNAVAILABLE to the next success),
+//! and the correctness ledgers of one-time prekeys handed out (EC and Kyber) and, when asked,
+//! of every upload sent and acknowledged, so a run through a failover can be checked against
+//! the database afterwards. When a command runs alongside the load (`--during`), latencies are
+//! also kept apart by whether the call completed while it ran, so its effect is measured within
+//! one run.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
@@ -78,6 +82,42 @@ impl Ledger {
     }
 }
 
+/// The two kinds of one-time prekey, whose ids are apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KeyKind {
+    Ec,
+    Kyber,
+}
+
+impl KeyKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyKind::Ec => "ec",
+            KeyKind::Kyber => "kyber",
+        }
+    }
+}
+
+/// Every one-time prekey upload of a run, kept with `--ledger`: the run's devices hold only
+/// their seed and these, so a served key that is in neither was never uploaded.
+#[derive(Default)]
+struct Uploads {
+    /// (kind, device, key id) sent, whether or not the answer came.
+    sent: HashSet<(KeyKind, u32, u32)>,
+    /// (kind, device, key id) the server acknowledged.
+    acknowledged: Vec<(KeyKind, u32, u32)>,
+    /// Served keys neither seeded nor ever sent.
+    served_never_uploaded: u64,
+}
+
+/// One row of the ledger a run writes with `--ledger`.
+pub enum Entry {
+    /// A one-time prekey handed out to the run.
+    Served(KeyKind, u32, u32),
+    /// A one-time prekey upload the server acknowledged.
+    Uploaded(KeyKind, u32, u32),
+}
+
 /// The Kyber prekey a bundle carried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KyberKey {
@@ -101,6 +141,22 @@ struct Inner {
     /// Bundles without any Kyber prekey.
     without_kyber: u64,
     bad_signatures: u64,
+    /// Kept only with `--ledger`.
+    uploads: Option<Uploads>,
+    /// (start since the run began, length) of each stretch a worker saw only UNAVAILABLE.
+    outages: Vec<(Duration, Duration)>,
+}
+
+impl Inner {
+    /// Counts `id` of `device` as never uploaded if it is neither seeded (1..=seeded) nor sent.
+    fn check_uploaded(&mut self, kind: KeyKind, device: u32, id: u32, seeded: u32) {
+        if let Some(uploads) = &mut self.uploads
+            && !(1..=seeded).contains(&id)
+            && !uploads.sent.contains(&(kind, device, id))
+        {
+            uploads.served_never_uploaded += 1;
+        }
+    }
 }
 
 /// What makes a run fail.
@@ -112,6 +168,8 @@ pub struct Problems {
     pub bad_signatures: u64,
     /// Bundles without a Kyber prekey where every seeded device has one.
     pub without_kyber: u64,
+    /// One-time prekeys served that were neither seeded nor uploaded (with `--ledger`).
+    pub never_uploaded: u64,
 }
 
 /// Shared by every worker of a run.
@@ -125,12 +183,16 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    pub fn new(pqxdh: bool) -> Self {
+    /// A recorder for a run of PQXDH devices (or not); `ledger` keeps every upload as well.
+    pub fn new(pqxdh: bool, ledger: bool) -> Self {
         Self {
             started: Instant::now(),
             phase: AtomicU8::new(0),
             pqxdh,
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                uploads: ledger.then(Uploads::default),
+                ..Inner::default()
+            }),
         }
     }
 
@@ -197,21 +259,91 @@ impl Recorder {
             inner.bad_signatures += 1;
         }
         inner.one_time.record(device, one_time_key, seeded.0);
+        if let Some(id) = one_time_key {
+            inner.check_uploaded(KeyKind::Ec, device, id, seeded.0);
+        }
         match kyber {
             KyberKey::Missing => inner.without_kyber += 1,
-            KyberKey::OneTime(id) => inner.kyber.record(device, Some(id), seeded.1),
+            KyberKey::OneTime(id) => {
+                inner.kyber.record(device, Some(id), seeded.1);
+                inner.check_uploaded(KeyKind::Kyber, device, id, seeded.1);
+            }
             KyberKey::LastResort => inner.kyber.record(device, None, seeded.1),
         }
     }
 
-    pub fn problems(&self) -> Problems {
+    /// An upload of one-time prekeys `ids` of `device` is about to be sent (before it is, so
+    /// a key it stores is never served before it is known).
+    pub fn uploading(&self, kind: KeyKind, device: u32, ids: Range<u32>) {
+        let mut inner = self.inner.lock().expect("recorder lock");
+        if let Some(uploads) = &mut inner.uploads {
+            uploads.sent.extend(ids.map(|id| (kind, device, id)));
+        }
+    }
+
+    /// The server acknowledged the upload of one-time prekeys `ids` of `device`.
+    pub fn uploaded(&self, kind: KeyKind, device: u32, ids: Range<u32>) {
+        let mut inner = self.inner.lock().expect("recorder lock");
+        if let Some(uploads) = &mut inner.uploads {
+            uploads
+                .acknowledged
+                .extend(ids.map(|id| (kind, device, id)));
+        }
+    }
+
+    /// A worker saw only UNAVAILABLE from `since` (since the run began) for `took`, until a
+    /// call succeeded.
+    pub fn outage(&self, since: Duration, took: Duration) {
+        let mut inner = self.inner.lock().expect("recorder lock");
+        inner.outages.push((since, took));
+    }
+
+    /// What makes the run fail; failed calls with a status code in `tolerated` (as in
+    /// `UNAVAILABLE` or `Unavailable`) do not count.
+    pub fn problems(&self, tolerated: &[String]) -> Problems {
         let inner = self.inner.lock().expect("recorder lock");
+        let tolerated = |code: &str| {
+            tolerated
+                .iter()
+                .any(|t| t.replace('_', "").eq_ignore_ascii_case(code))
+        };
         Problems {
-            failed_calls: inner.failures.values().sum(),
+            failed_calls: inner
+                .failures
+                .iter()
+                .filter(|((_, code), _)| !tolerated(code))
+                .map(|(_, n)| n)
+                .sum(),
             served_twice: inner.one_time.served_twice + inner.kyber.served_twice,
             bad_signatures: inner.bad_signatures,
             without_kyber: if self.pqxdh { inner.without_kyber } else { 0 },
+            never_uploaded: inner
+                .uploads
+                .as_ref()
+                .map_or(0, |u| u.served_never_uploaded),
         }
+    }
+
+    /// Every key served and every upload acknowledged, for checking against the database.
+    pub fn ledger(&self) -> Vec<Entry> {
+        let inner = self.inner.lock().expect("recorder lock");
+        let served = [
+            (KeyKind::Ec, &inner.one_time),
+            (KeyKind::Kyber, &inner.kyber),
+        ]
+        .into_iter()
+        .flat_map(|(kind, ledger)| {
+            ledger
+                .served
+                .iter()
+                .map(move |&(device, id)| Entry::Served(kind, device, id))
+        });
+        let uploaded = inner.uploads.iter().flat_map(|u| {
+            u.acknowledged
+                .iter()
+                .map(|&(kind, device, id)| Entry::Uploaded(kind, device, id))
+        });
+        served.chain(uploaded).collect()
     }
 
     /// Calls completed so far and failures, for the progress line.
@@ -249,6 +381,17 @@ impl Recorder {
                 "last_resort_while_kyber_keys_were_left": inner.kyber.without_while_left(),
                 "bundles_without_kyber_prekey": inner.without_kyber,
                 "bad_signatures": inner.bad_signatures,
+                "served_never_uploaded": inner.uploads.as_ref().map(|u| u.served_never_uploaded),
+                "uploads_acknowledged": inner.uploads.as_ref().map(|u| u.acknowledged.len()),
+            },
+            "outages": {
+                "count": inner.outages.len(),
+                "longest_s": inner.outages.iter().map(|(_, took)| took.as_secs_f64())
+                    .fold(0.0, f64::max),
+                "each": inner.outages.iter().map(|(since, took)| json!({
+                    "from_s": since.as_secs_f64(),
+                    "seconds": took.as_secs_f64(),
+                })).collect::<Vec<_>>(),
             },
             "timeline": inner.timeline.iter().enumerate().map(|(s, second)| {
                 json!({
@@ -344,6 +487,20 @@ pub fn render(summary: &Value) -> String {
         c["last_resort_while_kyber_keys_were_left"],
         c["bundles_without_kyber_prekey"],
     ));
+    if let Some(never) = c["served_never_uploaded"].as_u64() {
+        out.push_str(&format!(
+            "uploads acknowledged {}, keys served that were never uploaded {never}\n",
+            c["uploads_acknowledged"]
+        ));
+    }
+    let outages = &summary["outages"];
+    if outages["count"].as_u64().unwrap_or(0) > 0 {
+        out.push_str(&format!(
+            "outages seen by workers {}, longest {:.2} s (first UNAVAILABLE to the next success)\n",
+            outages["count"],
+            outages["longest_s"].as_f64().unwrap_or(0.0)
+        ));
+    }
     out.push_str(&format!("{seconds:.1} s"));
     out
 }
@@ -372,7 +529,7 @@ mod tests {
 
     #[test]
     fn a_key_served_twice_and_an_empty_bundle_with_keys_left_are_counted() {
-        let r = Recorder::new(true);
+        let r = Recorder::new(true, false);
         let kyber = KyberKey::LastResort;
         r.bundle(1, Some(5), kyber, true, (2, 0));
         r.bundle(1, Some(5), kyber, true, (2, 0));
@@ -389,14 +546,14 @@ mod tests {
         assert_eq!(c["bundles_without_one_time_prekey"], 2);
         assert_eq!(c["without_one_time_prekey_while_keys_were_left"], 1);
         assert_eq!(c["bad_signatures"], 1);
-        let problems = r.problems();
+        let problems = r.problems(&[]);
         assert_eq!((problems.served_twice, problems.bad_signatures), (1, 1));
     }
 
     #[test]
     fn kyber_keys_are_kept_apart_and_a_missing_one_is_a_problem_only_under_pqxdh() {
         for pqxdh in [true, false] {
-            let r = Recorder::new(pqxdh);
+            let r = Recorder::new(pqxdh, false);
             // Device 1 was seeded 3 one-time Kyber keys and 2 were taken (one id twice).
             r.bundle(1, None, KyberKey::OneTime(3), true, (0, 3));
             r.bundle(1, None, KyberKey::OneTime(3), true, (0, 3));
@@ -409,15 +566,83 @@ mod tests {
             assert_eq!(c["bundles_with_last_resort_kyber_prekey"], 1);
             assert_eq!(c["last_resort_while_kyber_keys_were_left"], 1);
             assert_eq!(c["bundles_without_kyber_prekey"], 1);
-            let problems = r.problems();
+            let problems = r.problems(&[]);
             assert_eq!(problems.served_twice, 1);
             assert_eq!(problems.without_kyber, u64::from(pqxdh));
         }
     }
 
     #[test]
+    fn with_a_ledger_a_served_key_neither_seeded_nor_sent_is_counted() {
+        let r = Recorder::new(true, true);
+        r.uploading(KeyKind::Ec, 1, 500..510);
+        r.uploaded(KeyKind::Ec, 1, 500..510);
+        r.uploading(KeyKind::Kyber, 1, 700..702);
+        // Seeded (1..=100), sent and acknowledged, sent to another device, never sent.
+        r.bundle(1, Some(100), KyberKey::OneTime(701), true, (100, 100));
+        r.bundle(1, Some(505), KyberKey::OneTime(101), true, (100, 100));
+        r.bundle(2, Some(505), KyberKey::LastResort, true, (100, 100));
+        r.bundle(1, Some(510), KyberKey::OneTime(702), true, (100, 100));
+        let problems = r.problems(&[]);
+        assert_eq!(
+            problems.never_uploaded, 4,
+            "kyber 101, ec 505 of 2, ec 510, kyber 702"
+        );
+        let c = &r.summary(Duration::from_secs(1))["correctness"];
+        assert_eq!(c["served_never_uploaded"], 4);
+        assert_eq!(c["uploads_acknowledged"], 10);
+        let ledger = r.ledger();
+        let uploaded = ledger
+            .iter()
+            .filter(|e| matches!(e, Entry::Uploaded(KeyKind::Ec, 1, 500..510)))
+            .count();
+        let served = ledger
+            .iter()
+            .filter(|e| matches!(e, Entry::Served(..)))
+            .count();
+        assert_eq!((uploaded, served), (10, 7));
+
+        let without = Recorder::new(true, false);
+        without.bundle(1, Some(510), KyberKey::OneTime(702), true, (100, 100));
+        assert_eq!(
+            without.problems(&[]).never_uploaded,
+            0,
+            "nothing to judge by"
+        );
+        assert!(
+            without.summary(Duration::from_secs(1))["correctness"]["served_never_uploaded"]
+                .is_null()
+        );
+    }
+
+    #[test]
+    fn tolerated_codes_do_not_fail_a_run_and_outages_are_reported() {
+        let r = Recorder::new(true, false);
+        r.call(
+            "Fetch",
+            Duration::from_millis(1),
+            Some("Unavailable".into()),
+        );
+        r.call(
+            "Fetch",
+            Duration::from_millis(1),
+            Some("DeadlineExceeded".into()),
+        );
+        r.call("Fetch", Duration::from_millis(1), Some("Internal".into()));
+        assert_eq!(r.problems(&[]).failed_calls, 3);
+        let tolerated = ["UNAVAILABLE".to_owned(), "deadline_exceeded".to_owned()];
+        assert_eq!(r.problems(&tolerated).failed_calls, 1);
+        r.outage(Duration::from_secs(8), Duration::from_millis(9_500));
+        r.outage(Duration::from_secs(20), Duration::from_millis(300));
+        let outages = &r.summary(Duration::from_secs(30))["outages"];
+        assert_eq!(outages["count"], 2);
+        assert_eq!(outages["longest_s"], 9.5);
+        assert_eq!(outages["each"][1]["from_s"], 20.0);
+    }
+
+    #[test]
     fn latencies_and_failures_are_kept_per_rpc() {
-        let r = Recorder::new(true);
+        let r = Recorder::new(true, false);
         for ms in 1..=100 {
             r.call("Fetch", Duration::from_millis(ms), None);
         }
@@ -432,7 +657,7 @@ mod tests {
 
     #[test]
     fn calls_are_split_by_whether_they_completed_while_the_command_ran() {
-        let r = Recorder::new(true);
+        let r = Recorder::new(true, false);
         r.call("Fetch", Duration::from_millis(1), None);
         r.enter(Phase::Outside);
         r.call("Fetch", Duration::from_millis(2), None);

@@ -1,6 +1,7 @@
 //! Every scenario of the `loadtest` binary against a real server on each backend: the runs
 //! succeed, verify every bundle (both signatures), report no key of either kind served twice,
-//! and what they report matches what the server stored.
+//! and what they report matches what the server stored; a run over two servers moves off the
+//! one that stops, and its ledger matches the database.
 
 use std::process::Command;
 
@@ -224,6 +225,126 @@ async fn every_scenario_runs_and_reports_what_the_server_did(backend: Backend) {
 
     std::fs::remove_dir_all(&dir).unwrap();
     server.stop().await.unwrap();
+}
+
+/// The rows of `ledger` (the `--ledger` CSV) with this event and kind, as `device:key id`.
+fn ledger_keys(ledger: &str, event: &str, kind: &str) -> Vec<String> {
+    ledger
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(',').collect();
+            (fields[0] == event && fields[1] == kind)
+                .then(|| format!("'{}:{}'", fields[2], fields[3]))
+        })
+        .collect()
+}
+
+async fn a_run_over_two_servers_moves_off_the_one_that_stops(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
+    let (first, second) = (TestServer::start(&db).await, TestServer::start(&db).await);
+    let dir = std::env::temp_dir().join(format!("loadtest-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json, ledger) = (dir.join("run.json"), dir.join("ledger.csv"));
+    let devices = ["--devices", "20"];
+    loadtest(
+        &first,
+        &[&devices[..], &["--scenario", "register"]].concat(),
+        &json,
+    );
+
+    let urls = format!("{},{}", first.url, second.url);
+    let run = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["--url", &urls, "--concurrency", "4", "--duration", "4s"])
+        .args(devices)
+        .args(["--scenario", "mixed", "--tolerate", "UNAVAILABLE"])
+        .args(["--ledger", ledger.to_str().unwrap()])
+        .args(["--json", json.to_str().unwrap()])
+        .env(
+            "KEYSERVER_TOKEN_SECRET",
+            std::str::from_utf8(TEST_SECRET).unwrap(),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    second.stop().await.unwrap();
+    let out = tokio::task::spawn_blocking(|| run.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    // The workers on the stopped server saw UNAVAILABLE, then went on on the other one.
+    let outages = report["outages"]["count"].as_u64().unwrap();
+    assert!(outages >= 1, "{report}");
+    for failure in report["failures"].as_array().unwrap() {
+        assert_eq!(failure["code"], "Unavailable", "{report}");
+    }
+    let late: u64 = report["timeline"].as_array().unwrap()[2..]
+        .iter()
+        .map(|s| s["calls"].as_u64().unwrap() - s["failures"].as_u64().unwrap())
+        .sum();
+    assert!(late > 100, "calls served after the stop: {late}");
+    let c = &report["correctness"];
+    assert_eq!(c["served_never_uploaded"], 0);
+    assert_eq!(c["served_twice"], 0);
+    assert_eq!(c["kyber_served_twice"], 0);
+
+    // The ledger against the database: every key handed out is taken, every acknowledged
+    // upload stored.
+    let ledger = std::fs::read_to_string(&ledger).unwrap();
+    let tables = [
+        ("ec", "nchat_one_time_prekeys", "prekey_id", "TRUE"),
+        (
+            "kyber",
+            "nchat_kyber_prekeys",
+            "kyber_prekey_id",
+            "NOT is_last_resort",
+        ),
+    ];
+    let mut checked = 0;
+    for (kind, table, id, one_time) in tables {
+        for (event, taken) in [("served", "is_consumed"), ("uploaded", "TRUE")] {
+            let keys = ledger_keys(&ledger, event, kind);
+            if keys.is_empty() {
+                continue;
+            }
+            let sql = format!(
+                "SELECT count(*) FROM {table} WHERE {one_time} AND {taken} \
+                 AND device_id || ':' || {id} IN ({})",
+                keys.join(",")
+            );
+            assert_eq!(
+                first.db.count(&sql).await,
+                keys.len() as i64,
+                "{event} {kind}"
+            );
+            checked += keys.len();
+        }
+    }
+    let acknowledged = c["uploads_acknowledged"].as_u64().unwrap() as usize;
+    assert!(acknowledged > 0, "the run uploaded keys: {report}");
+    assert!(checked > acknowledged, "{checked} ledger rows checked");
+
+    std::fs::remove_dir_all(&dir).unwrap();
+    first.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_postgres() {
+    a_run_over_two_servers_moves_off_the_one_that_stops(Backend::Postgres).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_sqlite() {
+    a_run_over_two_servers_moves_off_the_one_that_stops(Backend::Sqlite).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
