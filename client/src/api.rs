@@ -91,17 +91,23 @@ pub fn answer_may_be_lost(status: &tonic::Status) -> bool {
     ) || disconnected(status)
 }
 
-/// Whether `status` is tonic's report of a connection that closed under a call: a CANCELLED
-/// from the transport (hyper's "connection closed"), though the caller cancelled nothing.
+/// Whether `status` is tonic's report of a connection that broke under a call: CANCELLED
+/// (hyper's "connection closed", though the caller cancelled nothing) or UNKNOWN ("transport
+/// error": a reset or broken pipe) made by the transport, not answered by a server.
 fn disconnected(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::Cancelled
-        && std::error::Error::source(status)
-            .is_some_and(|source| source.is::<tonic::transport::Error>())
+    matches!(status.code(), tonic::Code::Cancelled | tonic::Code::Unknown)
+        && server_unreachable(status)
 }
 
-/// `status`, with a connection that closed under the call reported as UNAVAILABLE, the code
-/// gRPC gives connection failures (a server going away sends its last calls' clients a
-/// transport CANCELLED otherwise), so that callers and reports tell it from a cancelled call.
+/// Whether the call never reached a server or lost its connection to it (the transport made
+/// `status`; a server's own answer carries no transport error): another server may answer.
+pub fn server_unreachable(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some_and(|source| source.is::<tonic::transport::Error>())
+}
+
+/// `status`, with a connection that broke under the call reported as UNAVAILABLE, the code
+/// gRPC gives connection failures (tonic says CANCELLED or UNKNOWN when a server goes away
+/// mid-call), so that callers and reports tell it from a cancelled call or a server's error.
 pub fn unavailable_if_disconnected(status: tonic::Status) -> tonic::Status {
     if disconnected(&status) {
         tonic::Status::unavailable(format!(
@@ -390,27 +396,32 @@ pub fn verify_bundle(bundle: &pb::DevicePreKeyBundle) -> Result<VerifiedBundle, 
 mod tests {
     use super::*;
 
-    /// A CANCELLED that the transport made (a connection that closed) becomes UNAVAILABLE and
-    /// may have lost its answer; one the server or the caller gave stays as it is.
+    /// A CANCELLED or UNKNOWN that the transport made (a connection that closed or broke)
+    /// becomes UNAVAILABLE and may have lost its answer; one a server or the caller gave stays
+    /// as it is.
     #[tokio::test]
-    async fn a_connection_closed_under_a_call_is_unavailable_not_cancelled() {
-        let refused = Endpoint::from_static("http://127.0.0.1:1")
-            .connect()
-            .await
-            .expect_err("nothing listens on port 1");
-        let mut dropped = tonic::Status::cancelled("operation was canceled");
-        dropped.set_source(std::sync::Arc::new(refused));
-        assert!(answer_may_be_lost(&dropped));
-        let status = unavailable_if_disconnected(dropped);
-        assert_eq!(status.code(), tonic::Code::Unavailable);
-        assert!(
-            status.message().contains("operation was canceled"),
-            "{status:?}"
-        );
+    async fn a_connection_broken_under_a_call_is_unavailable() {
+        for (code, message) in [
+            (tonic::Code::Cancelled, "operation was canceled"),
+            (tonic::Code::Unknown, "transport error"),
+        ] {
+            let refused = Endpoint::from_static("http://127.0.0.1:1")
+                .connect()
+                .await
+                .expect_err("nothing listens on port 1");
+            let mut broken = tonic::Status::new(code, message);
+            broken.set_source(std::sync::Arc::new(refused));
+            assert!(answer_may_be_lost(&broken) && server_unreachable(&broken));
+            let status = unavailable_if_disconnected(broken);
+            assert_eq!(status.code(), tonic::Code::Unavailable);
+            assert!(status.message().contains(message), "{status:?}");
 
-        let cancelled = tonic::Status::cancelled("the caller gave up");
-        assert!(!answer_may_be_lost(&cancelled));
-        let status = unavailable_if_disconnected(cancelled);
-        assert_eq!(status.code(), tonic::Code::Cancelled);
+            let answered = tonic::Status::new(code, "from the server");
+            assert!(!server_unreachable(&answered));
+            assert_eq!(unavailable_if_disconnected(answered).code(), code);
+        }
+        assert!(!answer_may_be_lost(&tonic::Status::cancelled(
+            "the caller gave up"
+        )));
     }
 }

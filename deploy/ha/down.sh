@@ -13,6 +13,13 @@ for _ in $(seq 60); do
     sleep 0.5
 done
 pkill -9 -f "postgres -D $HA_DIR/" || true
-pkill -f "etcd --name ks-etcd --data-dir $HA_DIR/etcd" || true
-sleep 0.5
+# Wait until etcd and HAProxy are gone, so a stack brought up next on the same ports can bind.
+etcd="etcd --name etcd[0-9]* --data-dir $HA_DIR/etcd"
+pkill -f "$etcd" || true
+for _ in $(seq 40); do
+    if ! pgrep -f "$etcd" >/dev/null && ! pgrep -f "haproxy -f $HA_DIR/" >/dev/null; then break; fi
+    sleep 0.25
+done
+pkill -9 -f "$etcd" || true
+pkill -9 -f "haproxy -f $HA_DIR/" || true
 if [ "${KEEP:-0}" != 1 ]; then rm -rf "$HA_DIR"; fi

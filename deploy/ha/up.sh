@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Brings up a replicated PostgreSQL on this machine, for tests and demos of the key server's
-# high availability: one etcd member, NODES PostgreSQL nodes under Patroni (synchronous by
-# default) and HAProxy routing a primary port to whichever node Patroni elected and a replica
+# high availability: ETCD_MEMBERS etcd members, NODES PostgreSQL nodes under Patroni (synchronous
+# by default) and HAProxy routing a primary port to whichever node Patroni elected and a replica
 # port to the standbys. Everything listens on 127.0.0.1, every port is a parameter, and all
 # state is under HA_DIR; deploy/ha/down.sh stops it all.
 #   deploy/ha/up.sh                         # then DATABASE_URL=postgres://postgres@127.0.0.1:5450/keyserver
 #   SYNC=off NODES=3 HA_DIR=/tmp/ha2 PG_PORT=6441 PRIMARY_PORT=6450 … deploy/ha/up.sh
 # Settings (environment): HA_DIR (target/ha), NODES (2), SYNC (on | strict | off), TTL (10 s,
-# the leader key's lifetime: about the longest a failover takes), ETCD_PORT (2479, and the next
-# port for etcd's peers), PG_PORT (5441: nodes on PG_PORT, PG_PORT+1, …), REST_PORT (8011,
+# the leader key's lifetime: about the longest a failover takes), ETCD_MEMBERS (3: a quorum
+# survives losing one), ETCD_PORT (2479: member i listens for clients on ETCD_PORT+2(i-1) and
+# for its peers on the port after), PG_PORT (5441: nodes on PG_PORT, PG_PORT+1, …), REST_PORT (8011,
 # likewise), PRIMARY_PORT (5450), REPLICA_PORT (5451), DATABASE (keyserver, created on the
 # primary), PG_BIN (the newest /usr/lib/postgresql/*/bin).
 # Needs Debian's patroni, etcd-server and haproxy packages; PostgreSQL runs as the postgres
@@ -18,7 +19,7 @@ cd "$(dirname "$0")"
 here=$PWD
 cd ../..
 HA_DIR=$(realpath -m "${HA_DIR:-target/ha}")
-NODES=${NODES:-2} SYNC=${SYNC:-on} TTL=${TTL:-10}
+NODES=${NODES:-2} SYNC=${SYNC:-on} TTL=${TTL:-10} ETCD_MEMBERS=${ETCD_MEMBERS:-3}
 ETCD_PORT=${ETCD_PORT:-2479} PG_PORT=${PG_PORT:-5441} REST_PORT=${REST_PORT:-8011}
 PRIMARY_PORT=${PRIMARY_PORT:-5450} REPLICA_PORT=${REPLICA_PORT:-5451} DATABASE=${DATABASE:-keyserver}
 PG_BIN=${PG_BIN:-$(find /usr/lib/postgresql -maxdepth 2 -name bin -type d | sort -V | tail -1)}
@@ -35,7 +36,7 @@ case $SYNC in
     off) sync_mode=false strict=false ;;
     *) echo "up.sh: SYNC is on, strict or off, not '$SYNC'" >&2; exit 1 ;;
 esac
-if [ -e "$HA_DIR/etcd" ]; then
+if compgen -G "$HA_DIR/etcd*" >/dev/null; then
     echo "up.sh: $HA_DIR holds a stack already; deploy/ha/down.sh first" >&2
     exit 1
 fi
@@ -51,19 +52,29 @@ as_pg() {
 }
 if [ "$(id -u)" = 0 ]; then chown postgres: "$HA_DIR"; fi
 
-as_pg etcd --name ks-etcd --data-dir "$HA_DIR/etcd" \
-    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" \
-    --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
-    --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
-    --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
-    --initial-cluster "ks-etcd=http://127.0.0.1:$((ETCD_PORT + 1))" >"$HA_DIR/etcd.log" 2>&1 &
+etcd_cluster= etcd_hosts=
+for i in $(seq "$ETCD_MEMBERS"); do
+    client=$((ETCD_PORT + 2 * (i - 1)))
+    etcd_cluster+="${etcd_cluster:+,}etcd$i=http://127.0.0.1:$((client + 1))"
+    etcd_hosts+="${etcd_hosts:+,}127.0.0.1:$client"
+done
+for i in $(seq "$ETCD_MEMBERS"); do
+    client=$((ETCD_PORT + 2 * (i - 1)))
+    as_pg etcd --name "etcd$i" --data-dir "$HA_DIR/etcd$i" \
+        --listen-client-urls "http://127.0.0.1:$client" \
+        --advertise-client-urls "http://127.0.0.1:$client" \
+        --listen-peer-urls "http://127.0.0.1:$((client + 1))" \
+        --initial-advertise-peer-urls "http://127.0.0.1:$((client + 1))" \
+        --initial-cluster "$etcd_cluster" --initial-cluster-token "keyserver-$ETCD_PORT" \
+        >"$HA_DIR/etcd$i.log" 2>&1 &
+done
 
 primary_servers= replica_servers=
 for n in $(seq "$NODES"); do
     name=pg$n pg=$((PG_PORT + n - 1)) rest=$((REST_PORT + n - 1))
     as_pg mkdir -p "$HA_DIR/$name"
     sed -e "s|@SCOPE@|keyserver|" -e "s|@NAME@|$name|g" -e "s|@REST_PORT@|$rest|g" \
-        -e "s|@ETCD_PORT@|$ETCD_PORT|" -e "s|@TTL@|$TTL|" -e "s|@SYNC_MODE@|$sync_mode|" \
+        -e "s|@ETCD_HOSTS@|$etcd_hosts|" -e "s|@TTL@|$TTL|" -e "s|@SYNC_MODE@|$sync_mode|" \
         -e "s|@SYNC_STRICT@|$strict|" -e "s|@PG_PORT@|$pg|g" -e "s|@DIR@|$HA_DIR|g" \
         -e "s|@PG_BIN@|$PG_BIN|" "$here/patroni.yml.in" >"$HA_DIR/$name.yml"
     primary_servers+="    server $name 127.0.0.1:$pg check port $rest"$'\n'

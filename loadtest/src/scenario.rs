@@ -9,8 +9,9 @@
 //!   (and of the last-resort Kyber prekey).
 //!
 //! With several server addresses, worker `i` starts on address `i mod n` and moves to the next
-//! whenever a call answers UNAVAILABLE, as a client holding a list of addresses does; the
-//! stretch from its first UNAVAILABLE to its next success is recorded as an outage.
+//! whenever a call cannot reach its server, as a client holding a list of addresses does (a
+//! server answering UNAVAILABLE itself, its database being away, keeps its workers); the
+//! stretch from a worker's first UNAVAILABLE to its next success is recorded as an outage.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -20,8 +21,8 @@ use keyserver::auth::TokenAuthority;
 use keyserver::store::DeviceId;
 use keyserver_client::api::Address;
 use keyserver_client::api::{
-    MAX_RETRY_WAIT, answer_may_be_lost, idempotency_key, retry_after, unavailable_if_disconnected,
-    verify_bundle,
+    MAX_RETRY_WAIT, answer_may_be_lost, idempotency_key, retry_after, server_unreachable,
+    unavailable_if_disconnected, verify_bundle,
 };
 use keyserver_client::keys::random_bytes;
 use keyserver_proto::pb;
@@ -128,7 +129,7 @@ struct Servers {
 
 impl Servers {
     /// Makes one call on the current server, timed and recorded under `rpc`; moves to the next
-    /// server when it answers UNAVAILABLE.
+    /// server when this one could not be reached.
     async fn call<T, Fut>(
         &mut self,
         shared: &Shared,
@@ -138,12 +139,21 @@ impl Servers {
     where
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let result = timed_status(shared, rpc, call(self.clients[self.current].clone())).await;
+        let mut unreachable = false;
+        let client = self.clients[self.current].clone();
+        let result = timed_status(shared, rpc, async {
+            let answer = call(client).await;
+            unreachable = matches!(&answer, Err(status) if server_unreachable(status));
+            answer
+        })
+        .await;
+        if unreachable {
+            self.current = (self.current + 1) % self.clients.len();
+        }
         let now = shared.recorder.elapsed();
         match &result {
             Err(status) if status.code() == tonic::Code::Unavailable => {
                 self.unavailable_since.get_or_insert(now);
-                self.current = (self.current + 1) % self.clients.len();
             }
             Ok(_) => {
                 if let Some(since) = self.unavailable_since.take() {

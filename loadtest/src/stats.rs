@@ -175,6 +175,8 @@ pub struct Problems {
 /// Shared by every worker of a run.
 pub struct Recorder {
     started: Instant,
+    /// The same moment on the wall clock, for lining a run up with events outside it.
+    started_at: std::time::SystemTime,
     /// 0 while calls are not split by phase, else the current [`Phase`].
     phase: AtomicU8,
     /// Whether every device has Kyber keys (PQXDH), so every bundle must carry one.
@@ -187,6 +189,7 @@ impl Recorder {
     pub fn new(pqxdh: bool, ledger: bool) -> Self {
         Self {
             started: Instant::now(),
+            started_at: std::time::SystemTime::now(),
             phase: AtomicU8::new(0),
             pqxdh,
             inner: Mutex::new(Inner {
@@ -365,8 +368,13 @@ impl Recorder {
             .iter()
             .map(|((rpc, code), n)| json!({ "rpc": rpc, "code": code, "count": n }))
             .collect();
+        let started_unix_s = self
+            .started_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         json!({
             "seconds": wall.as_secs_f64(),
+            "started_unix_s": started_unix_s,
             "rpcs": rpcs,
             "failures": failures,
             "correctness": {
