@@ -154,7 +154,9 @@ pub type AuditClient = AuditServiceClient<InterceptedService<Channel, BearerToke
 
 /// Where the server is and how to trust it: `http://host:port` in plaintext, or
 /// `https://host:port` over TLS, verified against the system's root certificates or the given
-/// CA, optionally with a client certificate (for servers that require mTLS).
+/// CA, optionally with a client certificate (for servers that require mTLS). Several URLs,
+/// comma separated, are several servers of one deployment: a client connects to one it can
+/// reach, starting from a random one so that clients spread over them.
 #[derive(Debug, Clone, Default)]
 pub struct Address {
     pub url: String,
@@ -220,8 +222,30 @@ impl Address {
         }
     }
 
-    /// A connected channel.
+    /// A connected channel; for several URLs, to the first one that answers, from a random
+    /// one on. (tonic's `balance_list` would spread calls, but sends them to a server it
+    /// cannot reach as well.)
     pub async fn connect(&self) -> anyhow::Result<Channel> {
+        if !self.url.contains(',') {
+            return self.connect_one().await;
+        }
+        let urls: Vec<&str> = self.url.split(',').map(str::trim).collect();
+        let start = usize::from(crate::keys::random_bytes::<1>()[0]) % urls.len();
+        let mut failures = Vec::with_capacity(urls.len());
+        for i in 0..urls.len() {
+            let one = Address {
+                url: urls[(start + i) % urls.len()].to_owned(),
+                ..self.clone()
+            };
+            match one.connect_one().await {
+                Ok(channel) => return Ok(channel),
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        anyhow::bail!("no server could be reached: {}", failures.join("; "))
+    }
+
+    async fn connect_one(&self) -> anyhow::Result<Channel> {
         let url = &self.url;
         self.endpoint()?.connect().await.map_err(|e| {
             // tonic's Display says only "transport error"; its sources say what happened.

@@ -7,9 +7,9 @@
 # `keyserver serve` processes on HAProxy's primary port, seeds PQXDH devices, then runs
 # `loadtest --scenario mixed` (fetches, uploads, rotations) over both servers with a ledger of
 # every key handed out and every upload acknowledged, and meanwhile:
-#   at KILL_PRIMARY_AT s  pauses the standby's WAL receiver for LAG s (a network hiccup between
+#   at KILL_PRIMARY_AT s  stops the primary's WAL sender for LAG s (a hiccup on the link between
 #                         the nodes), then kills the primary's Patroni and postmaster with SIGKILL
-#                         (the machine is lost) while the standby is behind;
+#                         (the machine is lost) before it sent what it wrote meanwhile;
 #   at KILL_SERVER_AT s   kills one server process with SIGKILL;
 #   at KILL_ETCD_AT s     kills etcd's leader with SIGKILL (two members keep the quorum).
 # Afterwards the ledger is checked against the new primary: every acknowledged upload stored,
@@ -70,6 +70,7 @@ urls=()
 for i in 0 1; do
     port=$((SERVER_PORT + i))
     "$BIN/keyserver" serve --listen "127.0.0.1:$port" --database-url "$database" \
+        --read-database-url "postgres://postgres@127.0.0.1:$REPLICA_PORT/keyserver" \
         --data-dir "$OUT/server$i" >"$OUT/server$i.log" 2>&1 &
     servers+=($!)
     urls+=("http://127.0.0.1:$port")
@@ -108,15 +109,14 @@ at() {
 at "$KILL_PRIMARY_AT"
 old=$(primary_node)
 [ -n "$old" ] || fail "no primary before the failover"
-standby=$((3 - old))
-receiver=$(pgrep -P "$(postmaster "$standby")" -f walreceiver || true)
-[ -n "$receiver" ] || fail "the standby pg$standby has no WAL receiver"
-kill -STOP "$receiver"
+sender=$(pgrep -P "$(postmaster "$old")" -f walsender || true)
+[ -n "$sender" ] || fail "the primary pg$old has no WAL sender"
+# Synchronous, commits wait meanwhile; asynchronous, they are acknowledged and not yet sent.
+kill -STOP "$sender"
 sleep "$LAG"
 primary_killed=$(date +%s.%N)
-kill -9 "$(pgrep -f "patroni $HA_DIR/pg$old.yml")" "$(postmaster "$old")"
-kill -CONT "$receiver"
-echo "$((SECONDS - load_started)) s: killed the primary pg$old (its standby ${LAG} s behind)"
+kill -9 "$(pgrep -f "patroni $HA_DIR/pg$old.yml")" "$(postmaster "$old")" "$sender"
+echo "$((SECONDS - load_started)) s: killed the primary pg$old (its WAL unsent for the last ${LAG} s)"
 
 at "$KILL_SERVER_AT"
 server_killed=$(date +%s.%N)

@@ -113,6 +113,12 @@ pub struct ServeArgs {
     pub data: DataDirArgs,
     #[command(flatten)]
     pub database: DatabaseArgs,
+    /// PostgreSQL standbys (HAProxy's replica port, say) for the calls that take no key and
+    /// write nothing: GetIdentityKeys, GetKeyStatus, audit and session reads, which may then be
+    /// a moment behind. Never fetches. The primary answers them while no standby gives a
+    /// connection within a second.
+    #[arg(long, env = "KEYSERVER_READ_DATABASE_URL", hide_env_values = true)]
+    pub read_database_url: Option<String>,
     #[command(flatten)]
     pub secret: SecretArgs,
     /// Serve Prometheus metrics on this address at /metrics; off when unset.

@@ -17,7 +17,7 @@ use keyserver::secret::{self, Missing};
 use keyserver::server::{self, ServerParts};
 use keyserver::shutdown::{self, CancellationToken};
 use keyserver::store::database::Database;
-use keyserver::store::{DeviceId, Serve};
+use keyserver::store::{Backend, DeviceId, Serve};
 use keyserver::store::{migrations, transfer};
 use uuid::Uuid;
 
@@ -265,11 +265,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(addr) => Some(edge::metrics::serve(addr, stop.clone()).await?),
         None => None,
     };
+    let mut store = db.store().with_fetch_batches(args.fetch_batches.into());
+    if let Some(url) = args.read_database_url.as_deref().filter(|u| !u.is_empty()) {
+        anyhow::ensure!(
+            db.backend() == Backend::Postgres,
+            "--read-database-url needs a PostgreSQL primary (--database-url postgres://…)"
+        );
+        let replica = Database::connect_replica(url, args.database.max_connections)
+            .context("the read replicas (--read-database-url)")?;
+        store = store.with_read_replica(replica);
+        tracing::info!("key-less reads go to the read replicas");
+    }
     shutdown::cancel_on_signal(stop.clone());
     server::run(
         listener,
         ServerParts {
-            store: db.store().with_fetch_batches(args.fetch_batches.into()),
+            store,
             tokens,
             jobs: Jobs::new(
                 db.store(),

@@ -826,6 +826,8 @@ pub struct TestConfig {
     pub fetch_batches: usize,
     /// How long a retried fetch gets the same keys (`--fetch-retry-window`).
     pub fetch_retry_window: Duration,
+    /// The read replicas' URL (`--read-database-url`).
+    pub read_replica: Option<String>,
 }
 
 impl Default for TestConfig {
@@ -847,6 +849,7 @@ impl Default for TestConfig {
             drain: DrainArgs::default(),
             fetch_batches: DEFAULT_BATCHES_IN_FLIGHT,
             fetch_retry_window: Duration::from_secs(600),
+            read_replica: None,
         }
     }
 }
@@ -886,7 +889,11 @@ impl TestServer {
         };
         let url = format!("{scheme}://{}", listener.local_addr().expect("address"));
         let stop = CancellationToken::new();
-        let store = db.store().with_fetch_batches(config.fetch_batches);
+        let mut store = db.store().with_fetch_batches(config.fetch_batches);
+        if let Some(url) = &config.read_replica {
+            let replica = Database::connect_replica(url, 4).expect("a replica URL");
+            store = store.with_read_replica(replica);
+        }
         let parts = ServerParts {
             store: store.clone(),
             tokens: tokens.clone(),

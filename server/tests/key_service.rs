@@ -1052,3 +1052,57 @@ conformance!(calls_without_a_valid_token_are_unauthenticated);
 conformance!(health_and_reflection_are_served);
 conformance!(the_bundle_view_is_refreshed_off_the_request_path);
 conformance!(a_retried_fetch_gets_the_same_keys_and_takes_no_more);
+
+/// A client given several servers of one deployment (comma separated, as `keyctl --server`
+/// takes them) connects to one it can reach: never to one that is down, and to another once
+/// one has stopped; with none reachable it says which it tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_given_several_servers_connects_to_one_that_answers() {
+    let db = TestDb::migrated(Backend::Sqlite).await;
+    let (a, b) = (TestServer::start(&db).await, TestServer::start(&db).await);
+    let device = TestDevice::new(Uuid::new_v4(), "phone", 3);
+    device.register(&a).await;
+    let down = format!(
+        "http://{}",
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    );
+    let token = a.device_token(device.user, &device.device_id);
+    let status = pb::GetKeyStatusRequest {
+        device_id: device.device_id.clone(),
+    };
+    let a_url = a.url.clone();
+    for servers in [format!("{down},{a_url}"), format!("{a_url},{down}")] {
+        // Each connection starts from a random one of the two: every try reaches `a`.
+        for _ in 0..10 {
+            let mut client = keyserver_client::api::connect(servers.as_str(), &token)
+                .await
+                .unwrap();
+            let answer = client.get_key_status(status.clone()).await.unwrap();
+            assert_eq!(answer.into_inner().one_time_prekeys_available, 3);
+        }
+    }
+    a.stop().await.unwrap();
+    let servers = format!("{down},{a_url},{}", b.url);
+    for _ in 0..10 {
+        let mut client = keyserver_client::api::connect(servers.as_str(), &token)
+            .await
+            .unwrap();
+        let answer = client.get_key_status(status.clone()).await.unwrap();
+        assert_eq!(answer.into_inner().one_time_prekeys_available, 3);
+    }
+    let none = format!("{down},{a_url}");
+    let refused = keyserver_client::api::connect(none.as_str(), &token)
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.starts_with("no server could be reached")
+            && refused.contains(&down)
+            && refused.contains(&a_url),
+        "{refused}"
+    );
+}

@@ -24,7 +24,8 @@ struct Cli {
     )]
     state: PathBuf,
     /// The key server's address: http://host:port, or https://host:port for TLS (verified
-    /// against the system's roots or --ca-cert; never a plaintext fallback).
+    /// against the system's roots or --ca-cert; never a plaintext fallback). Several servers
+    /// of one deployment, comma separated: keyctl uses one it can reach, from a random one on.
     #[arg(
         long,
         env = "KEYSERVER_URL",

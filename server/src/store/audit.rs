@@ -139,8 +139,7 @@ impl Store {
             .map(|e| e.as_str().to_owned())
             .collect();
         let rows: Vec<EventRow> = self
-            .db
-            .read()
+            .replica_read()
             .await?
             .query(&sql!(
                 "SELECT id, event_type, device_id, metadata, created_at FROM nchat_e2ee_audit_log

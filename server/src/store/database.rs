@@ -45,6 +45,8 @@ const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// How long a request waits for a pooled PostgreSQL connection.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a read waits for a standby's connection before the primary answers it instead.
+const REPLICA_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long an SQLite writer waits for another process's write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,15 +82,19 @@ pub struct SqliteDb {
 pub enum OpenError {
     #[error("unsupported database URL (use postgres://… or sqlite://…)")]
     UnsupportedScheme,
+    #[error("a read replica URL is a PostgreSQL standby's (postgres://…)")]
+    ReplicaNotPostgres,
     #[error("{0}")]
     Connect(String),
 }
 
 impl PgDb {
-    async fn connect(url: &str, max_connections: u32) -> Result<Self, sqlx::Error> {
-        let pool = PgPoolOptions::new()
+    /// The request pool's settings: connections idle for a while are pinged before use, so a
+    /// connection a failover broke is replaced rather than handed to a call.
+    fn options(max_connections: u32, acquire_timeout: Duration) -> PgPoolOptions {
+        PgPoolOptions::new()
             .max_connections(max_connections)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .acquire_timeout(acquire_timeout)
             .test_before_acquire(false)
             .before_acquire(|conn, meta| {
                 Box::pin(async move {
@@ -98,13 +104,22 @@ impl PgDb {
                     Ok(true)
                 })
             })
-            .connect(url)
-            .await?;
+    }
+
+    /// The pools on `pool`'s server: `pool` itself and a one-connection probe beside it.
+    fn with_probe(pool: PgPool) -> Self {
         let probe = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .connect_lazy_with(pool.connect_options().as_ref().clone());
-        Ok(Self { pool, probe })
+        Self { pool, probe }
+    }
+
+    async fn connect(url: &str, max_connections: u32) -> Result<Self, sqlx::Error> {
+        let pool = Self::options(max_connections, ACQUIRE_TIMEOUT)
+            .connect(url)
+            .await?;
+        Ok(Self::with_probe(pool))
     }
 
     /// The underlying pool, for migrations and operator tools.
@@ -171,6 +186,19 @@ impl Database {
         } else {
             Err(OpenError::UnsupportedScheme)
         }
+    }
+
+    /// A pool on PostgreSQL standbys for the reads that take no key: it connects on first use
+    /// (the server starts while they are away) and gives up on a connection after
+    /// [`REPLICA_ACQUIRE_TIMEOUT`], since the primary can answer instead.
+    pub fn connect_replica(url: &str, max_connections: u32) -> Result<Self, OpenError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(OpenError::ReplicaNotPostgres);
+        }
+        let pool = PgDb::options(max_connections, REPLICA_ACQUIRE_TIMEOUT)
+            .connect_lazy(url)
+            .map_err(|e| OpenError::Connect(e.to_string()))?;
+        Ok(Self::Postgres(PgDb::with_probe(pool)))
     }
 
     /// The key store on this database.

@@ -11,7 +11,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::audit::{self, AuditEvent};
-use super::database::Tx;
+use super::database::{ReadConn, Tx};
 use super::ids::{DeviceId, KeyId};
 use super::prekeys::{self, NewKyberPreKey, NewOneTimePreKey, NewSignedPreKey};
 use super::sql::{Key, List, Uid, sql};
@@ -350,23 +350,32 @@ impl Store {
         user_id: Uuid,
         device: &DeviceId,
     ) -> Result<PublicKey, StoreError> {
-        let owner: Owner = self
-            .db
-            .read()
-            .await?
-            .query(&sql!(
-                "SELECT user_id, identity_key_public FROM nchat_identity_keys WHERE device_id = $1"
-            ))
-            .bind(device)
-            .fetch_optional()
-            .await?
-            .ok_or(StoreError::DeviceNotFound)?;
-        if owner.user_id.0 != user_id {
-            return Err(StoreError::NotYourDevice);
-        }
-        Ok(owner.identity_key_public.0)
+        device_identity_on(&mut self.db.read().await?, user_id, device).await
     }
+}
 
+/// The identity key of `device`, which must belong to `user_id`, read on `conn` (the primary
+/// or a read replica).
+pub(crate) async fn device_identity_on(
+    conn: &mut ReadConn,
+    user_id: Uuid,
+    device: &DeviceId,
+) -> Result<PublicKey, StoreError> {
+    let owner: Owner = conn
+        .query(&sql!(
+            "SELECT user_id, identity_key_public FROM nchat_identity_keys WHERE device_id = $1"
+        ))
+        .bind(device)
+        .fetch_optional()
+        .await?
+        .ok_or(StoreError::DeviceNotFound)?;
+    if owner.user_id.0 != user_id {
+        return Err(StoreError::NotYourDevice);
+    }
+    Ok(owner.identity_key_public.0)
+}
+
+impl Store {
     /// Every device of the given users with its identity key, in one statement.
     pub async fn device_identities(
         &self,
@@ -389,11 +398,10 @@ impl Store {
             .collect())
     }
 
-    /// The identity keys of every device of `user_id`.
+    /// The identity keys of every device of `user_id` (on a read replica when there is one).
     pub async fn identity_keys(&self, user_id: Uuid) -> Result<Vec<PublicKey>, StoreError> {
         let keys: Vec<(Key,)> = self
-            .db
-            .read()
+            .replica_read()
             .await?
             .query(&IDENTITY_KEYS)
             .bind(Uid(user_id))

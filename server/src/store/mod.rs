@@ -19,6 +19,7 @@ pub mod jobs;
 pub mod migrations;
 pub mod prekeys;
 pub mod recovery;
+mod replica;
 pub mod safety;
 pub mod sessions;
 pub(crate) mod sql;
@@ -42,7 +43,8 @@ pub use sql::{Backend, timestamp_text};
 use std::sync::Arc;
 
 use bundles::coalesce::{Coalescer, DEFAULT_BATCHES_IN_FLIGHT};
-use database::Database;
+use database::{Database, ReadConn};
+use replica::Replica;
 
 /// The key server's storage on one database. It hands out each one-time prekey at most once,
 /// even to concurrent callers in several processes. Cloning it is cheap (the pool is shared).
@@ -51,6 +53,8 @@ pub struct Store {
     db: Database,
     /// This store's fetches, gathered into batches.
     fetches: Arc<Coalescer>,
+    /// Standbys for the reads that take no key, if the server has them.
+    replica: Option<Arc<Replica>>,
 }
 
 impl Store {
@@ -62,7 +66,27 @@ impl Store {
         Self {
             db,
             fetches: Arc::new(Coalescer::new(in_flight)),
+            replica: None,
         }
+    }
+
+    /// The same store with its key-less reads (identity keys, key status, audit and session
+    /// reads) on `replica`, a pool on PostgreSQL standbys; the primary answers them while it
+    /// gives no connection.
+    pub fn with_read_replica(mut self, replica: Database) -> Self {
+        self.replica = Some(Arc::new(Replica::new(replica)));
+        self
+    }
+
+    /// A connection for a read that takes no key and writes nothing: a standby's when there is
+    /// one to be had, else the primary's.
+    pub(crate) async fn replica_read(&self) -> Result<ReadConn, StoreError> {
+        if let Some(replica) = &self.replica
+            && let Some(conn) = replica.read().await
+        {
+            return Ok(conn);
+        }
+        self.db.read().await
     }
 
     /// The same store with at most `batches` fetch batches on the database at once (PostgreSQL;

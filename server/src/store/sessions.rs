@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::audit::{self, AuditEvent};
 use super::database::Tx;
-use super::devices::{lock_owned, user_exists};
+use super::devices::{device_identity_on, lock_owned, user_exists};
 use super::ids::DeviceId;
 use super::sql::{At, Sql, Uid, sql};
 use super::{Store, StoreError};
@@ -280,8 +280,8 @@ impl Store {
         user_id: Uuid,
         key: &SessionKey,
     ) -> Result<StoredSession, StoreError> {
-        self.device_identity(user_id, &key.device_id).await?;
-        let mut conn = self.db.read().await?;
+        let mut conn = self.replica_read().await?;
+        device_identity_on(&mut conn, user_id, &key.device_id).await?;
         let row: Option<SessionRow> = conn
             .query(&select_sessions!(
                 "WHERE device_id = $1 AND peer_user_id = $2 AND peer_device_id = $3"
@@ -301,9 +301,9 @@ impl Store {
         user_id: Uuid,
         query: &SessionQuery,
     ) -> Result<Vec<StoredSession>, StoreError> {
-        self.device_identity(user_id, &query.device_id).await?;
         let (after_user, after_device) = query.after.clone().unzip();
-        let mut conn = self.db.read().await?;
+        let mut conn = self.replica_read().await?;
+        device_identity_on(&mut conn, user_id, &query.device_id).await?;
         let rows: Vec<SessionRow> = conn
             // Device ids compare bytewise on both backends, so pages continue where they ended.
             .query(&select_sessions!(

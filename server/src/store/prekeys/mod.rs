@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::audit::{self, AuditEvent};
-use super::database::Tx;
+use super::database::{ReadConn, Tx};
 use super::devices;
 use super::ids::{DeviceId, KeyId, KyberPreKeyId, PreKeyId, SignedPreKeyId};
 use super::sql::{At, Decoded, Key, KyberKey, Sql, Uid, sql};
@@ -385,27 +385,28 @@ impl Store {
         rotate(tx, &KYBER_LAST_RESORT, user_id, device, signed_by, &key).await
     }
 
-    /// The device's key counts and active keys; the device must belong to `user_id`.
+    /// The device's key counts and active keys; the device must belong to `user_id` (on a read
+    /// replica when there is one: counts a moment old are fine for deciding to replenish).
     pub async fn key_status(
         &self,
         user_id: Uuid,
         device: &DeviceId,
     ) -> Result<KeyStatus, StoreError> {
-        let row: StatusRow = self
-            .own_device_keys(
-                user_id,
-                device,
-                &own_device_keys!(
-                    "(SELECT count(*) FROM nchat_one_time_prekeys o
+        let row: StatusRow = Self::own_device_keys(
+            self.replica_read().await?,
+            user_id,
+            device,
+            &own_device_keys!(
+                "(SELECT count(*) FROM nchat_one_time_prekeys o
                       WHERE o.device_id = ik.device_id AND o.is_consumed = FALSE) AS available,
                      sp.signed_prekey_id, sp.rotation_date,
                      (SELECT count(*) FROM nchat_kyber_prekeys k
                       WHERE k.device_id = ik.device_id AND k.is_last_resort = FALSE
                         AND k.is_consumed = FALSE) AS kyber_available,
                      lr.kyber_prekey_id AS last_resort_id, lr.created_at AS last_resort_at"
-                ),
-            )
-            .await?;
+            ),
+        )
+        .await?;
         Ok(KeyStatus {
             available: row.available as u32,
             active_signed_prekey: row.signed_prekey_id.zip(row.rotation_date.map(|at| at.0)),
@@ -420,16 +421,17 @@ impl Store {
         user_id: Uuid,
         device: &DeviceId,
     ) -> Result<PublishedKeys, StoreError> {
-        let row: PublishedRow = self
-            .own_device_keys(
-                user_id,
-                device,
-                &own_device_keys!(
-                    "ik.identity_key_public, sp.signed_prekey_id, sp.signed_prekey_public,
+        // The primary's: a device compares these with what it holds, right after a rotation.
+        let row: PublishedRow = Self::own_device_keys(
+            self.db.read().await?,
+            user_id,
+            device,
+            &own_device_keys!(
+                "ik.identity_key_public, sp.signed_prekey_id, sp.signed_prekey_public,
                      lr.kyber_prekey_id, lr.kyber_prekey_public"
-                ),
-            )
-            .await?;
+            ),
+        )
+        .await?;
         Ok(PublishedKeys {
             identity_key: row.identity_key_public.0,
             signed_prekey: row
@@ -444,15 +446,12 @@ impl Store {
     /// Reads one row of a device's keys, which must belong to `user_id`: `query` is an
     /// [`own_device_keys!`] statement.
     async fn own_device_keys<R: Decoded>(
-        &self,
+        mut conn: ReadConn,
         user_id: Uuid,
         device: &DeviceId,
         query: &Sql,
     ) -> Result<R, StoreError> {
-        let row: Owned<R> = self
-            .db
-            .read()
-            .await?
+        let row: Owned<R> = conn
             .query(query)
             .bind(device)
             .fetch_optional()
