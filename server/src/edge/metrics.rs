@@ -30,7 +30,7 @@ pub const DB_UP: &str = "keyserver_db_up";
 pub const DB_POOL_CONNECTIONS: &str = "keyserver_db_pool_connections";
 pub const DB_POOL_IDLE: &str = "keyserver_db_pool_idle_connections";
 pub const DB_POOL_WAIT: &str = "keyserver_db_pool_wait_seconds";
-pub const DB_READS_FROM_PRIMARY: &str = "keyserver_db_replica_unavailable_total";
+pub const DB_REPLICA_UNAVAILABLE: &str = "keyserver_db_replica_unavailable_total";
 pub const ONE_TIME_PREKEYS_SERVED: &str = "keyserver_one_time_prekeys_served_total";
 pub const BUNDLES_SERVED: &str = "keyserver_bundles_served_total";
 pub const BUNDLES_WITHOUT_ONE_TIME_PREKEY: &str = "keyserver_bundles_without_one_time_prekey_total";
@@ -99,7 +99,7 @@ fn describe() {
         "Time a call waited for a database connection (on SQLite: for the write turn too)."
     );
     describe_counter!(
-        DB_READS_FROM_PRIMARY,
+        DB_REPLICA_UNAVAILABLE,
         "Times the read replicas (--read-database-url) gave no connection, so reads went to the primary for a while."
     );
     describe_counter!(

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::StoreError;
 use super::database::{Database, ReadConn};
-use crate::edge::metrics::DB_READS_FROM_PRIMARY;
+use crate::edge::metrics::DB_REPLICA_UNAVAILABLE;
 
 /// How long a replica that did not give a connection is left alone.
 const REST: Duration = Duration::from_secs(5);
@@ -56,6 +56,6 @@ impl Replica {
             tracing::warn!(error = %why, rest = ?REST, "no connection to a read replica; reading from the primary");
         }
         *resting = Some(Instant::now() + REST);
-        metrics::counter!(DB_READS_FROM_PRIMARY).increment(1);
+        metrics::counter!(DB_REPLICA_UNAVAILABLE).increment(1);
     }
 }
