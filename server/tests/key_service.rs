@@ -1070,29 +1070,29 @@ async fn a_client_given_several_servers_connects_to_one_that_answers() {
             .unwrap()
     );
     let token = a.device_token(device.user, &device.device_id);
-    let status = pb::GetKeyStatusRequest {
-        device_id: device.device_id.clone(),
+    // Ten connections to `servers`, each starting from a random one of them, all answered.
+    let answered_ten_times = |servers: String| {
+        let (token, device_id) = (token.clone(), device.device_id.clone());
+        async move {
+            for _ in 0..10 {
+                let mut client = keyserver_client::api::connect(servers.as_str(), &token)
+                    .await
+                    .unwrap();
+                let answer = client
+                    .get_key_status(pb::GetKeyStatusRequest {
+                        device_id: device_id.clone(),
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(answer.into_inner().one_time_prekeys_available, 3);
+            }
+        }
     };
     let a_url = a.url.clone();
-    for servers in [format!("{down},{a_url}"), format!("{a_url},{down}")] {
-        // Each connection starts from a random one of the two: every try reaches `a`.
-        for _ in 0..10 {
-            let mut client = keyserver_client::api::connect(servers.as_str(), &token)
-                .await
-                .unwrap();
-            let answer = client.get_key_status(status.clone()).await.unwrap();
-            assert_eq!(answer.into_inner().one_time_prekeys_available, 3);
-        }
-    }
+    answered_ten_times(format!("{down},{a_url}")).await;
+    answered_ten_times(format!("{a_url},{down}")).await;
     a.stop().await.unwrap();
-    let servers = format!("{down},{a_url},{}", b.url);
-    for _ in 0..10 {
-        let mut client = keyserver_client::api::connect(servers.as_str(), &token)
-            .await
-            .unwrap();
-        let answer = client.get_key_status(status.clone()).await.unwrap();
-        assert_eq!(answer.into_inner().one_time_prekeys_available, 3);
-    }
+    answered_ten_times(format!("{down},{a_url},{}", b.url)).await;
     let none = format!("{down},{a_url}");
     let refused = keyserver_client::api::connect(none.as_str(), &token)
         .await
