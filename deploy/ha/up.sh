@@ -7,7 +7,9 @@
 #   deploy/ha/up.sh                         # then DATABASE_URL=postgres://postgres@127.0.0.1:5450/keyserver
 #   SYNC=off NODES=3 HA_DIR=/tmp/ha2 PG_PORT=6441 PRIMARY_PORT=6450 … deploy/ha/up.sh
 # Settings (environment): HA_DIR (target/ha), NODES (2), SYNC (on | strict | off), TTL (10 s,
-# the leader key's lifetime: about the longest a failover takes), ETCD_MEMBERS (3: a quorum
+# the leader key's lifetime: about the longest a failover takes), MAX_LAG (1048576: bytes of
+# WAL a standby may be behind and still be promoted, Patroni's maximum_lag_on_failover),
+# ETCD_MEMBERS (3: a quorum
 # survives losing one), ETCD_PORT (2479: member i listens for clients on ETCD_PORT+2(i-1) and
 # for its peers on the port after), PG_PORT (5441: nodes on PG_PORT, PG_PORT+1, …), REST_PORT (8011,
 # likewise), PRIMARY_PORT (5450), REPLICA_PORT (5451), DATABASE (keyserver, created on the
@@ -20,6 +22,7 @@ here=$PWD
 cd ../..
 HA_DIR=$(realpath -m "${HA_DIR:-target/ha}")
 NODES=${NODES:-2} SYNC=${SYNC:-on} TTL=${TTL:-10} ETCD_MEMBERS=${ETCD_MEMBERS:-3}
+MAX_LAG=${MAX_LAG:-1048576}
 ETCD_PORT=${ETCD_PORT:-2479} PG_PORT=${PG_PORT:-5441} REST_PORT=${REST_PORT:-8011}
 PRIMARY_PORT=${PRIMARY_PORT:-5450} REPLICA_PORT=${REPLICA_PORT:-5451} DATABASE=${DATABASE:-keyserver}
 PG_BIN=${PG_BIN:-$(find /usr/lib/postgresql -maxdepth 2 -name bin -type d | sort -V | tail -1)}
@@ -75,7 +78,7 @@ for n in $(seq "$NODES"); do
     as_pg mkdir -p "$HA_DIR/$name"
     sed -e "s|@SCOPE@|keyserver|" -e "s|@NAME@|$name|g" -e "s|@REST_PORT@|$rest|g" \
         -e "s|@ETCD_HOSTS@|$etcd_hosts|" -e "s|@TTL@|$TTL|" -e "s|@SYNC_MODE@|$sync_mode|" \
-        -e "s|@SYNC_STRICT@|$strict|" -e "s|@PG_PORT@|$pg|g" -e "s|@DIR@|$HA_DIR|g" \
+        -e "s|@SYNC_STRICT@|$strict|" -e "s|@MAX_LAG@|$MAX_LAG|" -e "s|@PG_PORT@|$pg|g" -e "s|@DIR@|$HA_DIR|g" \
         -e "s|@PG_BIN@|$PG_BIN|" "$here/patroni.yml.in" >"$HA_DIR/$name.yml"
     primary_servers+="    server $name 127.0.0.1:$pg check port $rest"$'\n'
     replica_servers+="    server $name 127.0.0.1:$pg check port $rest"$'\n'
