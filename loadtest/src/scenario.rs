@@ -373,12 +373,11 @@ async fn bulk(servers: &mut Servers, shared: &Shared) {
     }
 }
 
-/// Uploads 10 one-time prekeys (and 10 Kyber ones) for a random device, each batch recorded
-/// as sent before it goes and as acknowledged when the server says so.
+/// Uploads 10 one-time prekeys (and 10 Kyber ones) for a random device.
 async fn replenish(servers: &mut Servers, shared: &Shared) {
     let n = shared.random_device();
-    let first = shared.key_ids(REPLENISH_KEYS);
-    let ids = first..first + REPLENISH_KEYS;
+    let ids = shared.key_ids(REPLENISH_KEYS);
+    let ids = ids..ids + REPLENISH_KEYS;
     let request = shared.request(
         pb::UploadOneTimePreKeysRequest {
             device_id: population::device_id(n),
@@ -386,20 +385,20 @@ async fn replenish(servers: &mut Servers, shared: &Shared) {
         },
         n,
     );
-    shared.recorder.uploading(KeyKind::Ec, n, ids.clone());
-    let sent = servers
-        .call(shared, "UploadOneTimePreKeys", |mut c| async move {
-            c.upload_one_time_pre_keys(request).await
-        })
-        .await;
-    if sent.is_ok() {
-        shared.recorder.uploaded(KeyKind::Ec, n, ids);
-    }
+    let rpc = "UploadOneTimePreKeys";
+    upload(
+        servers,
+        shared,
+        rpc,
+        (KeyKind::Ec, n, ids),
+        |mut c| async move { c.upload_one_time_pre_keys(request).await },
+    )
+    .await;
     if shared.x3dh {
         return;
     }
-    let first = shared.key_ids(REPLENISH_KEYS);
-    let ids = first..first + REPLENISH_KEYS;
+    let ids = shared.key_ids(REPLENISH_KEYS);
+    let ids = ids..ids + REPLENISH_KEYS;
     let request = shared.request(
         pb::UploadKyberPreKeysRequest {
             device_id: population::device_id(n),
@@ -410,14 +409,31 @@ async fn replenish(servers: &mut Servers, shared: &Shared) {
         },
         n,
     );
-    shared.recorder.uploading(KeyKind::Kyber, n, ids.clone());
-    let sent = servers
-        .call(shared, "UploadKyberPreKeys", |mut c| async move {
-            c.upload_kyber_pre_keys(request).await
-        })
-        .await;
-    if sent.is_ok() {
-        shared.recorder.uploaded(KeyKind::Kyber, n, ids);
+    let rpc = "UploadKyberPreKeys";
+    upload(
+        servers,
+        shared,
+        rpc,
+        (KeyKind::Kyber, n, ids),
+        |mut c| async move { c.upload_kyber_pre_keys(request).await },
+    )
+    .await;
+}
+
+/// One upload of the one-time keys `(kind, device, ids)`, recorded as sent before it goes and
+/// as acknowledged when the server says so.
+async fn upload<T, Fut>(
+    servers: &mut Servers,
+    shared: &Shared,
+    rpc: &'static str,
+    (kind, device, ids): (KeyKind, u32, std::ops::Range<u32>),
+    call: impl FnOnce(KeyServiceClient<Channel>) -> Fut,
+) where
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    shared.recorder.uploading(kind, device, ids.clone());
+    if servers.call(shared, rpc, call).await.is_ok() {
+        shared.recorder.uploaded(kind, device, ids);
     }
 }
 
