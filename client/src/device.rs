@@ -139,6 +139,7 @@ impl Device {
             kyber_one_time_prekeys: Vec::new(),
             kyber_last_resort_prekeys: Vec::new(),
             next_kyber_prekey_id: random_start_id(),
+            withdraw_unused_prekeys: false,
         };
         state.save(path)?;
         Ok(Self {
@@ -151,7 +152,8 @@ impl Device {
     /// Restores a device from what recovery returned: its identity key sealed under the
     /// user's passphrase and the record's salt. Fails unless the passphrase opens the sealed
     /// key and it matches the identity public key. The restored device has no prekeys yet:
-    /// `register` publishes fresh ones.
+    /// `register` publishes fresh ones and withdraws the earlier device's unused one-time
+    /// prekeys, whose private keys went with it.
     pub fn restore(
         path: &Path,
         passphrase: &[u8],
@@ -175,7 +177,7 @@ impl Device {
             identity.public().serialize().as_slice() == device.identity_key.as_slice(),
             "the recovered identity key does not match its public key"
         );
-        Self::start(
+        let mut restored = Self::start(
             path,
             vault,
             Kdf {
@@ -189,7 +191,10 @@ impl Device {
                 public: device.identity_key.clone(),
                 sealed_private: device.encrypted_identity_private_key.clone(),
             },
-        )
+        )?;
+        restored.state.withdraw_unused_prekeys = true;
+        restored.save()?;
+        Ok(restored)
     }
 
     /// Makes a recovery code (160 random bits in base32, shown in groups of four) and stores
@@ -335,7 +340,9 @@ impl Device {
 
     /// Registers the device: its identity, its active signed prekey and last-resort Kyber
     /// prekey (made if it has none) and up to 100 one-time prekeys of each kind (made if it has
-    /// none). Safe to repeat; it also brings a device registered before PQXDH up to date.
+    /// none). Safe to repeat; it also brings a device registered before PQXDH up to date. The
+    /// first registration after a restore withdraws the server's other unused one-time
+    /// prekeys of the device in the same transaction.
     pub async fn register(
         &mut self,
         client: &mut KeyClient,
@@ -370,8 +377,14 @@ impl Device {
                 .iter()
                 .map(kyber_upload)
                 .collect(),
+            replace_one_time_prekeys: self.state.withdraw_unused_prekeys,
         };
-        Ok(client.register_device(request).await?.into_inner())
+        let response = client.register_device(request).await?.into_inner();
+        if self.state.withdraw_unused_prekeys {
+            self.state.withdraw_unused_prekeys = false;
+            self.save()?;
+        }
+        Ok(response)
     }
 
     pub async fn status(&self, client: &mut KeyClient) -> anyhow::Result<pb::GetKeyStatusResponse> {

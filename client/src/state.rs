@@ -86,6 +86,10 @@ pub struct DeviceState {
     /// last-resort Kyber prekeys share one id space).
     #[serde(default)]
     pub next_kyber_prekey_id: u32,
+    /// Set by a restore: the server still holds one-time prekeys of the earlier device whose
+    /// private keys this state does not have, so the next registration withdraws them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub withdraw_unused_prekeys: bool,
 }
 
 impl DeviceState {

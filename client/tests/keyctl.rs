@@ -156,7 +156,7 @@ async fn a_device_registered_before_pqxdh_catches_up_with_refresh(backend: Backe
 
     let out = bob.run(&["refresh"]).await;
     assert!(
-        out.contains("the server's keys differed from this device's: registered again (Updated)"),
+        out.contains("the server's keys differed from this device's: registered again (updated;"),
         "{out}"
     );
     let status = bob.run(&["status"]).await;
@@ -195,7 +195,7 @@ async fn alice_and_bob_agree_on_a_pqxdh_secret_through_the_server(backend: Backe
             .await;
         let out = who.run(&["register"]).await;
         assert!(
-            out.contains("Created, 100 one-time prekeys on the server, 100 one-time Kyber prekeys"),
+            out.contains("created; 100 one-time prekeys on the server, 100 one-time Kyber prekeys"),
             "{out}"
         );
     }
@@ -391,8 +391,58 @@ async fn alice_and_bob_agree_on_a_pqxdh_secret_through_the_server(backend: Backe
         *original.identity().unwrap().private_bytes(),
         "the restored device decrypts the same identity private key"
     );
+    // The old phone's unused one-time prekeys are still on the server, and the restored device
+    // has none of their private keys: its first registration withdraws them with the upload.
+    let left = |table: &'static str| {
+        let db = &server.db;
+        async move {
+            db.count(&format!(
+                "SELECT count(*) FROM {table} WHERE device_id = 'bob-phone' AND is_consumed = FALSE"
+            ))
+            .await
+        }
+    };
+    assert!(left("nchat_one_time_prekeys").await > 0);
     let out = restored.run(&["register"]).await;
-    assert!(out.contains("Updated"), "{out}");
+    assert!(
+        out.contains("updated; withdrew ")
+            && out.contains("; 100 one-time prekeys on the server, 100 one-time Kyber prekeys"),
+        "{out}"
+    );
+    let fresh = Device::open(&restored.state, PASSPHRASE.as_bytes()).unwrap();
+    assert!(
+        !fresh.state().withdraw_unused_prekeys,
+        "only the first registration withdraws"
+    );
+    let restored_ids: Vec<i64> = fresh
+        .state()
+        .one_time_prekeys
+        .iter()
+        .map(|k| i64::from(k.id))
+        .collect();
+    assert_eq!(left("nchat_one_time_prekeys").await, 100);
+    assert_eq!(
+        server
+            .db
+            .count(&format!(
+                "SELECT count(*) FROM nchat_one_time_prekeys WHERE device_id = 'bob-phone' \
+             AND is_consumed = FALSE AND prekey_id IN ({})",
+                restored_ids
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ))
+            .await,
+        100,
+        "every key left to hand out is one the restored device holds"
+    );
+    // A peer starting a session from a fresh bundle reaches the restored device, which answers.
+    let (sent, received) = round_trip(&alice, &restored, &message, "PQXDH").await;
+    assert_eq!(sent, received);
+    // Registering again appends: nothing more is withdrawn.
+    let out = restored.run(&["register"]).await;
+    assert!(out.contains("updated; 99 one-time prekeys"), "{out}");
 
     assert_no_plaintext_private_keys(&bob.state);
     std::fs::remove_dir_all(&dir).unwrap();

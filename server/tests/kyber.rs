@@ -824,3 +824,100 @@ async fn identity_checks_answer_only_the_keys_that_changed(backend: Backend) {
     );
 }
 conformance!(identity_checks_answer_only_the_keys_that_changed);
+
+/// A device restored from a backup registers with `replace_one_time_prekeys`: every unused
+/// one-time prekey of both kinds from its earlier uploads is withdrawn in the same transaction
+/// as its new ones are stored, ids already handed out stay refused, and the audit event counts
+/// what was withdrawn. Fetchers then only ever get the new keys.
+async fn a_restored_device_withdraws_the_one_time_prekeys_it_cannot_answer(backend: Backend) {
+    let db = TestDb::migrated(backend).await;
+    let server = TestServer::start(&db).await;
+    let bob = TestDevice::pqxdh(uuid::Uuid::new_v4(), "bob-phone", 10, 10);
+    bob.register(&server).await;
+    let mut alice = client(&server, uuid::Uuid::new_v4()).await;
+    let taken = fetch(&mut alice, bob.user, Some("bob-phone"))
+        .await
+        .unwrap();
+    let device = &taken.devices[0];
+    assert_eq!(device.one_time_prekey.as_ref().map(|k| k.key_id), Some(1));
+    assert_eq!(device.kyber_prekey.as_ref().map(|k| k.key_id), Some(1));
+
+    // The restored device: the same identity, new keys with ids 1..=5 (1 was handed out) and
+    // 50..=54.
+    let mut restored = TestDevice::pqxdh(bob.user, "bob-phone", 0, 0);
+    restored.identity = bob.identity.clone();
+    restored.signed_id = 2;
+    restored.kyber_last_resort = Some((LAST_RESORT_ID + 1, KyberKeyPair::generate()));
+    let mut request = restored.register_request();
+    request.one_time_prekeys = [fresh_otks(1..=5), fresh_otks(50..=54)].concat();
+    request.kyber_one_time_prekeys =
+        [restored.fresh_kyber(1..=5), restored.fresh_kyber(50..=54)].concat();
+    request.replace_one_time_prekeys = true;
+    let mut b = bob.client(&server).await;
+    let answer = b
+        .register_device(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.outcome(), pb::RegistrationOutcome::Updated);
+    assert_eq!(
+        (
+            answer.one_time_prekeys_withdrawn,
+            answer.kyber_one_time_prekeys_withdrawn
+        ),
+        (9, 9)
+    );
+    assert_eq!(
+        (
+            answer.one_time_prekeys_available,
+            answer.kyber_one_time_prekeys_available
+        ),
+        (9, 9),
+        "ids 2..=5 and 50..=54 stored, id 1 refused: it was handed out"
+    );
+    let audit = server.db.audit_metadata("device_keys_generated").await;
+    let last = audit.last().unwrap();
+    assert_eq!(last["one_time_prekeys_withdrawn"], 9, "{last}");
+    assert_eq!(last["kyber_one_time_prekeys_withdrawn"], 9, "{last}");
+
+    // Every key handed out from now on is one of the restored device's.
+    let ours = |ids: &[pb::OneTimePreKeyUpload]| {
+        ids.iter().map(|k| k.public_key.clone()).collect::<Vec<_>>()
+    };
+    let new_ec = ours(&request.one_time_prekeys);
+    let new_kyber: Vec<Vec<u8>> = request
+        .kyber_one_time_prekeys
+        .iter()
+        .map(|k| k.public_key.clone())
+        .collect();
+    for _ in 0..9 {
+        let bundle = fetch(&mut alice, bob.user, Some("bob-phone"))
+            .await
+            .unwrap();
+        let d = &bundle.devices[0];
+        assert!(new_ec.contains(&d.one_time_prekey.as_ref().unwrap().public_key));
+        assert!(new_kyber.contains(&d.kyber_prekey.as_ref().unwrap().public_key));
+    }
+    let bundle = fetch(&mut alice, bob.user, Some("bob-phone"))
+        .await
+        .unwrap();
+    assert!(bundle.devices[0].one_time_prekey.is_none());
+    assert_eq!(
+        bundle.devices[0].kyber_prekey.as_ref().map(|k| k.key_id),
+        Some(LAST_RESORT_ID + 1)
+    );
+
+    // A registration without the flag appends: nothing is withdrawn.
+    request.replace_one_time_prekeys = false;
+    request.one_time_prekeys = fresh_otks(60..=61);
+    request.kyber_one_time_prekeys = restored.fresh_kyber(60..=61);
+    let answer = b.register_device(request).await.unwrap().into_inner();
+    assert_eq!(
+        (
+            answer.one_time_prekeys_withdrawn,
+            answer.kyber_one_time_prekeys_available
+        ),
+        (0, 2)
+    );
+}
+conformance!(a_restored_device_withdraws_the_one_time_prekeys_it_cannot_answer);

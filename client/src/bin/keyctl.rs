@@ -280,6 +280,28 @@ fn handshake(kyber_prekey_id: Option<u32>) -> &'static str {
     }
 }
 
+/// What a registration did, in words.
+fn registration(r: &pb::RegisterDeviceResponse) -> String {
+    let outcome = match r.outcome() {
+        pb::RegistrationOutcome::Created => "created",
+        pb::RegistrationOutcome::Replaced => "a new identity key replaced every key",
+        pb::RegistrationOutcome::Updated | pb::RegistrationOutcome::Unspecified => "updated",
+    };
+    let withdrawn = if r.one_time_prekeys_withdrawn + r.kyber_one_time_prekeys_withdrawn > 0 {
+        format!(
+            "; withdrew {} unused one-time prekeys and {} one-time Kyber prekeys this device \
+             cannot answer",
+            r.one_time_prekeys_withdrawn, r.kyber_one_time_prekeys_withdrawn
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{outcome}{withdrawn}; {} one-time prekeys on the server, {} one-time Kyber prekeys",
+        r.one_time_prekeys_available, r.kyber_one_time_prekeys_available
+    )
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -300,11 +322,9 @@ async fn main() -> anyhow::Result<()> {
             let mut device = Device::open(&cli.state, &passphrase(&cli)?)?;
             let response = device.register(&mut client(&cli).await?).await?;
             println!(
-                "registered {}: {:?}, {} one-time prekeys on the server, {} one-time Kyber prekeys",
+                "registered {}: {}",
                 device.state().device_id,
-                response.outcome(),
-                response.one_time_prekeys_available,
-                response.kyber_one_time_prekeys_available
+                registration(&response)
             );
         }
         Command::Remove => {
@@ -376,8 +396,8 @@ async fn main() -> anyhow::Result<()> {
             let done = device.refresh(&mut client(&cli).await?).await?;
             match &done.reuploaded {
                 Some(r) => println!(
-                    "the server's keys differed from this device's: registered again ({:?})",
-                    r.outcome()
+                    "the server's keys differed from this device's: registered again ({})",
+                    registration(r)
                 ),
                 None => println!("the server holds this device's keys"),
             }
@@ -540,7 +560,8 @@ async fn main() -> anyhow::Result<()> {
             .context("no such device to restore")?;
             let restored = Device::restore(&cli.state, &passphrase, &recovery, device)?;
             println!(
-                "restored {} into {}; run `keyctl register` to publish fresh prekeys",
+                "restored {} into {}; run `keyctl register` (with a token bound to the device) to \
+                 publish fresh prekeys and withdraw the earlier ones",
                 restored.state().device_id,
                 cli.state.display()
             );

@@ -262,6 +262,7 @@ impl KeyService for KeyApi {
                 kyber_last_resort.as_ref().map(|k| k.key_id),
             )?,
             kyber_last_resort,
+            replace_one_time: r.replace_one_time_prekeys,
         };
         let device_id = device.device_id.clone();
         let uploaded = [
@@ -285,6 +286,8 @@ impl KeyService for KeyApi {
             outcome: outcome_message(registered.outcome).into(),
             one_time_prekeys_available: registered.available,
             kyber_one_time_prekeys_available: registered.kyber_available,
+            one_time_prekeys_withdrawn: registered.withdrawn.one_time,
+            kyber_one_time_prekeys_withdrawn: registered.withdrawn.kyber_one_time,
         }))
     }
 

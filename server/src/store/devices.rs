@@ -30,6 +30,9 @@ pub struct NewDevice {
     /// Present for a PQXDH device; required when `kyber_one_time_prekeys` is not empty.
     pub kyber_last_resort: Option<NewKyberPreKey>,
     pub kyber_one_time_prekeys: Vec<NewKyberPreKey>,
+    /// Withdraw the device's unused one-time prekeys of both kinds before storing these (a
+    /// device restored from a backup holds none of their private keys).
+    pub replace_one_time: bool,
     /// The caller's token is bound to this device, so it may change the device if it exists
     /// already; a token of the user alone may only create it.
     pub may_change: bool,
@@ -67,6 +70,25 @@ pub struct Registered {
     pub available: u32,
     /// One-time Kyber prekeys left to hand out.
     pub kyber_available: u32,
+    /// Unused one-time prekeys of each kind (EC, Kyber) withdrawn from earlier uploads.
+    pub withdrawn: Withdrawn,
+}
+
+/// Unused one-time prekeys a registration withdrew, per kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Withdrawn {
+    pub one_time: u32,
+    pub kyber_one_time: u32,
+}
+
+impl Withdrawn {
+    /// Withdraws every unused one-time prekey of both kinds of the device (locked).
+    async fn from(tx: &mut Tx, device: &DeviceId) -> Result<Self, StoreError> {
+        Ok(Self {
+            one_time: prekeys::ONE_TIME.withdraw_unused(tx, device).await?,
+            kyber_one_time: prekeys::KYBER_ONE_TIME.withdraw_unused(tx, device).await?,
+        })
+    }
 }
 
 /// PostgreSQL's and SQLite's codes for a NOT NULL violation: a chat app's own `nchat_users`
@@ -183,7 +205,10 @@ async fn insert_keys(tx: &mut Tx, device: &NewDevice) -> Result<(), StoreError> 
 }
 
 /// Stores the device with all its keys, or merges them in (same identity), or replaces them.
-async fn register_keys(tx: &mut Tx, device: &NewDevice) -> Result<RegisterOutcome, StoreError> {
+async fn register_keys(
+    tx: &mut Tx,
+    device: &NewDevice,
+) -> Result<(RegisterOutcome, Withdrawn), StoreError> {
     ensure_user(tx, device.user_id).await?;
     lock_user(tx, device.user_id).await?;
     let id = &device.device_id;
@@ -220,7 +245,7 @@ async fn register_keys(tx: &mut Tx, device: &NewDevice) -> Result<RegisterOutcom
             }
         }
         insert_keys(tx, device).await?;
-        return Ok(RegisterOutcome::Created);
+        return Ok((RegisterOutcome::Created, Withdrawn::default()));
     }
     let stored_identity = lock_owned(tx, device.user_id, id)
         .await
@@ -246,11 +271,18 @@ async fn register_keys(tx: &mut Tx, device: &NewDevice) -> Result<RegisterOutcom
     .execute()
     .await?;
     if same_identity {
+        // Withdrawn before the merge, so the new keys may take ids of withdrawn ones; ids
+        // handed out stay refused.
+        let withdrawn = if device.replace_one_time {
+            Withdrawn::from(tx, id).await?
+        } else {
+            Withdrawn::default()
+        };
         prekeys::SIGNED
             .install(tx, id, &device.signed_prekey)
             .await?;
         prekeys::ONE_TIME
-            .merge(tx, id, &device.one_time_prekeys)
+            .merge(tx, id, &device.one_time_prekeys, device.replace_one_time)
             .await?;
         // The last-resort key first: one-time Kyber keys need one to fall back to.
         if let Some(last_resort) = &device.kyber_last_resort {
@@ -259,14 +291,20 @@ async fn register_keys(tx: &mut Tx, device: &NewDevice) -> Result<RegisterOutcom
                 .await?;
         }
         prekeys::KYBER_ONE_TIME
-            .merge(tx, id, &device.kyber_one_time_prekeys)
+            .merge(
+                tx,
+                id,
+                &device.kyber_one_time_prekeys,
+                device.replace_one_time,
+            )
             .await?;
-        return Ok(RegisterOutcome::Updated);
+        return Ok((RegisterOutcome::Updated, withdrawn));
     }
     // A new identity key makes every old key of the device meaningless: replace them all.
+    let withdrawn = Withdrawn::from(tx, id).await?;
     prekeys::delete_all(tx, id).await?;
     insert_keys(tx, device).await?;
-    Ok(RegisterOutcome::Replaced)
+    Ok((RegisterOutcome::Replaced, withdrawn))
 }
 
 impl Store {
@@ -274,7 +312,7 @@ impl Store {
     /// `device_keys_generated` event.
     pub async fn register_device(&self, device: NewDevice) -> Result<Registered, StoreError> {
         let mut tx = self.db.begin_write().await?;
-        let outcome = register_keys(&mut tx, &device).await?;
+        let (outcome, withdrawn) = register_keys(&mut tx, &device).await?;
         // A new device or a new identity key changes the user's safety numbers.
         if outcome != RegisterOutcome::Updated {
             safety::refresh(&mut tx, device.user_id).await?;
@@ -299,6 +337,8 @@ impl Store {
                 "kyber_last_resort_prekey_id": device.kyber_last_resort.as_ref().map(|k| k.key_id.get()),
                 "kyber_one_time_prekeys_uploaded": device.kyber_one_time_prekeys.len(),
                 "kyber_one_time_prekeys_available": kyber_available,
+                "one_time_prekeys_withdrawn": withdrawn.one_time,
+                "kyber_one_time_prekeys_withdrawn": withdrawn.kyber_one_time,
             }),
         )
         .await?;
@@ -307,6 +347,7 @@ impl Store {
             outcome,
             available,
             kyber_available,
+            withdrawn,
         })
     }
 

@@ -122,6 +122,7 @@ impl TestDevice {
                 .iter()
                 .map(|(id, k)| self.kyber_upload(*id, k))
                 .collect(),
+            replace_one_time_prekeys: false,
         }
     }
 }

@@ -277,7 +277,7 @@ async fn upload<K: NewPreKey>(
             field: fallback.field,
         });
     }
-    let report = kind.merge(&mut tx, device, keys).await?;
+    let report = kind.merge(&mut tx, device, keys, false).await?;
     if !report.stored.is_empty() {
         audit::record(
             &mut tx,

@@ -37,6 +37,8 @@ pub struct SingleUse {
     pub(super) insert: Sql,
     /// `$1` device: how many keys are left to hand out.
     pub(super) available: Sql,
+    /// `$1` device: deletes the keys left to hand out (never one handed out).
+    pub(super) withdraw: Sql,
     /// Keys handed out, by when (`consumed_at`).
     pub(crate) expired: Expired,
 }
@@ -68,6 +70,8 @@ macro_rules! single_use {
                     $(, ", $5", single_use!(@skip $sig))?, ")"),
             },
             available: sql!("SELECT count(*) FROM " $table
+                " WHERE device_id = $1 AND is_consumed = FALSE AND " $kind),
+            withdraw: sql!("DELETE FROM " $table
                 " WHERE device_id = $1 AND is_consumed = FALSE AND " $kind),
             expired: $crate::store::prekeys::Expired {
                 count: sql!("SELECT count(*) FROM " $table
@@ -104,12 +108,15 @@ struct Stored {
 impl SingleUse {
     /// Stores the keys that are new, leaves identical unconsumed ones alone and refuses
     /// consumed ids, including those cleanup has since deleted; any id stored with another
-    /// public key, or as another kind, fails the whole call. The device is locked.
+    /// public key, or as another kind, fails the whole call. A restored device cannot know
+    /// which ids its earlier self had handed out (`restored`): a consumed id is refused then,
+    /// whatever its bytes. The device is locked.
     pub(crate) async fn merge<K: NewPreKey>(
         &self,
         tx: &mut Tx,
         device: &DeviceId,
         keys: &[K],
+        restored: bool,
     ) -> Result<UploadReport<K::Id>, StoreError> {
         let ids: Vec<i32> = keys.iter().map(|k| k.key_id().get() as i32).collect();
         let existing: HashMap<u32, Stored> = tx
@@ -145,6 +152,9 @@ impl SingleUse {
                 None => {
                     report.stored.push(id);
                     new_keys.push(key);
+                }
+                Some(stored) if restored && stored.same_kind && stored.consumed => {
+                    report.refused_consumed.push(id)
                 }
                 Some(stored) if !stored.same_kind || stored.public != key.public_raw() => {
                     return Err(StoreError::OneTimePreKeyConflict {
@@ -203,6 +213,16 @@ impl SingleUse {
             }
         }
         Ok(())
+    }
+
+    /// Deletes the keys of this kind the device has left to hand out; returns how many. Their
+    /// ids were never handed out, so they are not retired: a new key may take one.
+    pub(crate) async fn withdraw_unused(
+        &self,
+        tx: &mut Tx,
+        device: &DeviceId,
+    ) -> Result<u32, StoreError> {
+        Ok(tx.query(&self.withdraw).bind(device).execute().await? as u32)
     }
 
     /// Keys of this kind the device has left to hand out.
