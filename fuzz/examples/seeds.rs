@@ -123,6 +123,7 @@ fn main() {
             one_time_prekeys: one_time(1..=3),
             kyber_last_resort_prekey: Some(kyber(1000)),
             kyber_one_time_prekeys: vec![kyber(1), kyber(2)],
+            replace_one_time_prekeys: false,
         },
     );
     request(

@@ -17,6 +17,9 @@ WITH targets AS (
            '6c6f6164-7465-4000-8000-ffffffffffff'::uuid AS requester,
            NULL::text AS fetch_key
 ),
+fence AS (
+    SELECT moved_to FROM keyserver_fence FOR SHARE
+),
 matched AS (
     SELECT t.req, t.ord, t.requester, t.fetch_key, ik.device_id, ik.registration_id,
            ik.identity_key_public, sp.signed_prekey_id, sp.signed_prekey_public,
@@ -25,10 +28,11 @@ matched AS (
     JOIN nchat_identity_keys ik
       ON ik.user_id = t.user_id AND (t.device_id IS NULL OR ik.device_id = t.device_id)
     JOIN nchat_signed_prekeys sp ON sp.device_id = ik.device_id AND sp.is_active = TRUE
-    WHERE NOT t.pqxdh_only OR EXISTS (
+    WHERE NOT EXISTS (SELECT 1 FROM fence)
+      AND (NOT t.pqxdh_only OR EXISTS (
         SELECT 1 FROM nchat_kyber_prekeys lr
         WHERE lr.device_id = ik.device_id AND lr.is_last_resort = TRUE
-          AND lr.is_active = TRUE)
+          AND lr.is_active = TRUE))
 ),
 asks AS (
     SELECT DISTINCT req, requester, fetch_key, device_id FROM matched

@@ -102,6 +102,7 @@ pub fn registration(n: u32, x3dh: bool, kyber: u32) -> pb::RegisterDeviceRequest
         } else {
             (1..=kyber).map(|id| kyber_prekey(n, id)).collect()
         },
+        replace_one_time_prekeys: false,
     }
 }
 

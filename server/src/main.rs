@@ -16,7 +16,8 @@ use keyserver::logging::{self, LogFormat};
 use keyserver::secret::{self, Missing};
 use keyserver::server::{self, ServerParts};
 use keyserver::shutdown::{self, CancellationToken};
-use keyserver::store::database::Database;
+use keyserver::store::database::{Database, display_url};
+use keyserver::store::fence;
 use keyserver::store::{Backend, DeviceId, Serve};
 use keyserver::store::{migrations, transfer};
 use uuid::Uuid;
@@ -128,6 +129,30 @@ enum DbAction {
         /// Delete the target's key-server rows before copying instead of refusing.
         #[arg(long)]
         replace: bool,
+    },
+    /// Move the keys from one database to another with no key ever handed out by both: fence
+    /// the source (every server on it finishes the calls in flight, then refuses key-taking
+    /// and writing calls with FAILED_PRECONDITION naming the target), copy it as `db copy`
+    /// does, and verify. Then start the servers on the target. Also the way back (a rollback):
+    /// the target's own fence is lifted by the copy.
+    Cutover {
+        /// The database whose servers stop (postgres://… or sqlite://…).
+        #[arg(long)]
+        from: String,
+        /// The database that takes over.
+        #[arg(long)]
+        to: String,
+        /// Delete the target's key-server rows before copying instead of refusing (the way
+        /// back to a database that was fenced by an earlier cutover).
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Lift a cutover fence, so servers on the database serve again. Only when no server on
+    /// the database the keys moved to has handed out a key; otherwise cut over back instead.
+    Unfence {
+        /// The fenced database.
+        #[arg(long)]
+        database: String,
     },
     /// Compare two databases table by table (counts, checksums, foreign keys); exits non-zero
     /// when they differ.
@@ -380,45 +405,120 @@ async fn jobs(action: JobAction, db: &Database) -> anyhow::Result<()> {
 async fn open(url: &str) -> anyhow::Result<Database> {
     Database::connect(url, 4)
         .await
-        .with_context(|| format!("opening {}", url.split('@').next_back().unwrap_or(url)))
+        .with_context(|| format!("opening {}", display_url(url)))
+}
+
+/// Copies `from` into `to` with a progress bar (rows/s and time left for each table), fencing
+/// `from` first for a cutover.
+async fn copy(
+    from: &str,
+    to: &str,
+    replace: bool,
+    cutover: bool,
+) -> anyhow::Result<transfer::Report> {
+    let (source, target) = (open(from).await?, open(to).await?);
+    let moved_to = display_url(to);
+    if !cutover && let Some(f) = fence::get(&source).await? {
+        println!(
+            "the source is fenced (its keys moved to {} at {})",
+            f.moved_to,
+            rfc3339(f.fenced_at)
+        );
+    } else if !cutover {
+        println!(
+            "the source is not fenced: keys a server hands out from it after this snapshot \
+             will be handed out again by the target; `keyserver db cutover` fences it first"
+        );
+    }
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:<24} [{bar:40}] {pos}/{len} rows ({per_sec}, {eta} left)",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let started = std::time::Instant::now();
+    let copied = transfer::copy(
+        &source,
+        &target,
+        replace,
+        cutover.then_some(moved_to.as_str()),
+        &mut |table, done, total| {
+            if done == 0 {
+                bar.set_message(table.to_owned());
+                bar.set_length(total);
+                bar.reset();
+            }
+            bar.set_position(done);
+        },
+    )
+    .await;
+    bar.finish_and_clear();
+    if cutover && let Some(f) = fence::get(&source).await? {
+        println!(
+            "fenced {} at {}: its servers refuse key-taking and writing calls, naming {}",
+            display_url(from),
+            rfc3339(f.fenced_at),
+            f.moved_to
+        );
+    }
+    let report = copied.with_context(|| {
+        if cutover {
+            format!(
+                "the copy failed; if the source was fenced, it stays fenced: fix the cause and \
+                 run the cutover again, or `keyserver db unfence --database {}` to serve from it",
+                display_url(from)
+            )
+        } else {
+            "the copy failed; the target was left as it was".to_owned()
+        }
+    })?;
+    println!(
+        "copied {} → {} in {:.1?}",
+        source.backend().as_str(),
+        target.backend().as_str(),
+        started.elapsed()
+    );
+    Ok(report)
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
 }
 
 async fn db(action: DbAction) -> anyhow::Result<()> {
-    let report = match action {
-        DbAction::Copy { from, to, replace } => {
-            let (source, target) = (open(&from).await?, open(&to).await?);
-            let bar = indicatif::ProgressBar::new(0).with_style(
-                indicatif::ProgressStyle::with_template(
-                    "{msg:<24} [{bar:40}] {pos}/{len} rows ({per_sec})",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
-            );
-            let started = std::time::Instant::now();
-            let report = transfer::copy(&source, &target, replace, &mut |table, done, total| {
-                if done == 0 {
-                    bar.set_message(table.to_owned());
-                    bar.set_length(total);
-                    bar.reset();
-                }
-                bar.set_position(done);
-            })
-            .await?;
-            bar.finish_and_clear();
-            println!(
-                "copied {} → {} in {:.1?}",
-                source.backend().as_str(),
-                target.backend().as_str(),
-                started.elapsed()
-            );
-            report
+    let (report, cutover) = match action {
+        DbAction::Copy { from, to, replace } => (copy(&from, &to, replace, false).await?, None),
+        DbAction::Cutover { from, to, replace } => {
+            (copy(&from, &to, replace, true).await?, Some(to))
         }
-        DbAction::Verify { from, to } => {
-            transfer::verify(&open(&from).await?, &open(&to).await?).await?
+        DbAction::Verify { from, to } => (
+            transfer::verify(&open(&from).await?, &open(&to).await?).await?,
+            None,
+        ),
+        DbAction::Unfence { database } => {
+            let db = open(&database).await?;
+            match fence::lift(&db).await? {
+                Some(f) => println!(
+                    "lifted the fence of {} (its keys had moved to {} at {}): its servers serve again",
+                    display_url(&database),
+                    f.moved_to,
+                    rfc3339(f.fenced_at)
+                ),
+                None => println!("{} is not fenced", display_url(&database)),
+            }
+            return Ok(());
         }
     };
     println!("{report}");
     anyhow::ensure!(report.matches(), "the databases differ");
+    if let Some(to) = cutover {
+        println!(
+            "cutover done: start the servers with DATABASE_URL={} (and its password)",
+            display_url(&to)
+        );
+    }
     Ok(())
 }
 

@@ -113,7 +113,7 @@ async fn a_sqlite_store_copied_to_postgres_serves_the_same_remaining_prekeys() {
     let (from, to) = open_both(&sqlite, &postgres).await;
     let before = transfer::verify(&from, &from).await.unwrap();
     let mut progress = Vec::new();
-    let report = transfer::copy(&from, &to, false, &mut |table, done, total| {
+    let report = transfer::copy(&from, &to, false, None, &mut |table, done, total| {
         progress.push((table.to_owned(), done, total));
     })
     .await
@@ -177,7 +177,7 @@ async fn a_damaged_copy_is_reported_and_the_command_fails() {
     let postgres = TestDb::empty(Backend::Postgres).await;
     let (from, to) = open_both(&sqlite, &postgres).await;
     assert!(
-        transfer::copy(&from, &to, false, &mut |_, _, _| {})
+        transfer::copy(&from, &to, false, None, &mut |_, _, _| {})
             .await
             .unwrap()
             .matches()
@@ -233,7 +233,7 @@ async fn a_non_empty_target_is_refused_unless_replaced() {
     target.stop().await.unwrap();
 
     let (from, to) = open_both(&sqlite, &postgres).await;
-    let refused = transfer::copy(&from, &to, false, &mut |_, _, _| {}).await;
+    let refused = transfer::copy(&from, &to, false, None, &mut |_, _, _| {}).await;
     assert!(matches!(
         refused,
         Err(TransferError::TargetNotEmpty {
@@ -247,7 +247,7 @@ async fn a_non_empty_target_is_refused_unless_replaced() {
         "nothing was written"
     );
 
-    let report = transfer::copy(&from, &to, true, &mut |_, _, _| {})
+    let report = transfer::copy(&from, &to, true, None, &mut |_, _, _| {})
         .await
         .unwrap();
     assert!(report.matches(), "{report}");
@@ -263,7 +263,7 @@ async fn postgres_copies_back_to_sqlite_row_for_row() {
     let (postgres, _) = populated(Backend::Postgres).await;
     let sqlite = TestDb::empty(Backend::Sqlite).await;
     let (from, to) = open_both(&postgres, &sqlite).await;
-    let report = transfer::copy(&from, &to, false, &mut |_, _, _| {})
+    let report = transfer::copy(&from, &to, false, None, &mut |_, _, _| {})
         .await
         .unwrap();
     assert!(report.matches(), "{report}");
@@ -271,4 +271,186 @@ async fn postgres_copies_back_to_sqlite_row_for_row() {
     // The local replay serves the next key, and a new device gets ids after the copied ones.
     let server = TestServer::start(&sqlite).await;
     assert_new_ids_follow_the_copied_ones(&server, 2).await;
+}
+
+/// Every one-time key a server handed out: (device, EC key id) and (device, Kyber key id).
+#[derive(Default)]
+struct Served {
+    ec: Vec<(String, u32)>,
+    kyber: Vec<(String, u32)>,
+}
+
+impl Served {
+    fn record(&mut self, bundle: &keyserver_proto::pb::FetchPreKeyBundleResponse) {
+        for d in &bundle.devices {
+            if let Some(k) = &d.one_time_prekey {
+                self.ec.push((d.device_id.clone(), k.key_id));
+            }
+            if let Some(k) = d
+                .kyber_prekey
+                .as_ref()
+                .filter(|k| k.key_id != LAST_RESORT_ID)
+            {
+                self.kyber.push((d.device_id.clone(), k.key_id));
+            }
+        }
+    }
+}
+
+/// Four fetchers take keys of random devices from `server` until it answers
+/// FAILED_PRECONDITION naming `moved_to` (it was fenced), while `cutover` runs the `keyserver
+/// db cutover` command after a moment. Returns what the server handed out, and checks a write
+/// is refused too.
+async fn serve_until_fenced(
+    server: &TestServer,
+    devices: &[TestDevice],
+    cutover: &[&str],
+    moved_to: &str,
+) -> Served {
+    let served = std::sync::Arc::new(std::sync::Mutex::new(Served::default()));
+    let mut fetchers = tokio::task::JoinSet::new();
+    for f in 0..4u32 {
+        let mut peer = client(server, Uuid::new_v4()).await;
+        let targets: Vec<(Uuid, String)> = devices
+            .iter()
+            .map(|d| (d.user, d.device_id.clone()))
+            .collect();
+        let (served, moved_to) = (served.clone(), moved_to.to_owned());
+        fetchers.spawn(async move {
+            for n in 0u32.. {
+                let (user, device) = &targets[((n * 7 + f * 3) as usize) % targets.len()];
+                match fetch(&mut peer, *user, Some(device)).await {
+                    Ok(bundle) => served.lock().unwrap().record(&bundle),
+                    Err(status) => {
+                        assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
+                        assert!(status.message().contains(&moved_to), "{status:?}");
+                        return;
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        });
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keyserver"))
+        .args(cutover)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("copy verified") && stdout.contains("cutover done"),
+        "{stdout}"
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while let Some(done) = fetchers.join_next().await {
+            done.unwrap();
+        }
+    })
+    .await
+    .expect("the server kept handing out keys after the cutover");
+    let device = &devices[0];
+    let refused = device
+        .client(server)
+        .await
+        .upload_one_time_pre_keys(keyserver_proto::pb::UploadOneTimePreKeysRequest {
+            device_id: device.device_id.clone(),
+            one_time_prekeys: fresh_otks(1000..=1000),
+        })
+        .await;
+    assert_status(
+        refused,
+        tonic::Code::FailedPrecondition,
+        "this key server's database was moved to",
+    );
+    std::sync::Arc::into_inner(served)
+        .unwrap()
+        .into_inner()
+        .unwrap()
+}
+
+/// The cutover and the way back, each under load: SQLite's servers hand out keys until the
+/// cutover fences them, PostgreSQL's take over, a rollback fences PostgreSQL and brings
+/// SQLite's servers (still running) back, and they hand out the rest. Every key uploaded is
+/// handed out exactly once over the three phases: none by two databases, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cutover_and_its_rollback_under_load_hand_out_every_key_once() {
+    let sqlite = TestDb::migrated(Backend::Sqlite).await;
+    let postgres = TestDb::empty(Backend::Postgres).await;
+    let old = TestServer::start(&sqlite).await;
+    let devices: Vec<TestDevice> = (0..8)
+        .map(|i| TestDevice::pqxdh(Uuid::new_v4(), &format!("phone-{i}"), 60, 20))
+        .collect();
+    for d in &devices {
+        d.register(&old).await;
+    }
+
+    let forward = serve_until_fenced(
+        &old,
+        &devices,
+        &[
+            "db",
+            "cutover",
+            "--from",
+            sqlite.url(),
+            "--to",
+            postgres.url(),
+        ],
+        &keyserver::store::database::display_url(postgres.url()),
+    )
+    .await;
+    let new = TestServer::start(&postgres).await;
+    let back = serve_until_fenced(
+        &new,
+        &devices,
+        &[
+            "db",
+            "cutover",
+            "--from",
+            postgres.url(),
+            "--to",
+            sqlite.url(),
+            "--replace",
+        ],
+        sqlite.url(),
+    )
+    .await;
+    // The old servers serve again, without a restart: the rollback lifted their fence.
+    let mut rest = Served::default();
+    let mut peer = client(&old, Uuid::new_v4()).await;
+    for d in &devices {
+        loop {
+            let bundle = fetch(&mut peer, d.user, Some(&d.device_id)).await.unwrap();
+            rest.record(&bundle);
+            if bundle.devices[0].one_time_prekey.is_none() {
+                break;
+            }
+        }
+    }
+
+    assert!(!forward.ec.is_empty() && !back.ec.is_empty() && !rest.ec.is_empty());
+    for (kind, per_device, phases) in [
+        ("EC", 60, [&forward.ec, &back.ec, &rest.ec]),
+        ("Kyber", 20, [&forward.kyber, &back.kyber, &rest.kyber]),
+    ] {
+        let all: Vec<&(String, u32)> = phases.iter().flat_map(|p| p.iter()).collect();
+        let distinct: std::collections::HashSet<_> = all.iter().collect();
+        assert_eq!(
+            all.len(),
+            distinct.len(),
+            "a {kind} key was handed out twice"
+        );
+        assert_eq!(
+            distinct.len(),
+            8 * per_device,
+            "every {kind} key handed out once"
+        );
+    }
+    new.stop().await.unwrap();
+    old.stop().await.unwrap();
 }

@@ -156,6 +156,10 @@ impl From<StoreError> for Status {
                     "recovery is locked after repeated failures until {until}"
                 ))
             }
+            StoreError::Fenced { moved_to } => Status::failed_precondition(format!(
+                "this key server's database was moved to {moved_to} (keyserver db cutover): \
+                 it hands out and stores no keys any more; use the servers on the new database"
+            )),
             StoreError::Unavailable(why) => {
                 tracing::warn!(error = %why, "database unavailable");
                 database_unavailable()

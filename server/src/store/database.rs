@@ -169,6 +169,19 @@ impl SqliteDb {
     }
 }
 
+/// A database URL as it may be shown or stored: without its password, or the query string
+/// (which may carry one). A SQLite URL is shown as written.
+pub fn display_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.scheme() != "sqlite" => {
+            let _ = parsed.set_password(None);
+            parsed.set_query(None);
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
 impl Database {
     /// Connects to `url` with a pool of at most `max_connections`.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, OpenError> {
@@ -247,14 +260,16 @@ impl Database {
 
     /// Starts a write transaction. On PostgreSQL writers of one device serialize on its
     /// identity row (see the devices module); on SQLite every write transaction holds the
-    /// database's single write lock.
+    /// database's single write lock. Its first statement reads the cutover fence and refuses
+    /// on a fenced database ([`super::fence`]).
     pub(crate) async fn begin_write(&self) -> Result<Tx, StoreError> {
         let waited = Instant::now();
-        let tx = match self {
+        let mut tx = match self {
             Self::Postgres(db) => Tx::Postgres(db.pool.begin().await?),
             Self::Sqlite(db) => Tx::Sqlite(db.begin_immediate().await?),
         };
         metrics::histogram!(DB_POOL_WAIT).record(waited.elapsed().as_secs_f64());
+        super::fence::check(&mut tx).await?;
         Ok(tx)
     }
 

@@ -52,6 +52,10 @@ pub enum StoreError {
     WrongRecoveryCode { attempts_left: u32 },
     #[error("recovery is locked after repeated failures")]
     RecoveryLocked { until: OffsetDateTime },
+    /// The database was fenced by a cutover: its keys moved to `moved_to` (a database
+    /// address without its password), and it hands out and accepts nothing any more.
+    #[error("the keys moved to {moved_to}")]
+    Fenced { moved_to: String },
     /// The database cannot do the work now: the connection was lost or refused, the server is
     /// shutting down or read-only (a failover), the pool is exhausted, the file is locked.
     /// Retrying later may succeed.

@@ -14,6 +14,7 @@ pub mod database;
 pub mod devices;
 pub mod drain;
 mod error;
+pub mod fence;
 pub mod ids;
 pub mod jobs;
 pub mod migrations;

@@ -13,6 +13,7 @@ use super::coalesce::{FetchRequest, FetchResult, retry_window};
 use super::{DeviceRow, KyberRow, Serve};
 use crate::store::StoreError;
 use crate::store::database::PgDb;
+use crate::store::fence;
 use crate::store::ids::PreKeyId;
 use crate::store::sql::Key;
 
@@ -31,12 +32,20 @@ use crate::store::sql::Key;
 /// key. A device short of keys (or whose keys other transactions hold) serves the requests that
 /// come first. The last-resort key is read only for bundles that got no one-time Kyber key (it
 /// is 1.5 KB).
+///
+/// `fence` reads the cutover fence ([`crate::store::fence`]) `FOR SHARE`: the table lock that
+/// takes is granted before the statement's snapshot, so a fence set while this statement waits
+/// is seen, and a fence waits for this statement's transaction. A fenced database matches no
+/// device; [`fetch`] then says where the keys went.
 macro_rules! fetch_bundles {
     ($targets:literal) => {
         concat!(
             "WITH targets AS (",
             $targets,
             "),
+             fence AS (
+                 SELECT moved_to FROM keyserver_fence FOR SHARE
+             ),
              matched AS (
                  SELECT t.req, t.ord, t.requester, t.fetch_key, ik.device_id, ik.registration_id,
                         ik.identity_key_public, sp.signed_prekey_id, sp.signed_prekey_public,
@@ -45,10 +54,11 @@ macro_rules! fetch_bundles {
                  JOIN nchat_identity_keys ik
                    ON ik.user_id = t.user_id AND (t.device_id IS NULL OR ik.device_id = t.device_id)
                  JOIN nchat_signed_prekeys sp ON sp.device_id = ik.device_id AND sp.is_active = TRUE
-                 WHERE NOT t.pqxdh_only OR EXISTS (
+                 WHERE NOT EXISTS (SELECT 1 FROM fence)
+                   AND (NOT t.pqxdh_only OR EXISTS (
                      SELECT 1 FROM nchat_kyber_prekeys lr
                      WHERE lr.device_id = ik.device_id AND lr.is_last_resort = TRUE
-                       AND lr.is_active = TRUE)
+                       AND lr.is_active = TRUE))
              ),
              asks AS (
                  SELECT DISTINCT req, requester, fetch_key, device_id FROM matched
@@ -249,6 +259,12 @@ pub(super) async fn fetch(
             .and_then(|r| r.get_mut(row.ord as usize))
             .ok_or_else(|| StoreError::corrupt("a fetch row for a target not asked for"))?
             .push(bundle);
+    }
+    // A target unanswered: not found, or fenced (a fenced database matches nothing).
+    if results.iter().flatten().any(Vec::is_empty)
+        && let Some(moved_to) = fence::moved_to(db.pool()).await?
+    {
+        return Err(StoreError::Fenced { moved_to });
     }
     Ok(results)
 }

@@ -13,6 +13,7 @@ pub mod tables;
 use sqlx::{Postgres, Sqlite, Transaction};
 
 use super::database::Database;
+use super::fence;
 use super::migrations::{self, MigrationError};
 use rows::{Checksum, Conn};
 pub use tables::TABLES;
@@ -153,11 +154,17 @@ impl Tx {
 }
 
 /// Copies every row of `from` into `to` (migrating `to` first), then verifies the copy.
+/// With `fence_source` (where the keys go, as servers on the source will say), the source is
+/// fenced once the target is known to be fit ([`fence::set`]: in-flight calls finish, later
+/// ones are refused) and before its snapshot is read, so the copy holds every key the source
+/// ever handed out and the source hands out no more: a cutover. The target's own fence, if it
+/// had one (a cutover back), is lifted in the copy's transaction.
 /// `progress` hears (table, rows copied so far, rows in the table).
 pub async fn copy(
     from: &Database,
     to: &Database,
     replace: bool,
+    fence_source: Option<&str>,
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<Report, TransferError> {
     if !migrations::status(from).await?.iter().all(|m| m.applied) {
@@ -165,7 +172,6 @@ pub async fn copy(
     }
     migrations::up(to).await?;
 
-    let mut source = Tx::snapshot(from).await?;
     let mut target = Tx::write(to).await?;
     if replace {
         target.conn().clear(TABLES).await?;
@@ -180,6 +186,13 @@ pub async fn copy(
             }
         }
     }
+    target.conn().lift_fence().await?;
+    if let Some(moved_to) = fence_source {
+        fence::set(from, moved_to)
+            .await
+            .map_err(|e| TransferError::Database(e.to_string()))?;
+    }
+    let mut source = Tx::snapshot(from).await?;
     for table in TABLES {
         let total = source.conn().count(table).await? as u64;
         let mut copied = 0u64;

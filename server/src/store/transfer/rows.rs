@@ -345,6 +345,11 @@ impl Conn<'_> {
     }
 
     /// Brings the PostgreSQL read model up to date after a copy (SQLite's view needs nothing).
+    /// Lifts the database's cutover fence: it is getting the keys.
+    pub async fn lift_fence(&mut self) -> Result<(), sqlx::Error> {
+        self.execute("DELETE FROM keyserver_fence").await
+    }
+
     pub async fn refresh_views(&mut self) -> Result<(), sqlx::Error> {
         match self {
             Conn::Postgres(_) => {
