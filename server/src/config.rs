@@ -18,7 +18,12 @@ pub const EMBEDDED_DATABASE: &str = "keyserver.db";
 #[derive(Args, Debug, Clone)]
 pub struct DataDirArgs {
     /// Directory for the embedded database and the generated token secret.
-    #[arg(long, env = "KEYSERVER_DATA_DIR", default_value = "keyserver-data")]
+    #[arg(
+        long,
+        env = "KEYSERVER_DATA_DIR",
+        default_value = "keyserver-data",
+        global = true
+    )]
     pub data_dir: PathBuf,
 }
 
@@ -39,10 +44,15 @@ impl DataDirArgs {
 pub struct DatabaseArgs {
     /// postgres://… for PostgreSQL or sqlite://… for SQLite; when unset, the embedded SQLite
     /// database in the data directory.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<String>,
     /// Most database connections this process opens.
-    #[arg(long, env = "KEYSERVER_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    #[arg(
+        long,
+        env = "KEYSERVER_DB_MAX_CONNECTIONS",
+        default_value_t = 16,
+        global = true
+    )]
     pub max_connections: u32,
 }
 

@@ -16,6 +16,7 @@ use keyserver::logging::{self, LogFormat};
 use keyserver::secret::{self, Missing};
 use keyserver::server::{self, ServerParts};
 use keyserver::shutdown::{self, CancellationToken};
+use keyserver::store::backup::{self, Backup};
 use keyserver::store::database::{Database, display_url};
 use keyserver::store::fence;
 use keyserver::store::{Backend, DeviceId, Serve};
@@ -147,6 +148,17 @@ enum DbAction {
         #[arg(long)]
         replace: bool,
     },
+    /// Back a database up to a new file before a destructive step: SQLite writes a
+    /// consistent copy while servers run (VACUUM INTO); for PostgreSQL it runs pg_dump
+    /// (custom format, for pg_restore) and prints the command.
+    Backup {
+        /// The database (postgres://… or sqlite://…).
+        #[arg(long)]
+        database: String,
+        /// The file to write; must not exist.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Lift a cutover fence, so servers on the database serve again. Only when no server on
     /// the database the keys moved to has handed out a key; otherwise cut over back instead.
     Unfence {
@@ -208,11 +220,16 @@ fn parse_job(name: &str) -> Result<Job, String> {
 enum MigrateAction {
     /// Apply every pending migration.
     Up,
-    /// Revert the newest applied migration, or all newer than --to.
+    /// Revert the newest applied migration, or all newer than --to. Lists the tables and
+    /// columns it would drop with their rows first, and refuses without --yes when any holds
+    /// data (back it up first: `keyserver db backup`).
     Down {
         /// Revert every migration newer than this version (0 reverts all).
         #[arg(long)]
         to: Option<i64>,
+        /// Revert even though data would be deleted.
+        #[arg(long)]
+        yes: bool,
     },
     /// List migrations and whether each is applied.
     Status,
@@ -418,7 +435,9 @@ async fn copy(
 ) -> anyhow::Result<transfer::Report> {
     let (source, target) = (open(from).await?, open(to).await?);
     let moved_to = display_url(to);
-    if !cutover && let Some(f) = fence::get(&source).await? {
+    // A source from before the fence's migration has none (the copy then says it is not
+    // migrated).
+    if !cutover && let Ok(Some(f)) = fence::get(&source).await {
         println!(
             "the source is fenced (its keys moved to {} at {})",
             f.moved_to,
@@ -497,6 +516,32 @@ async fn db(action: DbAction) -> anyhow::Result<()> {
             transfer::verify(&open(&from).await?, &open(&to).await?).await?,
             None,
         ),
+        DbAction::Backup { database, out } => {
+            let db = open(&database).await?;
+            match backup::backup(&db, &database, &out).await? {
+                Backup::Written(bytes) => {
+                    println!("wrote {} ({bytes} bytes)", out.display())
+                }
+                Backup::PgDump {
+                    program,
+                    args,
+                    password,
+                } => {
+                    println!("running {program} {}", args.join(" "));
+                    let mut command = std::process::Command::new(program);
+                    command.args(&args);
+                    if let Some(password) = password {
+                        command.env("PGPASSWORD", password);
+                    }
+                    let status = command.status().with_context(|| {
+                        format!("running {program} (install PostgreSQL's client tools)")
+                    })?;
+                    anyhow::ensure!(status.success(), "{program} failed ({status})");
+                    println!("wrote {}; restore with pg_restore", out.display());
+                }
+            }
+            return Ok(());
+        }
         DbAction::Unfence { database } => {
             let db = open(&database).await?;
             match fence::lift(&db).await? {
@@ -522,16 +567,34 @@ async fn db(action: DbAction) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The schema version in words.
+async fn schema_version(db: &Database) -> anyhow::Result<String> {
+    let status = migrations::status(db).await?;
+    Ok(
+        match status
+            .iter()
+            .filter(|m| m.applied)
+            .max_by_key(|m| m.version)
+        {
+            Some(m) => format!(
+                "schema is at version {} ({}); {} of {} migrations applied",
+                m.version,
+                m.description,
+                status.iter().filter(|m| m.applied).count(),
+                status.len()
+            ),
+            None => "no migration is applied: the schema is empty".to_owned(),
+        },
+    )
+}
+
 async fn migrate(action: MigrateAction, db: &Database) -> anyhow::Result<()> {
     match action {
         MigrateAction::Up => {
             migrations::up(db).await?;
-            println!(
-                "schema is at version {:?}",
-                migrations::current_version(db).await?
-            );
+            println!("{}", schema_version(db).await?);
         }
-        MigrateAction::Down { to } => {
+        MigrateAction::Down { to, yes } => {
             let target = match to {
                 Some(version) => version,
                 None => {
@@ -541,22 +604,47 @@ async fn migrate(action: MigrateAction, db: &Database) -> anyhow::Result<()> {
                         .filter(|m| m.applied)
                         .map(|m| m.version)
                         .collect();
-                    anyhow::ensure!(!applied.is_empty(), "no migration is applied");
+                    anyhow::ensure!(
+                        !applied.is_empty(),
+                        "no migration is applied: nothing to revert"
+                    );
                     // The version before the newest applied one; 0 reverts the only one.
                     applied.iter().rev().nth(1).copied().unwrap_or(0)
                 }
             };
-            migrations::down_to(db, target).await?;
-            println!(
-                "schema is at version {:?}",
-                migrations::current_version(db).await?
+            let plan = migrations::plan_down(db, target).await?;
+            if plan.is_empty() {
+                println!("nothing to revert: {}", schema_version(db).await?);
+                return Ok(());
+            }
+            let mut lost = 0;
+            for revert in &plan {
+                println!("revert {:>4}  {}", revert.version, revert.description);
+                for drop in &revert.drops {
+                    lost += drop.rows;
+                    match &drop.column {
+                        None => println!("      drops table {} ({} rows)", drop.table, drop.rows),
+                        Some(c) => println!(
+                            "      drops column {}.{c} ({} rows hold a value)",
+                            drop.table, drop.rows
+                        ),
+                    }
+                }
+            }
+            anyhow::ensure!(
+                lost == 0 || yes,
+                "not reverted: {lost} rows of data would be deleted. Back the database up first \
+                 (`keyserver db backup --database … --out FILE`), then run again with --yes"
             );
+            migrations::down_to(db, target).await?;
+            println!("reverted; {}", schema_version(db).await?);
         }
         MigrateAction::Status => {
             for m in migrations::status(db).await? {
                 let state = if m.applied { "applied" } else { "pending" };
                 println!("{:>4}  {state:<8} {}", m.version, m.description);
             }
+            println!("{}", schema_version(db).await?);
         }
     }
     Ok(())

@@ -69,7 +69,7 @@ async fn migrations_go_up_down_and_up_again_on_an_empty_database(backend: Backen
 
     migrations::up(&db).await.unwrap();
     assert_eq!(db.schema_objects().await, schema);
-    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(8));
+    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(9));
 }
 conformance!(migrations_go_up_down_and_up_again_on_an_empty_database);
 
@@ -340,7 +340,7 @@ async fn reverting_0006_removes_the_kyber_keys_and_nothing_else(backend: Backend
     );
 
     migrations::up(&db).await.unwrap();
-    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(8));
+    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(9));
     let server = TestServer::start(&test_db).await;
     let mut alice = client(&server, Uuid::new_v4()).await;
     let bundle = fetch(&mut alice, bob.user, None).await.unwrap();
@@ -424,7 +424,7 @@ async fn reverting_0007_removes_the_drain_records_and_nothing_else(backend: Back
 
     migrations::up(&db).await.unwrap();
     assert_eq!(count(consumed_by).await, 2);
-    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(8));
+    assert_eq!(migrations::current_version(&db).await.unwrap(), Some(9));
     let server = TestServer::start(&test_db).await;
     let mut alice = client(&server, Uuid::new_v4()).await;
     let bundle = fetch(&mut alice, bob.user, None).await.unwrap();
@@ -479,3 +479,111 @@ async fn reverting_0008_drops_the_fetch_keys_and_nothing_else(backend: Backend) 
     );
 }
 conformance!(reverting_0008_drops_the_fetch_keys_and_nothing_else);
+
+/// `keyserver` with `args`: its exit status and stdout and stderr together.
+fn keyserver(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyserver"))
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `migrate down` on a database holding keys lists what it would drop and refuses without
+/// --yes; it never reverts the fence of a fenced database; `db backup` keeps the rows first.
+async fn migrate_down_says_what_it_drops_and_asks_first(backend: Backend) {
+    let test_db = TestDb::migrated(backend).await;
+    let server = TestServer::start(&test_db).await;
+    TestDevice::new(Uuid::new_v4(), "bob-phone", 7)
+        .register(&server)
+        .await;
+    server.stop().await.unwrap();
+    let db = test_db.open().await;
+    let url = test_db.url();
+    let keys = "SELECT count(*) FROM nchat_one_time_prekeys";
+
+    let (ok, out) = keyserver(&["migrate", "--database-url", url, "down", "--to", "0"]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("drops table nchat_one_time_prekeys (7 rows)")
+            && out.contains("revert    9  cutover fence")
+            && out.contains("not reverted: ")
+            && out.contains("keyserver db backup"),
+        "{out}"
+    );
+    assert_eq!(db.count(keys).await, 7, "nothing was reverted");
+    let (ok, out) = keyserver(&["migrate", "--database-url", url, "down", "--to", "8"]);
+    assert!(
+        ok && out.contains("drops table keyserver_fence (0 rows)"),
+        "{out}"
+    );
+    assert!(out.contains("reverted; schema is at version 8"), "{out}");
+    let (ok, out) = keyserver(&["migrate", "--database-url", url, "up"]);
+    assert!(
+        ok && out.contains("schema is at version 9 (cutover fence)"),
+        "{out}"
+    );
+
+    // A backup first; for SQLite, the copy opens and holds the keys.
+    let file = std::env::temp_dir().join(format!("keyserver-backup-{}", Uuid::new_v4()));
+    let (ok, out) = keyserver(&[
+        "db",
+        "backup",
+        "--database",
+        url,
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(ok && file.metadata().unwrap().len() > 0, "{out}");
+    if backend == Backend::Sqlite {
+        let copy = keyserver::store::database::Database::connect(
+            &format!("sqlite://{}", file.display()),
+            1,
+        )
+        .await
+        .unwrap();
+        assert_eq!(copy.count(keys).await, 7);
+    }
+    std::fs::remove_file(&file).unwrap();
+
+    // A fenced database never reverts its fence, --yes or not, until it is lifted.
+    keyserver::store::fence::set(&db, "postgres://elsewhere/keys")
+        .await
+        .unwrap();
+    let (ok, out) = keyserver(&[
+        "migrate",
+        "down",
+        "--to",
+        "0",
+        "--yes",
+        "--database-url",
+        url,
+    ]);
+    assert!(
+        !ok && out.contains("fenced (its keys moved to postgres://elsewhere/keys)"),
+        "{out}"
+    );
+    let (ok, out) = keyserver(&["db", "unfence", "--database", url]);
+    assert!(ok && out.contains("lifted the fence"), "{out}");
+
+    let (ok, out) = keyserver(&[
+        "migrate",
+        "down",
+        "--to",
+        "0",
+        "--yes",
+        "--database-url",
+        url,
+    ]);
+    assert!(ok && out.contains("no migration is applied"), "{out}");
+    assert!(db.schema_objects().await.is_empty());
+}
+conformance!(migrate_down_says_what_it_drops_and_asks_first);

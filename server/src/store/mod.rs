@@ -9,6 +9,7 @@
 //! leave as a [`StoreError`], classified here: no driver type goes above the store.
 
 pub mod audit;
+pub mod backup;
 pub mod bundles;
 pub mod database;
 pub mod devices;
