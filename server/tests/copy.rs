@@ -111,6 +111,12 @@ async fn a_sqlite_store_copied_to_postgres_serves_the_same_remaining_prekeys() {
 
     let postgres = TestDb::empty(Backend::Postgres).await;
     let (from, to) = open_both(&sqlite, &postgres).await;
+    // Text that COPY's format reserves (tab, newline, backslash) arrives as it was.
+    from.execute(
+        "INSERT INTO nchat_e2ee_audit_log (event_type, device_id, metadata)
+         VALUES ('session_established', 'a\tb\\c\nd', '{\"note\": \"tab\\there\\\\\"}')",
+    )
+    .await;
     let before = transfer::verify(&from, &from).await.unwrap();
     let mut progress = Vec::new();
     let report = transfer::copy(&from, &to, false, None, &mut |table, done, total| {

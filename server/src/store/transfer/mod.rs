@@ -2,8 +2,9 @@
 //! backend (SQLite to PostgreSQL when a deployment grows, PostgreSQL to SQLite to replay
 //! production data locally), and proving the copy is whole.
 //!
-//! The source is read in one snapshot and never written. The target is filled in one
-//! transaction, so a failed copy leaves it as it was. The report compares row counts and an
+//! The source is read in one snapshot and never written (but for a cutover's fence). The
+//! target is filled in one transaction, so a failed copy leaves it as it was; a PostgreSQL
+//! target takes each table as one COPY. The report compares row counts and an
 //! order-independent checksum over every column of every table, and checks the target's
 //! foreign keys.
 
@@ -18,8 +19,8 @@ use super::migrations::{self, MigrationError};
 use rows::{Checksum, Conn};
 pub use tables::TABLES;
 
-/// Rows read and written per statement.
-const BATCH: usize = 500;
+/// Rows read per statement (and sent to a PostgreSQL target's COPY at a time).
+const BATCH: usize = 2000;
 
 /// Why a copy did not run or did not finish (nothing was written to the target then).
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +199,7 @@ pub async fn copy(
         let mut copied = 0u64;
         progress(table.name, 0, total);
         let mut last = None;
+        let mut sink = target.conn().sink(table).await?;
         loop {
             let batch = source
                 .conn()
@@ -206,11 +208,12 @@ pub async fn copy(
             if batch.is_empty() {
                 break;
             }
-            target.conn().insert_batch(table, &batch).await?;
+            sink.write(table, &batch).await?;
             copied += batch.len() as u64;
             progress(table.name, copied, total);
             last = batch.last().map(|row| row[0].clone());
         }
+        sink.finish().await?;
         if table.serial {
             let high_water = source.conn().sequence_high_water(table).await?;
             target.conn().set_sequence(table, high_water).await?;
