@@ -457,7 +457,7 @@ async fn copy(
         .progress_chars("=> "),
     );
     let started = std::time::Instant::now();
-    let copied = transfer::copy(
+    let copied = transfer::load(
         &source,
         &target,
         replace,
@@ -481,7 +481,7 @@ async fn copy(
             f.moved_to
         );
     }
-    let report = copied.with_context(|| {
+    copied.with_context(|| {
         if cutover {
             format!(
                 "the copy failed; if the source was fenced, it stays fenced: fix the cause and \
@@ -492,12 +492,15 @@ async fn copy(
             "the copy failed; the target was left as it was".to_owned()
         }
     })?;
+    let copy_time = started.elapsed();
     println!(
-        "copied {} → {} in {:.1?}",
+        "copied {} → {} in {:.1?}; verifying",
         source.backend().as_str(),
         target.backend().as_str(),
-        started.elapsed()
+        copy_time
     );
+    let report = transfer::verify(&source, &target).await?;
+    println!("verified in {:.1?}", started.elapsed() - copy_time);
     Ok(report)
 }
 

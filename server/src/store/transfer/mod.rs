@@ -154,13 +154,7 @@ impl Tx {
     }
 }
 
-/// Copies every row of `from` into `to` (migrating `to` first), then verifies the copy.
-/// With `fence_source` (where the keys go, as servers on the source will say), the source is
-/// fenced once the target is known to be fit ([`fence::set`]: in-flight calls finish, later
-/// ones are refused) and before its snapshot is read, so the copy holds every key the source
-/// ever handed out and the source hands out no more: a cutover. The target's own fence, if it
-/// had one (a cutover back), is lifted in the copy's transaction.
-/// `progress` hears (table, rows copied so far, rows in the table).
+/// Copies every row of `from` into `to` ([`load`]), then verifies the copy.
 pub async fn copy(
     from: &Database,
     to: &Database,
@@ -168,6 +162,23 @@ pub async fn copy(
     fence_source: Option<&str>,
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<Report, TransferError> {
+    load(from, to, replace, fence_source, progress).await?;
+    verify(from, to).await
+}
+
+/// Copies every row of `from` into `to`, migrating `to` first. With `fence_source` (where the keys go, as servers on the source will say), the source is
+/// fenced once the target is known to be fit ([`fence::set`]: in-flight calls finish, later
+/// ones are refused) and before its snapshot is read, so the copy holds every key the source
+/// ever handed out and the source hands out no more: a cutover. The target's own fence, if it
+/// had one (a cutover back), is lifted in the copy's transaction.
+/// `progress` hears (table, rows copied so far, rows in the table).
+pub async fn load(
+    from: &Database,
+    to: &Database,
+    replace: bool,
+    fence_source: Option<&str>,
+    progress: &mut dyn FnMut(&str, u64, u64),
+) -> Result<(), TransferError> {
     if !migrations::status(from).await?.iter().all(|m| m.applied) {
         return Err(TransferError::SourceNotMigrated);
     }
@@ -221,8 +232,7 @@ pub async fn copy(
     }
     target.conn().refresh_views().await?;
     target.commit().await?;
-    drop(source);
-    verify(from, to).await
+    Ok(())
 }
 
 /// Row count and checksum of every table in one snapshot of `db`.
