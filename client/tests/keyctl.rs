@@ -610,3 +610,77 @@ async fn keyctl_waits_out_a_short_rate_limit_and_reports_a_long_one() {
         }
     }
 }
+
+/// What a new user sees when something is missing: a short passphrase is refused with its
+/// length, no passphrase and no terminal says how to give one, and the audit trail shows
+/// RFC 3339 times.
+#[tokio::test]
+async fn keyctl_explains_a_missing_or_weak_passphrase_and_shows_times_as_rfc_3339() {
+    let db = TestDb::migrated(Backend::Sqlite).await;
+    let server = TestServer::start(&db).await;
+    let dir = std::env::temp_dir().join(format!("keyctl-words-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let state = dir.join("phone.json");
+    let init = |passphrase: Option<&str>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_keyctl"));
+        command
+            .args(["init", "--device-id", "phone", "--iterations", "100000"])
+            .env("KEYCTL_STATE", &state)
+            .env_remove("KEYCTL_PASSPHRASE")
+            .stdin(std::process::Stdio::null());
+        if let Some(p) = passphrase {
+            command.env("KEYCTL_PASSPHRASE", p);
+        }
+        // No controlling terminal, as under cron or CI.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                libc_setsid();
+                Ok(())
+            });
+        }
+        let out = command.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = init(Some("short"));
+    assert!(
+        !ok && err.contains("the passphrase has 5 characters; use at least 12"),
+        "{err}"
+    );
+    let (ok, err) = init(None);
+    assert!(
+        !ok && err.contains("no passphrase: set KEYCTL_PASSPHRASE"),
+        "{err}"
+    );
+    assert!(!state.exists(), "nothing was created");
+
+    let bob = Keyctl {
+        server: &server,
+        user: Uuid::new_v4(),
+        state: state.clone(),
+    };
+    bob.run(&["init", "--device-id", "phone", "--iterations", "100000"])
+        .await;
+    bob.run(&["register"]).await;
+    let audit = bob.run(&["audit"]).await;
+    let line = audit.lines().next().expect("an audit event");
+    let at = line.split(' ').nth(1).unwrap();
+    assert!(
+        time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).is_ok(),
+        "{line}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Starts a new session: the child has no controlling terminal.
+fn libc_setsid() {
+    unsafe extern "C" {
+        fn setsid() -> i32;
+    }
+    // SAFETY: setsid has no preconditions; it fails only for a process group leader.
+    unsafe {
+        setsid();
+    }
+}

@@ -201,8 +201,27 @@ fn passphrase(cli: &Cli) -> anyhow::Result<Zeroizing<Vec<u8>>> {
     if let Ok(value) = std::env::var("KEYCTL_PASSPHRASE") {
         return Ok(Zeroizing::new(value.into_bytes()));
     }
-    let value = rpassword::prompt_password("passphrase: ").context("reading the passphrase")?;
+    let value = rpassword::prompt_password("passphrase: ").context(
+        "no passphrase: set KEYCTL_PASSPHRASE or --passphrase-file, or run keyctl in a terminal \
+         to type it",
+    )?;
     Ok(Zeroizing::new(value.into_bytes()))
+}
+
+/// The fewest characters a new passphrase may have: it is all that guards the sealed keys of
+/// a stolen state file or server backup (PBKDF2 only slows the guessing).
+const MIN_PASSPHRASE_CHARS: usize = 12;
+
+/// The passphrase of a new device, refused when it is too short.
+fn new_passphrase(cli: &Cli) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let value = passphrase(cli)?;
+    let chars = String::from_utf8_lossy(&value).chars().count();
+    anyhow::ensure!(
+        chars >= MIN_PASSPHRASE_CHARS,
+        "the passphrase has {chars} characters; use at least {MIN_PASSPHRASE_CHARS} (a few \
+         unrelated words make a good one)"
+    );
+    Ok(value)
 }
 
 fn token(cli: &Cli) -> anyhow::Result<&str> {
@@ -310,7 +329,8 @@ async fn main() -> anyhow::Result<()> {
             device_id,
             iterations,
         } => {
-            let device = Device::create(&cli.state, device_id, &passphrase(&cli)?, *iterations)?;
+            let device =
+                Device::create(&cli.state, device_id, &new_passphrase(&cli)?, *iterations)?;
             println!(
                 "created device {} (registration id {}) in {}",
                 device.state().device_id,
@@ -577,7 +597,14 @@ async fn main() -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             for e in page.events {
-                let at = e.created_at.map_or(0, |t| t.seconds);
+                let at = e
+                    .created_at
+                    .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
+                    .and_then(|t| {
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                    .unwrap_or_else(|| "-".into());
                 println!(
                     "{} {at} {} {} {}",
                     e.id,
