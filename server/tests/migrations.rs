@@ -587,3 +587,51 @@ async fn migrate_down_says_what_it_drops_and_asks_first(backend: Backend) {
     assert!(db.schema_objects().await.is_empty());
 }
 conformance!(migrate_down_says_what_it_drops_and_asks_first);
+
+/// A database that cannot be reached is named with its host, port, database and user, and
+/// the cause in words: refused, unknown database, failed authentication.
+#[tokio::test]
+async fn connection_failures_name_the_place_and_the_cause() {
+    let test_db = TestDb::migrated(Backend::Postgres).await;
+    let url = url::Url::parse(test_db.url()).unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let with = |f: &dyn Fn(&mut url::Url)| {
+        let mut u = url.clone();
+        f(&mut u);
+        u.to_string()
+    };
+    for (bad, expected) in [
+        (
+            with(&|u| {
+                u.set_host(Some("127.0.0.1")).unwrap();
+                u.set_port(Some(closed)).unwrap();
+            }),
+            format!("127.0.0.1:{closed} (database "),
+        ),
+        (
+            with(&|u| u.set_path("/no_such_database")),
+            "database no_such_database".to_owned(),
+        ),
+        (
+            with(&|u| u.set_username("no_such_role").unwrap()),
+            "user no_such_role".to_owned(),
+        ),
+    ] {
+        let (ok, out) = keyserver(&["migrate", "--database-url", &bad, "status"]);
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains("cannot connect to PostgreSQL at ") && out.contains(&expected),
+            "{out}"
+        );
+        assert!(
+            out.contains("connection refused")
+                || out.contains("that database does not exist")
+                || out.contains("authentication failed"),
+            "{out}"
+        );
+    }
+}

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -115,10 +115,40 @@ impl PgDb {
         Self { pool, probe }
     }
 
-    async fn connect(url: &str, max_connections: u32) -> Result<Self, sqlx::Error> {
+    /// Opens the pool after one direct connection, whose failure says what went wrong: the
+    /// pool alone would only report that it timed out.
+    async fn connect(url: &str, max_connections: u32) -> Result<Self, OpenError> {
+        let options =
+            PgConnectOptions::from_str(url).map_err(|e| OpenError::Connect(e.to_string()))?;
+        let place = format!(
+            "PostgreSQL at {}:{} (database {}, user {})",
+            options.get_host(),
+            options.get_port(),
+            options.get_database().unwrap_or(options.get_username()),
+            options.get_username()
+        );
+        let why = match tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(&options))
+            .await
+        {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+                None
+            }
+            Ok(Err(e)) => Some(connect_failure(&e)),
+            Err(_) => Some(format!(
+                "no answer within {} s (a firewall, or a host that is down?)",
+                ACQUIRE_TIMEOUT.as_secs()
+            )),
+        };
+        if let Some(why) = why {
+            return Err(OpenError::Connect(format!(
+                "cannot connect to {place}: {why}"
+            )));
+        }
         let pool = Self::options(max_connections, ACQUIRE_TIMEOUT)
-            .connect(url)
-            .await?;
+            .connect_with(options)
+            .await
+            .map_err(|e| OpenError::Connect(format!("cannot connect to {place}: {e}")))?;
         Ok(Self::with_probe(pool))
     }
 
@@ -169,6 +199,30 @@ impl SqliteDb {
     }
 }
 
+/// Why a first connection to PostgreSQL failed, in words an operator can act on.
+fn connect_failure(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Io(io) => match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => {
+                "connection refused: is PostgreSQL running and listening on that port?".to_owned()
+            }
+            _ => format!("network error: {io}"),
+        },
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("3D000") => "that database does not exist (createdb it first)".to_owned(),
+            Some("28P01" | "28000") => {
+                format!(
+                    "authentication failed: {} (check the user and password)",
+                    db.message()
+                )
+            }
+            _ => db.message().to_owned(),
+        },
+        sqlx::Error::Tls(tls) => format!("TLS failed: {tls}"),
+        other => other.to_string(),
+    }
+}
+
 /// A database URL as it may be shown or stored: without its password, or the query string
 /// (which may carry one). A SQLite URL is shown as written.
 pub fn display_url(url: &str) -> String {
@@ -187,9 +241,7 @@ impl Database {
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, OpenError> {
         let connect = |e: sqlx::Error| OpenError::Connect(e.to_string());
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Ok(Self::Postgres(
-                PgDb::connect(url, max_connections).await.map_err(connect)?,
-            ))
+            Ok(Self::Postgres(PgDb::connect(url, max_connections).await?))
         } else if url.starts_with("sqlite:") {
             Ok(Self::Sqlite(
                 SqliteDb::connect(url, max_connections)
