@@ -10,7 +10,7 @@ use keyserver::config::{
     CleanupSettings, DataDirArgs, DatabaseArgs, DrainArgs, RotationPolicy, SecretArgs, ServeArgs,
 };
 use keyserver::edge;
-use keyserver::jobs::{Job, Jobs, Run, Trigger};
+use keyserver::jobs::{Job, Jobs, Run, Trigger, when};
 use keyserver::limits::Limits;
 use keyserver::logging::{self, LogFormat};
 use keyserver::secret::{self, Missing};
@@ -208,6 +208,9 @@ enum JobAction {
         /// How many runs to list.
         #[arg(long, default_value_t = 20)]
         limit: u32,
+        /// One JSON array of the runs, for scripts and monitoring.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -363,8 +366,27 @@ async fn jobs(action: JobAction, db: &Database) -> anyhow::Result<()> {
     // Each job's own settings from its flags, the others' defaults (they are not used).
     let (mut rotation, mut cleanup, mut drain) = Default::default();
     let (job, dry_run) = match action {
-        JobAction::Status { job, limit } => {
+        JobAction::Status { job, limit, json } => {
             let runs = db.store().job_runs(job, limit).await?;
+            if json {
+                let runs: Vec<serde_json::Value> = runs
+                    .iter()
+                    .map(|run| {
+                        serde_json::json!({
+                            "id": run.id,
+                            "job": run.job.as_str(),
+                            "trigger": run.trigger.as_str(),
+                            "outcome": run.outcome.as_str(),
+                            "started_at": when(run.started_at),
+                            "finished_at": run.finished_at.map(when),
+                            "counts": run.counts,
+                            "message": run.message,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(runs));
+                return Ok(());
+            }
             if runs.is_empty() {
                 println!("no job runs recorded");
             }
@@ -379,7 +401,7 @@ async fn jobs(action: JobAction, db: &Database) -> anyhow::Result<()> {
                     run.job.as_str(),
                     run.trigger.as_str(),
                     run.outcome.as_str(),
-                    keyserver::jobs::when(run.started_at),
+                    when(run.started_at),
                     took,
                     run.counts,
                     run.message.map(|m| format!("  {m}")).unwrap_or_default()
@@ -441,7 +463,7 @@ async fn copy(
         println!(
             "the source is fenced (its keys moved to {} at {})",
             f.moved_to,
-            rfc3339(f.fenced_at)
+            when(f.fenced_at)
         );
     } else if !cutover {
         println!(
@@ -477,7 +499,7 @@ async fn copy(
         println!(
             "fenced {} at {}: its servers refuse key-taking and writing calls, naming {}",
             display_url(from),
-            rfc3339(f.fenced_at),
+            when(f.fenced_at),
             f.moved_to
         );
     }
@@ -502,11 +524,6 @@ async fn copy(
     let report = transfer::verify(&source, &target).await?;
     println!("verified in {:.1?}", started.elapsed() - copy_time);
     Ok(report)
-}
-
-fn rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.to_string())
 }
 
 async fn db(action: DbAction) -> anyhow::Result<()> {
@@ -552,7 +569,7 @@ async fn db(action: DbAction) -> anyhow::Result<()> {
                     "lifted the fence of {} (its keys had moved to {} at {}): its servers serve again",
                     display_url(&database),
                     f.moved_to,
-                    rfc3339(f.fenced_at)
+                    when(f.fenced_at)
                 ),
                 None => println!("{} is not fenced", display_url(&database)),
             }

@@ -743,6 +743,27 @@ async fn a_killed_cleanup_leaves_consistent_data_and_the_next_run_finishes(backe
         stdout.contains("abandoned") && stdout.contains("succeeded"),
         "{stdout}"
     );
+    // The same for scripts: newest first, times in RFC 3339.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyserver"))
+        .args(["jobs", "status", "--job", "cleanup", "--json"])
+        .env("DATABASE_URL", db.url())
+        .output()
+        .unwrap();
+    let runs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON array");
+    let outcomes: Vec<&str> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["succeeded", "abandoned"], "{runs}");
+    let started = runs[0]["started_at"].as_str().unwrap();
+    assert!(
+        time::OffsetDateTime::parse(started, &time::format_description::well_known::Rfc3339)
+            .is_ok(),
+        "{started}"
+    );
+    assert!(runs[0]["counts"].is_object(), "{runs}");
     server.stop().await.unwrap();
 }
 conformance!(a_killed_cleanup_leaves_consistent_data_and_the_next_run_finishes);
