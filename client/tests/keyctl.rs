@@ -612,8 +612,8 @@ async fn keyctl_waits_out_a_short_rate_limit_and_reports_a_long_one() {
 }
 
 /// What a new user sees when something is missing: a short passphrase is refused with its
-/// length, no passphrase and no terminal says how to give one, and the audit trail shows
-/// RFC 3339 times.
+/// length, no passphrase and no terminal says how to give one; the audit trail shows RFC 3339
+/// times, and the read commands answer JSON with --json.
 #[tokio::test]
 async fn keyctl_explains_a_missing_or_weak_passphrase_and_shows_times_as_rfc_3339() {
     let db = TestDb::migrated(Backend::Sqlite).await;
@@ -670,6 +670,19 @@ async fn keyctl_explains_a_missing_or_weak_passphrase_and_shows_times_as_rfc_333
     assert!(
         time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).is_ok(),
         "{line}"
+    );
+    // The read commands answer one JSON value each with --json.
+    let json = |out: String| serde_json::from_str::<serde_json::Value>(&out).expect(&out);
+    let status = json(bob.run(&["status", "--json"]).await);
+    assert_eq!(status["one_time_prekeys_available"], 100, "{status}");
+    assert_eq!(status["kyber_one_time_prekeys_available"], 100, "{status}");
+    assert_eq!(status["rotation_due"], false, "{status}");
+    let events = json(bob.run(&["audit", "--json"]).await);
+    assert_eq!(events[0]["event_type"], "device_keys_generated", "{events}");
+    assert_eq!(events[0]["metadata"]["outcome"], "created", "{events}");
+    assert_eq!(
+        json(bob.run(&["session", "list", "--json"]).await),
+        serde_json::json!([])
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

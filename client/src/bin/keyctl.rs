@@ -59,6 +59,9 @@ struct Cli {
     /// Read the passphrase from this file instead of KEYCTL_PASSPHRASE or a prompt.
     #[arg(long, global = true)]
     passphrase_file: Option<PathBuf>,
+    /// Print the answer of a read command (status, audit, session list) as one JSON value.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -365,6 +368,26 @@ async fn main() -> anyhow::Result<()> {
         Command::Status => {
             let device = Device::open(&cli.state, &passphrase(&cli)?)?;
             let s = device.status(&mut client(&cli).await?).await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "device_id": device.state().device_id,
+                        "one_time_prekeys_available": s.one_time_prekeys_available,
+                        "kyber_one_time_prekeys_available": s.kyber_one_time_prekeys_available,
+                        "active_signed_prekey_id": s.active_signed_prekey_id,
+                        "active_signed_prekey_age_seconds": s.active_signed_prekey_id
+                            .map(|_| s.active_signed_prekey_age_seconds),
+                        "kyber_last_resort_prekey_id": s.kyber_last_resort_prekey_id,
+                        "kyber_last_resort_prekey_age_seconds": s.kyber_last_resort_prekey_id
+                            .map(|_| s.kyber_last_resort_prekey_age_seconds),
+                        "rotation_due": s.rotation_due,
+                        "replenish_recommended": s.replenish_recommended,
+                        "drain_suspected": s.drain_suspected,
+                    })
+                );
+                return Ok(());
+            }
             println!(
                 "one-time prekeys available: {}",
                 s.one_time_prekeys_available
@@ -596,15 +619,34 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
-            for e in page.events {
-                let at = e
-                    .created_at
+            let at = |e: &pb::AuditEvent| {
+                e.created_at
                     .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
                     .and_then(|t| {
                         t.format(&time::format_description::well_known::Rfc3339)
                             .ok()
                     })
-                    .unwrap_or_else(|| "-".into());
+            };
+            if cli.json {
+                let events: Vec<serde_json::Value> = page
+                    .events
+                    .iter()
+                    .map(|e| {
+                        serde_json::json!({
+                            "id": e.id,
+                            "created_at": at(e),
+                            "event_type": e.event_type,
+                            "device_id": e.device_id,
+                            "metadata": serde_json::from_str::<serde_json::Value>(&e.metadata_json)
+                                .unwrap_or(serde_json::Value::Null),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(events));
+                return Ok(());
+            }
+            for e in page.events {
+                let at = at(&e).unwrap_or_else(|| "-".into());
                 println!(
                     "{} {at} {} {} {}",
                     e.id,
@@ -619,7 +661,25 @@ async fn main() -> anyhow::Result<()> {
             let mut sessions = sessions(&cli).await?;
             match action {
                 SessionAction::List { all } => {
-                    for s in me.sessions(&mut sessions, *all).await? {
+                    let list = me.sessions(&mut sessions, *all).await?;
+                    if cli.json {
+                        let list: Vec<serde_json::Value> = list
+                            .iter()
+                            .map(|s| {
+                                let key = s.key.clone().unwrap_or_default();
+                                serde_json::json!({
+                                    "peer_user_id": key.peer_user_id,
+                                    "peer_device_id": key.peer_device_id,
+                                    "version": s.version,
+                                    "active": s.active,
+                                    "initiator": s.is_initiator,
+                                })
+                            })
+                            .collect();
+                        println!("{}", serde_json::Value::Array(list));
+                        return Ok(());
+                    }
+                    for s in list {
                         let key = s.key.unwrap_or_default();
                         println!(
                             "peer {} device {}: version {}, {}, {}",
