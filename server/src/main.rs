@@ -115,39 +115,34 @@ fn parse_device(value: &str) -> Result<DeviceId, String> {
     DeviceId::parse(value)
 }
 
+/// The two databases of a copy or a cutover.
+#[derive(clap::Args)]
+struct CopyArgs {
+    /// The database to copy from, whose servers stop in a cutover (postgres://… or
+    /// sqlite://…).
+    #[arg(long)]
+    from: String,
+    /// The database to copy into.
+    #[arg(long)]
+    to: String,
+    /// Delete the target's key-server rows before copying instead of refusing (in a cutover,
+    /// the way back to a database an earlier cutover fenced).
+    #[arg(long)]
+    replace: bool,
+}
+
 #[derive(Subcommand)]
 enum DbAction {
     /// Copy every row from one database to another, then verify the copy. The source is never
     /// changed; the target is migrated, must be empty (or --replace), and is filled in one
     /// transaction. Exits non-zero when the copy does not match.
-    Copy {
-        /// The database to copy from (postgres://… or sqlite://…).
-        #[arg(long)]
-        from: String,
-        /// The database to copy into.
-        #[arg(long)]
-        to: String,
-        /// Delete the target's key-server rows before copying instead of refusing.
-        #[arg(long)]
-        replace: bool,
-    },
+    Copy(CopyArgs),
     /// Move the keys from one database to another with no key ever handed out by both: fence
     /// the source (every server on it finishes the calls in flight, then refuses key-taking
     /// and writing calls with FAILED_PRECONDITION naming the target), copy it as `db copy`
     /// does, and verify. Then start the servers on the target. Also the way back (a rollback):
     /// the target's own fence is lifted by the copy.
-    Cutover {
-        /// The database whose servers stop (postgres://… or sqlite://…).
-        #[arg(long)]
-        from: String,
-        /// The database that takes over.
-        #[arg(long)]
-        to: String,
-        /// Delete the target's key-server rows before copying instead of refusing (the way
-        /// back to a database that was fenced by an earlier cutover).
-        #[arg(long)]
-        replace: bool,
-    },
+    Cutover(CopyArgs),
     /// Back a database up to a new file before a destructive step: SQLite writes a
     /// consistent copy while servers run (VACUUM INTO); for PostgreSQL it runs pg_dump
     /// (custom format, for pg_restore) and prints the command.
@@ -449,12 +444,8 @@ async fn open(url: &str) -> anyhow::Result<Database> {
 
 /// Copies `from` into `to` with a progress bar (rows/s and time left for each table), fencing
 /// `from` first for a cutover.
-async fn copy(
-    from: &str,
-    to: &str,
-    replace: bool,
-    cutover: bool,
-) -> anyhow::Result<transfer::Report> {
+async fn copy(args: &CopyArgs, cutover: bool) -> anyhow::Result<transfer::Report> {
+    let CopyArgs { from, to, replace } = args;
     let (source, target) = (open(from).await?, open(to).await?);
     let moved_to = display_url(to);
     // A source from before the fence's migration has none (the copy then says it is not
@@ -482,7 +473,7 @@ async fn copy(
     let copied = transfer::load(
         &source,
         &target,
-        replace,
+        *replace,
         cutover.then_some(moved_to.as_str()),
         &mut |table, done, total| {
             if done == 0 {
@@ -528,10 +519,8 @@ async fn copy(
 
 async fn db(action: DbAction) -> anyhow::Result<()> {
     let (report, cutover) = match action {
-        DbAction::Copy { from, to, replace } => (copy(&from, &to, replace, false).await?, None),
-        DbAction::Cutover { from, to, replace } => {
-            (copy(&from, &to, replace, true).await?, Some(to))
-        }
+        DbAction::Copy(args) => (copy(&args, false).await?, None),
+        DbAction::Cutover(args) => (copy(&args, true).await?, Some(args.to)),
         DbAction::Verify { from, to } => (
             transfer::verify(&open(&from).await?, &open(&to).await?).await?,
             None,

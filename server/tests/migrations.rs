@@ -558,7 +558,7 @@ async fn migrate_down_says_what_it_drops_and_asks_first(backend: Backend) {
     keyserver::store::fence::set(&db, "postgres://elsewhere/keys")
         .await
         .unwrap();
-    let (ok, out) = keyserver(&[
+    let revert_all = [
         "migrate",
         "down",
         "--to",
@@ -566,7 +566,8 @@ async fn migrate_down_says_what_it_drops_and_asks_first(backend: Backend) {
         "--yes",
         "--database-url",
         url,
-    ]);
+    ];
+    let (ok, out) = keyserver(&revert_all);
     assert!(
         !ok && out.contains("fenced (its keys moved to postgres://elsewhere/keys)"),
         "{out}"
@@ -574,15 +575,7 @@ async fn migrate_down_says_what_it_drops_and_asks_first(backend: Backend) {
     let (ok, out) = keyserver(&["db", "unfence", "--database", url]);
     assert!(ok && out.contains("lifted the fence"), "{out}");
 
-    let (ok, out) = keyserver(&[
-        "migrate",
-        "down",
-        "--to",
-        "0",
-        "--yes",
-        "--database-url",
-        url,
-    ]);
+    let (ok, out) = keyserver(&revert_all);
     assert!(ok && out.contains("no migration is applied"), "{out}");
     assert!(db.schema_objects().await.is_empty());
 }

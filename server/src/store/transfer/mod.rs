@@ -166,8 +166,8 @@ pub async fn copy(
     verify(from, to).await
 }
 
-/// Copies every row of `from` into `to`, migrating `to` first. With `fence_source` (where the keys go, as servers on the source will say), the source is
-/// fenced once the target is known to be fit ([`fence::set`]: in-flight calls finish, later
+/// Copies every row of `from` into `to`, migrating `to` first. With `fence_source` (where
+/// the keys go, as servers on the source will say), the source is fenced once the target is known to be fit ([`fence::set`]: in-flight calls finish, later
 /// ones are refused) and before its snapshot is read, so the copy holds every key the source
 /// ever handed out and the source hands out no more: a cutover. The target's own fence, if it
 /// had one (a cutover back), is lifted in the copy's transaction.
