@@ -10,8 +10,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::OnceLock;
 
 use keyserver::testing::{Backend, TestDb, TestServer};
 use keyserver_client::api;
@@ -23,59 +21,8 @@ fn script_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/libsignal")
 }
 
-/// Installs the pinned packages once per test process (`npm ci`, which follows the lockfile
-/// exactly), unless a previous run left exactly those installed.
-fn install() -> &'static Result<(), String> {
-    static INSTALLED: OnceLock<Result<(), String>> = OnceLock::new();
-    INSTALLED.get_or_init(|| {
-        let dir = script_dir();
-        let lock = std::fs::read(dir.join("package-lock.json")).map_err(|e| e.to_string())?;
-        // npm keeps a copy of what it installed; the same lockfile means nothing to do.
-        if std::fs::read(dir.join("node_modules/.package-lock.json"))
-            .is_ok_and(|installed| same_packages(&lock, &installed))
-        {
-            return Ok(());
-        }
-        let out = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-            .current_dir(&dir)
-            .output()
-            .map_err(|e| {
-                format!(
-                    "the libsignal interop test needs Node.js and npm on PATH (Debian: apt-get \
-                     install nodejs npm), to install @signalapp/libsignal-client from the npm \
-                     registry: {e}"
-                )
-            })?;
-        if !out.status.success() {
-            return Err(format!(
-                "npm ci in {} failed: {}",
-                dir.display(),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(())
-    })
-}
-
-/// Whether npm's record of installed packages names the same versions as the lockfile.
-fn same_packages(lock: &[u8], installed: &[u8]) -> bool {
-    let versions = |bytes: &[u8]| -> Option<Vec<(String, String)>> {
-        let json: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-        let mut all: Vec<(String, String)> = json["packages"]
-            .as_object()?
-            .iter()
-            .filter(|(path, _)| !path.is_empty())
-            .map(|(path, p)| (path.clone(), p["version"].as_str().unwrap_or("").to_owned()))
-            .collect();
-        all.sort();
-        Some(all)
-    };
-    versions(lock).is_some_and(|v| Some(v) == versions(installed))
-}
-
 async fn libsignal_starts_pqxdh_sessions_from_our_bundles(backend: Backend) {
-    if let Err(why) = install() {
+    if let Err(why) = common::npm::prepare(&script_dir(), &[]) {
         panic!("{why}");
     }
     let db = TestDb::migrated(backend).await;

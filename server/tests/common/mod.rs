@@ -3,6 +3,8 @@
 
 #![allow(dead_code, unused_macros)] // each test binary uses a different subset
 
+pub mod npm;
+
 /// Runs the async test function `$name(backend)` once per backend: the conformance suite is
 /// one set of tests, not one per backend. `conformance!(multi_thread; name)` for a test that
 /// needs several runtime threads.
