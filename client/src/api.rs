@@ -250,12 +250,23 @@ impl Address {
         self.endpoint()?.connect().await.map_err(|e| {
             // tonic's Display says only "transport error"; its sources say what happened.
             let mut why = e.to_string();
+            let mut refused = false;
             let mut source = std::error::Error::source(&e);
             while let Some(inner) = source {
                 why = format!("{why}: {inner}");
+                refused |= inner
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
                 source = inner.source();
             }
-            anyhow::anyhow!("connecting to {url}: {why}")
+            if refused {
+                anyhow::anyhow!(
+                    "nothing answers at {url} (connection refused): is the key server running \
+                     there, and is KEYSERVER_URL (--url) right?"
+                )
+            } else {
+                anyhow::anyhow!("connecting to {url}: {why}")
+            }
         })
     }
 }

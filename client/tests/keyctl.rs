@@ -613,7 +613,8 @@ async fn keyctl_waits_out_a_short_rate_limit_and_reports_a_long_one() {
 
 /// What a new user sees when something is missing: a short passphrase is refused with its
 /// length, no passphrase and no terminal says how to give one; the audit trail shows RFC 3339
-/// times, and the read commands answer JSON with --json.
+/// times; the read commands answer JSON with --json; a server that is not there and a URL
+/// without a scheme are said in words.
 #[tokio::test]
 async fn keyctl_explains_a_missing_or_weak_passphrase_and_shows_times_as_rfc_3339() {
     let db = TestDb::migrated(Backend::Sqlite).await;
@@ -683,6 +684,61 @@ async fn keyctl_explains_a_missing_or_weak_passphrase_and_shows_times_as_rfc_333
     assert_eq!(
         json(bob.run(&["session", "list", "--json"]).await),
         serde_json::json!([])
+    );
+    let alice = Keyctl {
+        server: &server,
+        user: Uuid::new_v4(),
+        state: dir.join("alice.json"),
+    };
+    alice
+        .run(&["init", "--device-id", "laptop", "--iterations", "100000"])
+        .await;
+    alice.run(&["register"]).await;
+    let bundles = json(
+        alice
+            .run(&["fetch", "--user", &bob.user.to_string(), "--json"])
+            .await,
+    );
+    assert_eq!(bundles[0]["device_id"], "phone", "{bundles}");
+    assert_eq!(bundles[0]["signed_prekey_stale"], false, "{bundles}");
+    assert!(bundles[0]["one_time_prekey_id"].is_u64(), "{bundles}");
+    assert!(bundles[0]["kyber_prekey_id"].is_u64(), "{bundles}");
+    let safety = json(
+        alice
+            .run(&["safety-number", "--user", &bob.user.to_string(), "--json"])
+            .await,
+    );
+    assert_eq!(safety["matches"], true, "{safety}");
+    assert_eq!(safety["verified"], false, "{safety}");
+    assert_eq!(safety["safety_number"].as_str().map(str::len), Some(60));
+
+    // A server that is not there, and a URL without its scheme, are said in words.
+    let unreachable = |url: &'static str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_keyctl"))
+            .args(["status"])
+            .env("KEYCTL_STATE", &state)
+            .env("KEYCTL_PASSPHRASE", PASSPHRASE)
+            .env("KEYSERVER_URL", url)
+            .env("KEYSERVER_TOKEN", bob.token())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let refused = unreachable("http://127.0.0.1:1");
+    assert!(
+        refused.contains(
+            "nothing answers at http://127.0.0.1:1 (connection refused): is the key server \
+             running there, and is KEYSERVER_URL (--url) right?"
+        ),
+        "{refused}"
+    );
+    let bare = unreachable("127.0.0.1:50051");
+    assert!(
+        bare.contains(
+            "\"127.0.0.1:50051\" is not a server URL (http://host:port or https://host:port)"
+        ),
+        "{bare}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -59,7 +59,8 @@ struct Cli {
     /// Read the passphrase from this file instead of KEYCTL_PASSPHRASE or a prompt.
     #[arg(long, global = true)]
     passphrase_file: Option<PathBuf>,
-    /// Print the answer of a read command (status, audit, session list) as one JSON value.
+    /// Print the answer of a read command (status, fetch, safety-number, audit, session list)
+    /// as one JSON value.
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -450,6 +451,24 @@ async fn main() -> anyhow::Result<()> {
         Command::Fetch { user, device } => {
             let bundles =
                 device::fetch_verified(&mut client(&cli).await?, user, device.as_deref()).await?;
+            if cli.json {
+                let list: Vec<serde_json::Value> = bundles
+                    .iter()
+                    .map(|b| {
+                        serde_json::json!({
+                            "device_id": b.device_id,
+                            "registration_id": b.registration_id,
+                            "identity_key": hex::encode(b.keys.identity_key.serialize()),
+                            "signed_prekey_id": b.keys.signed_prekey_id,
+                            "signed_prekey_stale": b.stale,
+                            "one_time_prekey_id": b.keys.one_time_prekey.as_ref().map(|(id, _)| id),
+                            "kyber_prekey_id": b.keys.kyber_prekey.as_ref().map(|(id, _)| id),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+                return Ok(());
+            }
             for b in bundles {
                 println!(
                     "device {} (registration id {}): identity {}, signed prekey {} (signature verified{}), one-time prekey {}, Kyber prekey {}",
@@ -537,6 +556,27 @@ async fn main() -> anyhow::Result<()> {
                 *user,
             )
             .await?;
+            if cli.json {
+                // Verifying stays an interactive act: with --json this only reports.
+                anyhow::ensure!(verify.is_none(), "--verify cannot be combined with --json");
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "peer_user_id": user,
+                        "safety_number": check.local,
+                        "server_safety_number": check.server.safety_number,
+                        "matches": check.matches(),
+                        "verified": check.server.verified,
+                        "changed_since_verification": check.server.changed_since_verification,
+                    })
+                );
+                anyhow::ensure!(
+                    check.matches(),
+                    "SAFETY NUMBER MISMATCH: do not trust this conversation until you have \
+                     compared numbers with the peer in person"
+                );
+                return Ok(());
+            }
             println!("safety number: {}", safety::grouped(&check.local));
             anyhow::ensure!(
                 check.matches(),
