@@ -39,7 +39,7 @@ cd "$(dirname "$0")/.."
 ADMIN_URL=${ADMIN_URL:-postgres://postgres@127.0.0.1:5432}
 SIZES=${SIZES:-1000 10000 100000}
 CONCURRENCY=${CONCURRENCY:-16 64}
-SCENARIOS=${SCENARIOS:-fetch}    # fetch (one device a call) and/or bulk (10 devices a call)
+SCENARIOS=${SCENARIOS:-fetch}    # fetch (one device a call), bulk (10 devices a call), replenish (uploads)
 BACKENDS=${BACKENDS:-postgres sqlite}
 FETCHES=${FETCHES:-90000}       # most fetches per run
 VARIANTS=${VARIANTS:-now}
@@ -170,7 +170,13 @@ load() { # name devices concurrency [loadtest args…]
               ($6 + $7) / $5, 100 * ($1 - $2) / (($1 - $2) + ($3 - $4)), ($8 - $9) / n, db }'; } \
         >"$OUT/$name.cpu"
 }
-rpc_of() { if [ "$1" = bulk ]; then echo FetchPreKeyBundles; else echo FetchPreKeyBundle; fi; }
+rpc_of() { # the call a scenario's row reports
+    case $1 in
+        bulk) echo FetchPreKeyBundles ;;
+        replenish) echo UploadOneTimePreKeys ;;
+        *) echo FetchPreKeyBundle ;;
+    esac
+}
 fetch_figures() { # json rpc: calls/s p50 p95 p99 p99.9 max served_twice without_while_left
     jq -r --arg rpc "$2" '[.rpcs[$rpc] | .per_second, .p50_ms, .p95_ms, .p99_ms, .p999_ms, .max_ms]
            + [.correctness.served_twice, .correctness.without_one_time_prekey_while_keys_were_left]

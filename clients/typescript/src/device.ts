@@ -32,9 +32,9 @@ import type { DeviceStore, HeldKey, KeyState } from './store.js';
 import { labels, type Vault } from './vault.js';
 
 /** Prekey ids are below 2^24, as Signal clients keep them (the server refuses larger ones). */
-export const MAX_KEY_ID = 0xff_ffff;
+const MAX_KEY_ID = 0xff_ffff;
 /** Most one-time keys of one kind the server takes in one upload. */
-export const MAX_UPLOAD = 100;
+const MAX_UPLOAD = 100;
 const DAY_MS = 24 * 60 * 60 * 1000;
 
 /** How many keys a device keeps on the server and how long it keeps its own. */
