@@ -10,6 +10,7 @@ use common::*;
 use keyserver::store::database::Database;
 use keyserver::store::transfer::{self, TransferError};
 use keyserver::testing::{Backend, TestDb, TestServer};
+use tonic_health::pb::health_check_response::ServingStatus;
 use uuid::Uuid;
 
 /// What a device has left to hand out, in serving order: one-time prekey ids, one-time Kyber
@@ -306,7 +307,7 @@ impl Served {
 /// Four fetchers take keys of random devices from `server` until it answers
 /// FAILED_PRECONDITION naming `moved_to` (it was fenced), while `cutover` runs the `keyserver
 /// db cutover` command after a moment. Returns what the server handed out, and checks a write
-/// is refused too.
+/// is refused too and the server's health turns NOT_SERVING.
 async fn serve_until_fenced(
     server: &TestServer,
     devices: &[TestDevice],
@@ -374,6 +375,8 @@ async fn serve_until_fenced(
         tonic::Code::FailedPrecondition,
         "this key server's database was moved to",
     );
+    // Its health turns NOT_SERVING, so load balancers send calls to the new database's servers.
+    wait_health(server, ServingStatus::NotServing).await;
     std::sync::Arc::into_inner(served)
         .unwrap()
         .into_inner()
@@ -427,6 +430,7 @@ async fn a_cutover_and_its_rollback_under_load_hand_out_every_key_once() {
     )
     .await;
     // The old servers serve again, without a restart: the rollback lifted their fence.
+    wait_health(&old, ServingStatus::Serving).await;
     let mut rest = Served::default();
     let mut peer = client(&old, Uuid::new_v4()).await;
     for d in &devices {

@@ -274,6 +274,7 @@ async fn metrics_count_every_call_by_method_and_code_and_describe_every_series()
         2.0
     );
     assert_eq!(series(&text, "keyserver_db_up", &[]), 1.0);
+    assert_eq!(series(&text, "keyserver_db_fenced", &[]), 0.0);
     assert!(series(&text, "keyserver_db_pool_connections", &[]) >= 1.0);
     assert!(series(&text, "keyserver_db_pool_wait_seconds_count", &[]) >= 5.0);
     assert_eq!(series(&text, "keyserver_rpc_in_flight", &[]), 0.0);

@@ -27,6 +27,7 @@ pub const RATE_LIMITED: &str = "keyserver_rate_limited_total";
 pub const RATE_LIMITER_ERRORS: &str = "keyserver_rate_limiter_errors_total";
 pub const DRAINS_SUSPECTED: &str = "keyserver_drains_suspected_total";
 pub const DB_UP: &str = "keyserver_db_up";
+pub const DB_FENCED: &str = "keyserver_db_fenced";
 pub const DB_POOL_CONNECTIONS: &str = "keyserver_db_pool_connections";
 pub const DB_POOL_IDLE: &str = "keyserver_db_pool_idle_connections";
 pub const DB_POOL_WAIT: &str = "keyserver_db_pool_wait_seconds";
@@ -87,6 +88,10 @@ fn describe() {
     describe_gauge!(
         DB_UP,
         "1 when the last readiness check reached the database, 0 when it did not."
+    );
+    describe_gauge!(
+        DB_FENCED,
+        "1 when the database is fenced by a cutover (its keys moved; health says NOT_SERVING)."
     );
     describe_gauge!(
         DB_POOL_CONNECTIONS,

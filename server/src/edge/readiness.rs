@@ -4,6 +4,10 @@
 //! every call but health and reflection is answered UNAVAILABLE at once instead of waiting
 //! out the pool's acquire timeout. A call that still meets an unavailable database wakes the
 //! check at once, and the first good answer puts everything back to SERVING by itself.
+//!
+//! A database a cutover fenced answers, but serves no key: health says NOT_SERVING so load
+//! balancers send calls to the servers on the new database, while calls that still arrive
+//! pass the gate and are told where the keys went (FAILED_PRECONDITION from the store).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -41,11 +45,23 @@ pub struct Readiness {
 }
 
 struct Shared {
+    /// Whether the database answers: the gate lets calls through.
     ready: AtomicBool,
     /// Wakes the check early: a call met an unavailable database.
     suspect: Notify,
-    /// Serializes health updates, and once set keeps the check from reporting SERVING again.
-    health: Mutex<(HealthReporter, bool)>,
+    /// Serializes health updates.
+    health: Mutex<Published>,
+}
+
+/// What the health service was last told, and why.
+struct Published {
+    reporter: HealthReporter,
+    /// SERVING or not; `None` until the first check (tonic starts the server as SERVING).
+    serving: Option<bool>,
+    /// Where a cutover moved the keys, as the last check that reached the database read it.
+    fenced: Option<String>,
+    /// The server is draining: health stays NOT_SERVING.
+    stopping: bool,
 }
 
 impl Readiness {
@@ -62,7 +78,12 @@ impl Readiness {
             inner: Arc::new(Shared {
                 ready: AtomicBool::new(false),
                 suspect: Notify::new(),
-                health: Mutex::new((health, false)),
+                health: Mutex::new(Published {
+                    reporter: health,
+                    serving: None,
+                    fenced: None,
+                    stopping: false,
+                }),
             }),
         };
         readiness.check(&store, probe).await;
@@ -88,13 +109,13 @@ impl Readiness {
     /// Marks every service NOT_SERVING for good: the server is draining.
     pub async fn stopping(&self) {
         let mut health = self.inner.health.lock().await;
-        health.1 = true;
-        set_all(&health.0, ServingStatus::NotServing).await;
+        health.stopping = true;
+        set_all(&health.reporter, ServingStatus::NotServing).await;
     }
 
     async fn check(&self, store: &Store, probe: Probe) {
         let answered = match tokio::time::timeout(probe.timeout, store.ping()).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(fence)) => Ok(fence),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {:?}", probe.timeout)),
         };
@@ -103,21 +124,37 @@ impl Readiness {
         metrics::gauge!(m::DB_POOL_IDLE).set(idle as f64);
         let ready = answered.is_ok();
         metrics::gauge!(m::DB_UP).set(if ready { 1.0 } else { 0.0 });
-        let health = self.inner.health.lock().await;
+        let mut health = self.inner.health.lock().await;
         let was = self.inner.ready.swap(ready, Ordering::AcqRel);
         match (&answered, was) {
             (Err(why), true) => tracing::error!(error = %why, "the database stopped answering"),
             (Err(why), false) => tracing::debug!(error = %why, "the database is still down"),
-            (Ok(()), false) => tracing::info!("the database answers"),
-            (Ok(()), true) => {}
+            (Ok(_), false) => tracing::info!("the database answers"),
+            (Ok(_), true) => {}
         }
-        if was != ready && !health.1 {
-            let status = if ready {
+        if let Ok(fence) = answered
+            && fence != health.fenced
+        {
+            match &fence {
+                Some(moved_to) => tracing::warn!(
+                    %moved_to,
+                    "the database is fenced: its keys moved to another database (keyserver db \
+                     cutover); health says NOT_SERVING, calls are told where the keys went"
+                ),
+                None => tracing::info!("the cutover fence was lifted: the database serves again"),
+            }
+            health.fenced = fence;
+        }
+        metrics::gauge!(m::DB_FENCED).set(if health.fenced.is_some() { 1.0 } else { 0.0 });
+        let serving = ready && health.fenced.is_none();
+        if health.serving != Some(serving) && !health.stopping {
+            let status = if serving {
                 ServingStatus::Serving
             } else {
                 ServingStatus::NotServing
             };
-            set_all(&health.0, status).await;
+            set_all(&health.reporter, status).await;
+            health.serving = Some(serving);
         }
     }
 }

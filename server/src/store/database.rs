@@ -289,17 +289,22 @@ impl Database {
         }
     }
 
-    /// One round trip to the database, outside the request pool on PostgreSQL.
-    pub(crate) async fn ping(&self) -> Result<(), StoreError> {
-        match self {
+    /// One round trip to the database, outside the request pool on PostgreSQL, that reads the
+    /// cutover fence: where the keys went if the database is fenced.
+    pub(crate) async fn ping(&self) -> Result<Option<String>, StoreError> {
+        use super::fence::MOVED_TO;
+        Ok(match self {
             Self::Postgres(db) => {
-                sqlx::query("SELECT 1").execute(&db.probe).await?;
+                sqlx::query_scalar(MOVED_TO)
+                    .fetch_optional(&db.probe)
+                    .await?
             }
             Self::Sqlite(db) => {
-                sqlx::query("SELECT 1").execute(&db.pool).await?;
+                sqlx::query_scalar(MOVED_TO)
+                    .fetch_optional(&db.pool)
+                    .await?
             }
-        }
-        Ok(())
+        })
     }
 
     /// The request pool's open and idle connections.

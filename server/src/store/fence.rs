@@ -39,12 +39,13 @@ pub(crate) async fn check(tx: &mut Tx) -> Result<(), StoreError> {
     }
 }
 
+/// Where the keys went, read without a lock: by the readiness check and by [`moved_to`].
+pub(crate) const MOVED_TO: &str = "SELECT moved_to FROM keyserver_fence";
+
 /// Where the keys went, for a PostgreSQL fetch that found nothing (its statement reads the
 /// fence itself; this says why it matched no device).
 pub(crate) async fn moved_to(pool: &PgPool) -> Result<Option<String>, StoreError> {
-    Ok(sqlx::query_scalar("SELECT moved_to FROM keyserver_fence")
-        .fetch_optional(pool)
-        .await?)
+    Ok(sqlx::query_scalar(MOVED_TO).fetch_optional(pool).await?)
 }
 
 #[derive(sqlx::FromRow)]

@@ -106,8 +106,9 @@ impl Store {
         &self.db
     }
 
-    /// Whether the database answers a round trip (the readiness check).
-    pub async fn ping(&self) -> Result<(), StoreError> {
+    /// Whether the database answers a round trip, and where its keys went if a cutover fenced
+    /// it (the readiness check).
+    pub async fn ping(&self) -> Result<Option<String>, StoreError> {
         self.db.ping().await
     }
 

@@ -190,6 +190,46 @@ pub async fn client(server: &TestServer, user: Uuid) -> KeyClient {
         .expect("connecting to the test server")
 }
 
+/// What `server`'s gRPC health service says of `service` ("" for the whole server).
+pub async fn health(
+    server: &TestServer,
+    service: &str,
+) -> tonic_health::pb::health_check_response::ServingStatus {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .expect("connecting to the test server");
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status()
+}
+
+/// Waits up to 30 s for `server`'s health (the whole server's) to say `status`.
+pub async fn wait_health(
+    server: &TestServer,
+    status: tonic_health::pb::health_check_response::ServingStatus,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let now = health(server, "").await;
+        if now == status {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health says {now:?}, not {status:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 pub fn target(user: Uuid, device: Option<&str>) -> pb::Target {
     pb::Target {
         user_id: user.to_string(),
