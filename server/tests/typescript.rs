@@ -1,6 +1,6 @@
 //! The TypeScript client (`clients/typescript/`, an npm package) against a real server: its
 //! own tests (`node --test`), with the official libsignal client on both ends, run here on
-//! both backends. The package is installed from its lockfile and built (types generated from
+//! both backends, over plaintext and over TLS. The package is installed from its lockfile and built (types generated from
 //! `proto/` by Buf's protoc-gen-es, then compiled by tsc) once per test process.
 
 #[macro_use]
@@ -8,7 +8,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use keyserver::testing::{Backend, TEST_SECRET, TestDb, TestServer};
+use keyserver::edge::tls::{TlsFiles, write_self_signed};
+use keyserver::testing::{Backend, TEST_SECRET, TestConfig, TestDb, TestServer};
 
 fn package_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/typescript")
@@ -28,10 +29,29 @@ async fn the_typescript_clients_tests_pass_against_a_real_server(backend: Backen
     }
     let db = TestDb::migrated(backend).await;
     let server = TestServer::start(&db).await;
+    // A second server on the same database, over TLS with a self-signed certificate.
+    let dir = std::env::temp_dir().join(format!("keyserver-ts-tls-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    write_self_signed(&["127.0.0.1".to_owned()], &cert, &key).unwrap();
+    let tls = TestServer::start_with(
+        &db,
+        TestConfig {
+            tls: Some(TlsFiles {
+                cert: cert.clone(),
+                key,
+                client_ca: None,
+            }),
+            ..TestConfig::default()
+        },
+    )
+    .await;
     let out = tokio::process::Command::new("node")
         .args(["--test", "--test-reporter=tap", "dist-test/test/"])
         .current_dir(package_dir())
         .env("KEYSERVER_URL", &server.url)
+        .env("KEYSERVER_TLS_URL", &tls.url)
+        .env("KEYSERVER_TLS_CA", &cert)
         .env(
             "KEYSERVER_TOKEN_SECRET",
             std::str::from_utf8(TEST_SECRET).unwrap(),
@@ -48,8 +68,10 @@ async fn the_typescript_clients_tests_pass_against_a_real_server(backend: Backen
     let tests = summary(&tap, "tests").expect("a TAP summary");
     assert_eq!(summary(&tap, "fail"), Some(0), "{tap}");
     assert_eq!(summary(&tap, "pass"), Some(tests), "{tap}");
-    // The key loop, sessions, restore, refusals, the vault's vectors and the README example.
-    assert!(tests >= 9, "only {tests} tests ran:\n{tap}");
+    // The key loop, sessions, restore, refusals, the vault's vectors, TLS and the README example.
+    assert!(tests >= 11, "only {tests} tests ran:\n{tap}");
     server.stop().await.unwrap();
+    tls.stop().await.unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
 }
 conformance!(multi_thread; the_typescript_clients_tests_pass_against_a_real_server);

@@ -19,7 +19,8 @@ import {
   Vault,
 } from '../src/index.js';
 
-function required(name: string): string {
+/** An environment variable the Rust test sets. */
+export function required(name: string): string {
   const value = process.env[name];
   if (value === undefined || value === '') {
     throw new Error(
