@@ -1,7 +1,8 @@
 //! The TypeScript client (`clients/typescript/`, an npm package) against a real server: its
 //! own tests (`node --test`), with the official libsignal client on both ends, run here on
-//! both backends, over plaintext and over TLS. The package is installed from its lockfile and built (types generated from
-//! `proto/` by Buf's protoc-gen-es, then compiled by tsc) once per test process.
+//! both backends, over plaintext and over TLS. The package is installed from its lockfile and
+//! built (types generated from `proto/` by Buf's protoc-gen-es, then compiled by tsc) once per
+//! test process.
 
 #[macro_use]
 mod common;
