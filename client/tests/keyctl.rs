@@ -467,26 +467,10 @@ fn assert_no_plaintext_private_keys(state: &Path) {
 /// plaintext server fails, as does `http://` to a TLS one.
 #[tokio::test]
 async fn keyctl_speaks_tls_and_never_downgrades() {
-    use keyserver::edge::tls::{TlsFiles, write_self_signed};
-    use keyserver::testing::TestConfig;
-
     let db = TestDb::migrated(Backend::Sqlite).await;
     let dir = std::env::temp_dir().join(format!("keyctl-tls-{}", Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    write_self_signed(&["localhost".into(), "127.0.0.1".into()], &cert, &key).unwrap();
-    let tls = TestServer::start_with(
-        &db,
-        TestConfig {
-            tls: Some(TlsFiles {
-                cert: cert.clone(),
-                key,
-                client_ca: None,
-            }),
-            ..TestConfig::default()
-        },
-    )
-    .await;
+    let (tls, cert) = TestServer::start_tls(&db, &dir).await;
     assert!(tls.url.starts_with("https://127.0.0.1:"), "{}", tls.url);
     let plain = TestServer::start(&db).await;
     let user = Uuid::new_v4();

@@ -873,6 +873,28 @@ impl TestServer {
         Self::start_with(db, TestConfig::default()).await
     }
 
+    /// Starts a server on `db` over TLS, with a self-signed certificate for `localhost` and
+    /// 127.0.0.1 written into `dir`; returns it and the certificate clients are to trust.
+    pub async fn start_tls(db: &TestDb, dir: &Path) -> (Self, PathBuf) {
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        crate::edge::tls::write_self_signed(
+            &["localhost".to_owned(), "127.0.0.1".to_owned()],
+            &cert,
+            &key,
+        )
+        .expect("a self-signed certificate");
+        let tls = TlsFiles {
+            cert: cert.clone(),
+            key,
+            client_ca: None,
+        };
+        let config = TestConfig {
+            tls: Some(tls),
+            ..TestConfig::default()
+        };
+        (Self::start_with(db, config).await, cert)
+    }
+
     /// Starts a server on `db` configured by `config`.
     pub async fn start_with(db: &TestDb, config: TestConfig) -> Self {
         logs::capture();

@@ -9,8 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use keyserver::edge::tls::{TlsFiles, write_self_signed};
-use keyserver::testing::{Backend, TEST_SECRET, TestConfig, TestDb, TestServer};
+use keyserver::testing::{Backend, TEST_SECRET, TestDb, TestServer};
 
 fn package_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/typescript")
@@ -33,20 +32,7 @@ async fn the_typescript_clients_tests_pass_against_a_real_server(backend: Backen
     // A second server on the same database, over TLS with a self-signed certificate.
     let dir = std::env::temp_dir().join(format!("keyserver-ts-tls-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    write_self_signed(&["127.0.0.1".to_owned()], &cert, &key).unwrap();
-    let tls = TestServer::start_with(
-        &db,
-        TestConfig {
-            tls: Some(TlsFiles {
-                cert: cert.clone(),
-                key,
-                client_ca: None,
-            }),
-            ..TestConfig::default()
-        },
-    )
-    .await;
+    let (tls, cert) = TestServer::start_tls(&db, &dir).await;
     let out = tokio::process::Command::new("node")
         .args(["--test", "--test-reporter=tap", "dist-test/test/"])
         .current_dir(package_dir())
