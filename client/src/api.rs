@@ -92,8 +92,9 @@ pub fn answer_may_be_lost(status: &tonic::Status) -> bool {
 }
 
 /// Whether `status` is tonic's report of a connection that broke under a call: CANCELLED
-/// (hyper's "connection closed", though the caller cancelled nothing) or UNKNOWN ("transport
-/// error": a reset or broken pipe) made by the transport, not answered by a server.
+/// (hyper's "connection closed", though the caller cancelled nothing) or UNKNOWN (a reset or
+/// broken pipe, before or after the response headers) made by the transport, not answered by
+/// a server.
 fn disconnected(status: &tonic::Status) -> bool {
     matches!(status.code(), tonic::Code::Cancelled | tonic::Code::Unknown)
         && server_unreachable(status)
@@ -101,8 +102,11 @@ fn disconnected(status: &tonic::Status) -> bool {
 
 /// Whether the call never reached a server or lost its connection to it (the transport made
 /// `status`; a server's own answer carries no transport error): another server may answer.
+/// A connection lost before the call was answered shows as tonic's transport error; one lost
+/// after the response headers, while the message was read, as hyper's error.
 pub fn server_unreachable(status: &tonic::Status) -> bool {
-    std::error::Error::source(status).is_some_and(|source| source.is::<tonic::transport::Error>())
+    std::error::Error::source(status)
+        .is_some_and(|source| source.is::<tonic::transport::Error>() || source.is::<hyper::Error>())
 }
 
 /// `status`, with a connection that broke under the call reported as UNAVAILABLE, the code
@@ -458,5 +462,48 @@ mod tests {
         assert!(!answer_may_be_lost(&tonic::Status::cancelled(
             "the caller gave up"
         )));
+    }
+
+    /// A server killed after it sent a call's response headers but before its message: tonic
+    /// reads the body, fails with hyper's error and says UNKNOWN. That is a connection lost
+    /// under the call too (found by the failover test), not a server's answer.
+    #[tokio::test]
+    async fn a_connection_lost_after_the_response_headers_is_unavailable() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let url = format!("http://{}", listener.local_addr().expect("bound"));
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.expect("the client connects");
+            let mut connection = h2::server::handshake(socket).await.expect("HTTP/2");
+            let (_request, mut respond) = connection
+                .accept()
+                .await
+                .expect("a call")
+                .expect("a well-formed call");
+            let headers = http::Response::builder()
+                .header("content-type", "application/grpc")
+                .body(())
+                .expect("valid headers");
+            let _body = respond.send_response(headers, false).expect("headers sent");
+            // Drives the connection until the headers are written, then drops it.
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(200), connection.accept())
+                    .await;
+        });
+        let channel = Endpoint::from_shared(url)
+            .expect("a URL")
+            .connect()
+            .await
+            .expect("connected");
+        let status = KeyServiceClient::new(channel)
+            .get_key_status(pb::GetKeyStatusRequest::default())
+            .await
+            .expect_err("the server went away before answering");
+        server.await.expect("the server task ran");
+        assert!(server_unreachable(&status), "{status:?}");
+        assert!(answer_may_be_lost(&status), "{status:?}");
+        let status = unavailable_if_disconnected(status);
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     }
 }
